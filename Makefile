@@ -1,0 +1,28 @@
+PY ?= python
+.DEFAULT_GOAL := help
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+install:  ## install the package and dev tools (editable)
+	$(PY) -m pip install -e ".[dev]"
+
+run:  ## the main job: a short real training run on the embedded digits
+	$(PY) -m experiments.run exp=digits_mtl
+
+test: .installed  ## run the test suite (installs first on a fresh clone)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint:  ## ruff check and format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench:  ## benchmarks; results go to BENCHMARKS.md by hand, with the command
+	$(PY) benchmarks/overhead.py
+
+# A fresh clone has no stamp: install once (pip is quick when the packages are already there).
+.installed: pyproject.toml
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch .installed
+
+.PHONY: help install run test lint bench

@@ -1,0 +1,56 @@
+"""Train one experiment: `python -m experiments.run exp=digits_mtl [key=value ...]`.
+
+`python -m experiments.run --list` lists the experiments; `--help` prints this text.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+
+from mtl_lightning.config import compose, list_experiments
+from mtl_lightning.errors import MTLError
+from mtl_lightning.train import train
+
+
+def run(cfg: DictConfig, callbacks=()) -> dict:
+    """Train `cfg` and print the per-task accuracies; returns the metrics (and `run_dir`)."""
+    metrics = train(cfg, callbacks)
+    tasks = sorted({k.split("/", 2)[2] for k in metrics if k.startswith("val/acc/")})
+    print(f"\n{'task':<16}{'val acc':>10}{'test acc':>10}")
+    for t in [*tasks, "mean"]:
+        key = "acc_mean" if t == "mean" else f"acc/{t}"
+        test = metrics.get(f"test/{key}")
+        print(f"{t:<16}{metrics[f'val/{key}']:>10.4f}{'' if test is None else f'{test:>10.4f}'}")
+    print(f"outputs: {metrics['run_dir']}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    if "--list" in argv or "exp=list" in argv:
+        print("\n".join(list_experiments()))
+        return 0
+    exps = [a.split("=", 1)[1] for a in argv if a.startswith("exp=")]
+    if len(exps) != 1:
+        print(
+            f"error: give exactly one exp=NAME. Experiments: {', '.join(list_experiments())}.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        cfg = compose(exps[0], [a for a in argv if not a.startswith("exp=")])
+        print(OmegaConf.to_yaml(cfg))
+        run(cfg)
+    except MTLError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Checkpoints that are never half-written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file beside the target, fsync, then rename it over the target.
+
+    A crash or a full disk at any moment leaves either the previous checkpoint or the new one, never a truncated
+    file. (Lightning's own save stages the file in the system temp dir and moves it, which is a plain copy when
+    that dir is on another file system.)
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class LastCheckpoint(Checkpoint):
+    """Keep `last.ckpt` current: every `every_n_steps` training steps (if set), at every epoch end (after that
+    epoch's validation), and when fitting ends.
+
+    Lightning's `ModelCheckpoint(save_last=True)` refreshes `last.ckpt` only when a top-k checkpoint was saved in
+    the same step, so it goes stale whenever the monitored metric does not improve. Subclassing `Checkpoint` makes
+    Lightning run this after every other callback, so the saved state includes theirs (the best score included).
+    """
+
+    def __init__(self, dirpath: Path, every_n_steps: int | None = None):
+        self.path, self.every_n_steps, self._saved_step = Path(dirpath) / "last.ckpt", every_n_steps, -1
+
+    def _save(self, trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._saved_step:  # stopped mid-epoch (max_steps)
+            self._save(trainer)

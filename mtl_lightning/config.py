@@ -1,0 +1,165 @@
+"""The typed base config, and composing it with an experiment's delta and `key=value` overrides.
+
+Every experiment YAML is a short delta over `Config`. The `data` and `weighting` sections are typed by the
+dataclass of the mixture / method they name (`data.name`, `weighting.name`), so an unknown key or a value of the
+wrong type anywhere fails with a message naming the key and the valid ones.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .data import DATASETS
+from .errors import MTLError
+from .weighting import WEIGHTINGS
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vit_small_patch16_224"  # any timm model name; ViT-shape keys below apply to ViTs only
+    depth: int | None = None  # ViT blocks (the paper varies 3, 6, 9); None keeps the timm model's own
+    width: int | None = None  # ViT token dim (the paper varies 48, 96, 144, 192)
+    num_heads: int | None = None  # default: the divisor of width closest to width/64
+    patch_size: int | None = None  # "ViT-S/4" is patch_size=4
+    mlp_ratio: float | None = None
+    pretrained: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)  # anything else timm.create_model accepts
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.05  # not applied to biases and norm weights
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "cosine"  # cosine | constant
+    warmup: float = 0.1  # fraction of the total steps with a linear warm-up
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    max_steps: int = -1
+    accelerator: str = "auto"  # auto picks the GPU when there is one
+    devices: Any = "auto"
+    strategy: str = "auto"
+    precision: str = "32-true"  # e.g. bf16-mixed
+    log_every_n_steps: int = 10
+    check_val_every_n_epoch: int = 1
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    gradient_clip_val: float | None = None
+    num_sanity_val_steps: int = 0
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    monitor: str = "val/acc_mean"  # best.ckpt maximises it
+    every_n_steps: int | None = None  # also refresh last.ckpt every N steps (mid-epoch resume)
+
+
+@dataclass
+class WandbConfig:
+    project: str = "mtl_lightning"
+    entity: str | None = None
+    mode: str = "auto"  # auto: online with an API key, offline without | online | offline
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    exp: str = "default"
+    seed: int = 0
+    out_dir: str = "runs"  # runs go to <out_dir>/<exp>/<run_name>/
+    run_name: str | None = None  # default: a timestamp
+    resume: str | None = None  # a checkpoint path, or "last": the newest run of this experiment
+    logger: str = "csv"  # comma-separated: csv, tensorboard, wandb, none
+    test: bool = True  # evaluate the final model on the test split
+    data: Any = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    weighting: Any = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+SHORTHANDS = ("data", "weighting")  # `weighting=fixed` means `weighting.name=fixed`
+
+
+def list_experiments(config_dir: Path = CONFIG_DIR) -> list[str]:
+    return sorted(p.stem for p in Path(config_dir).glob("*.yaml"))
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    items = []
+    for o in overrides:
+        if "=" not in o:
+            raise MTLError(f"Override {o!r} is not of the form key=value (e.g. trainer.max_epochs=3).")
+        key, value = o.split("=", 1)
+        items.append(f"{key}.name={value}" if key in SHORTHANDS else o)
+    try:
+        return OmegaConf.from_dotlist(items)
+    except OmegaConfBaseException as e:
+        raise MTLError(f"Could not parse the overrides {list(overrides)}: {e}") from None
+
+
+def _merge(schema: DictConfig, delta: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, delta)
+    except ConfigKeyError as e:
+        parent = e.full_key.rpartition(".")[0]
+        node = OmegaConf.select(schema, parent) if parent else schema
+        valid = ", ".join(node.keys()) if isinstance(node, DictConfig) else "none"
+        where = f" under '{parent}'" if parent else ""
+        raise MTLError(f"Unknown config key '{e.full_key}' (from {source}). Valid keys{where}: {valid}.") from None
+    except ValidationError as e:
+        msg = str(e).splitlines()[0]
+        raise MTLError(f"Bad value for config key '{e.full_key}' (from {source}): {msg}.") from None
+    except OmegaConfBaseException as e:
+        raise MTLError(f"Bad config (from {source}): {str(e).splitlines()[0]}") from None
+
+
+def compose(exp: str, overrides: Sequence[str] = (), config_dir: Path = CONFIG_DIR) -> DictConfig:
+    """The base config, then `<config_dir>/<exp>.yaml`, then the `key=value` overrides."""
+    names = list_experiments(config_dir)
+    if exp not in names:
+        raise MTLError(f"Unknown experiment exp={exp!r}. Valid choices: {', '.join(names)}.")
+    path = Path(config_dir) / f"{exp}.yaml"
+    delta = OmegaConf.load(path) or OmegaConf.create({})
+    cli = _parse_overrides(overrides)
+
+    def chosen(section: str, default: str) -> str:
+        for src in (cli, delta):
+            v = OmegaConf.select(src, f"{section}.name")
+            if v is not None:
+                return str(v)
+        return default
+
+    data_cls = DATASETS.get(chosen("data", "digits"))
+    weighting_cls = WEIGHTINGS.get(chosen("weighting", "uniform"))
+    schema = OmegaConf.structured(Config(data=data_cls.Config(), weighting=weighting_cls.Config()))
+    OmegaConf.set_struct(schema, True)
+    cfg = _merge(schema, delta, f"experiment file {path}")
+    cfg = _merge(cfg, cli, "the command line")
+    cfg.exp = exp
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    """Write the resolved config atomically (a crash never leaves a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        f.write(OmegaConf.to_yaml(cfg))
+    os.replace(tmp, path)

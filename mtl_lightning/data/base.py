@@ -1,0 +1,227 @@
+"""Task/domain mixtures as LightningDataModules.
+
+One batch format serves multi-task (MTL) and multi-domain (MDL) data: `(x, y)` with `y` of shape (B, K), one
+column per task/domain head and -1 where a sample carries no label for that head. An MTL sample is labelled for
+every task; an MDL sample only for its own domain. The model therefore needs no MTL/MDL switch, and partially
+labelled data (only some tasks per sample) works the same way.
+
+Each split dataset also exposes `domains` (N,), the domain index of every sample (all 0 for MTL), which the
+`MixtureSampler` uses to draw batches from a weighted mixture of domains (`data.mixing=sample`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import MTLError
+from ..registry import Registry
+
+DATASETS: Registry = Registry("dataset", "data")
+
+
+class Task(NamedTuple):
+    name: str
+    num_classes: int
+
+
+class LabelledTensors(Dataset):
+    """An in-memory split: images (N, C, H, W) of any dtype, labels (N, K) with -1 = unlabelled, domains (N,)."""
+
+    def __init__(self, images: Tensor, labels: Tensor, domains: Tensor):
+        assert len(images) == len(labels) == len(domains)
+        self.images, self.labels, self.domains = images, labels.long(), domains.long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, idx: list[int]):  # DataLoader's batched fetch: one gather instead of B items + collate
+        idx = torch.as_tensor(idx)
+        return self.images[idx], self.labels[idx]
+
+    def select(self, keep: list[int], mdl: bool) -> LabelledTensors:
+        """Keep the label columns `keep`, and the samples labelled for at least one of them."""
+        labels = self.labels[:, keep]
+        rows = (labels >= 0).any(1)
+        domains = self.domains[rows]
+        if mdl:  # domain d is head d: renumber the kept domains 0..len(keep)-1
+            remap = torch.full((int(self.domains.max()) + 1,), -1, dtype=torch.long)
+            remap[torch.as_tensor(keep)] = torch.arange(len(keep))
+            domains = remap[domains]
+        return LabelledTensors(self.images[rows], labels[rows], domains)
+
+
+def collate_batched(batch):
+    """Collate for datasets with `__getitems__`: the batch arrives already stacked."""
+    return batch
+
+
+class MixtureSampler(Sampler[int]):
+    """Sample indices of one training epoch, deterministic in (seed, epoch), shardable across ranks, resumable.
+
+    With `probs=None` an epoch is a shuffle of the split (cycled if `num_samples` exceeds it). With `probs`, each
+    sample is drawn from domain k with probability probs[k], then taken from that domain's own shuffled stream: the
+    mixture `sum_k p_k D_k` of Royer et al. A domain with probability 0 is never drawn.
+    """
+
+    def __init__(
+        self,
+        domains: Tensor,
+        probs: Tensor | None,
+        num_samples: int | None,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.domains, self.probs, self.seed = domains, probs, seed
+        self.num_samples = num_samples or len(domains)
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self._resume = 0, (-1, 0)
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
+        self.epoch = epoch
+
+    def resume(self, epoch: int, skip: int) -> None:
+        """Skip the first `skip` samples of `epoch` (they were trained on before the checkpoint)."""
+        self._resume = (epoch, skip)
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world_size
+
+    def _stream(self, pool: Tensor, n: int, g: torch.Generator) -> Tensor:
+        reps = -(-n // len(pool))
+        return torch.cat([pool[torch.randperm(len(pool), generator=g)] for _ in range(reps)])[:n]
+
+    def indices(self, epoch: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        n = self.num_samples - self.num_samples % self.world_size
+        if self.probs is None:
+            return self._stream(torch.arange(len(self.domains)), n, g)
+        draw = torch.multinomial(self.probs.double(), n, replacement=True, generator=g)
+        out = torch.empty(n, dtype=torch.long)
+        for d in range(len(self.probs)):
+            slots = (draw == d).nonzero().squeeze(1)
+            if len(slots):
+                out[slots] = self._stream((self.domains == d).nonzero().squeeze(1), len(slots), g)
+        return out
+
+    def __iter__(self):
+        idx = self.indices(self.epoch)[self.rank :: self.world_size]
+        if self._resume[0] == self.epoch:
+            idx = idx[self._resume[1] :]
+        return iter(idx.tolist())
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    num_workers: int = 0
+    mixing: str = "loss"  # loss: weights scale the domain losses; sample: weights are domain sampling probs
+    tasks: list[str] | None = None  # train on a subset of tasks/domains; one name = single-task baseline
+    epoch_size: int | None = None  # training samples per epoch; default: the training split's size
+
+
+class MixtureDataModule(L.LightningDataModule):
+    """Base of every mixture. Subclasses set `kind`, `in_chans`, `img_size`, and implement `describe`/`load`."""
+
+    Config = DataConfig
+    kind: str = "mtl"  # "mtl": every sample labelled for every task; "mdl": one domain (and head) per sample
+    in_chans: int = 3
+    img_size: int = 32
+
+    def __init__(self, cfg: DataConfig, seed: int = 0):
+        super().__init__()
+        self.cfg, self.seed = cfg, seed
+        if cfg.mixing not in ("loss", "sample"):
+            raise MTLError(f"Unknown data.mixing={cfg.mixing!r}. Valid choices: loss, sample.")
+        if cfg.mixing == "sample" and self.kind != "mdl":
+            raise MTLError(
+                f"data.mixing=sample draws batches from a mixture of domains, but data={cfg.name} is multi-task "
+                "(every sample has every label): use data.mixing=loss."
+            )
+        self.all_tasks = self.describe()
+        names = [t.name for t in self.all_tasks]
+        chosen = cfg.tasks or names
+        bad = [t for t in chosen if t not in names]
+        if bad or len(set(chosen)) != len(chosen):
+            raise MTLError(f"data.tasks={list(chosen)} must be distinct names from {names}.")
+        self.keep = [names.index(t) for t in chosen]
+        self.tasks = [self.all_tasks[i] for i in self.keep]
+        self.probs: Tensor | None = None  # set by the runner for data.mixing=sample
+        self.splits: dict[str, LabelledTensors] | None = None
+        self._sampler: MixtureSampler | None = None
+        self._consumed = (0, 0)  # (epoch, training batches consumed in it): what a mid-epoch resume skips
+
+    # -- to implement -------------------------------------------------------------------------------------
+    def describe(self) -> list[Task]:
+        raise NotImplementedError
+
+    def load(self) -> dict[str, LabelledTensors]:
+        """The official train/val/test splits, with label columns for all of `describe()`'s tasks."""
+        raise NotImplementedError
+
+    # -- Lightning hooks ----------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            splits = self.load()
+            if self.keep != list(range(len(self.all_tasks))):
+                splits = {k: v.select(self.keep, self.kind == "mdl") for k, v in splits.items()}
+            self.splits = splits
+
+    def _loader(self, split: str, batch_size: int, sampler=None) -> DataLoader:
+        ds = self.splits[split]
+        w = self.cfg.num_workers
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=w,
+            persistent_workers=w > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_batched if hasattr(ds, "__getitems__") else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.splits["train"]
+        probs = self.probs if self.cfg.mixing == "sample" else None
+        if probs is not None:
+            empty = [t.name for d, t in enumerate(self.tasks) if probs[d] > 0 and not (ds.domains == d).any()]
+            if empty:
+                raise MTLError(f"Domains {empty} have a positive sampling probability but no training samples.")
+        t = self.trainer
+        rank, world = (t.global_rank, t.world_size) if t is not None else (0, 1)
+        self._sampler = MixtureSampler(ds.domains, probs, self.cfg.epoch_size, self.seed, rank, world)
+        epoch, batches = self._consumed
+        self._sampler.resume(epoch, batches * self.cfg.batch_size)
+        return self._loader("train", self.cfg.batch_size, self._sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.cfg.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.cfg.eval_batch_size)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Count the training batches actually handed to the model (Lightning prefetches one ahead, so the
+        # loader's own position would overcount), so a mid-epoch checkpoint knows where to resume.
+        if self.trainer is not None and self.trainer.training and self._sampler is not None:
+            epoch, n = self._consumed
+            self._consumed = (self._sampler.epoch, n + 1 if epoch == self._sampler.epoch else 1)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._consumed[0], "batches": self._consumed[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._consumed = (state["epoch"], state["batches"])

@@ -1,0 +1,39 @@
+"""A registry by name, as in timm: `@register` a class, `create(name, ...)` it, and a clear error otherwise."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from .errors import MTLError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, key: str):
+        self.kind, self.key, self._items = kind, key, {}  # key: the config key that selects an entry
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        def deco(cls: type[T]) -> type[T]:
+            if name in self._items:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            cls.name = name
+            self._items[name] = cls
+            return cls
+
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def get(self, name: str) -> type[T]:
+        if name not in self._items:
+            close = difflib.get_close_matches(str(name), self.names(), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise MTLError(f"Unknown {self.kind} {self.key}={name!r}.{hint} Valid choices: {', '.join(self.names())}.")
+        return self._items[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items

@@ -1,0 +1,178 @@
+"""From a composed config to a trained model: data, model, weighting, loggers, checkpoints, Trainer."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import AtomicCheckpointIO, LastCheckpoint
+from .config import save_config
+from .data import create_datamodule
+from .errors import MTLError
+from .model import MultiTaskModule
+from .weighting import create_weighting
+
+LOGGERS = ("csv", "tensorboard", "wandb", "none")
+
+
+def resolve_run(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from (None for a fresh run)."""
+    exp_dir = Path(cfg.out_dir).expanduser().resolve() / cfg.exp
+    if cfg.resume == "last":
+        found = sorted(exp_dir.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise MTLError(
+                f"resume=last found no checkpoint {exp_dir}/*/checkpoints/last.ckpt. Start a new run "
+                "without `resume`, or give resume=PATH/TO/FILE.ckpt."
+            )
+        return found[-1].parent.parent, found[-1]
+    if cfg.resume:
+        ckpt = Path(cfg.resume).expanduser().resolve()
+        if not ckpt.is_file():
+            raise MTLError(f"resume={cfg.resume} is not a checkpoint file. Give a .ckpt path or resume=last.")
+        if ckpt.parent.name == "checkpoints":
+            return ckpt.parent.parent, ckpt
+        return _new_run_dir(exp_dir, cfg.run_name), ckpt
+    return _new_run_dir(exp_dir, cfg.run_name), None
+
+
+def _new_run_dir(exp_dir: Path, run_name: str | None) -> Path:
+    if run_name:
+        run_dir = exp_dir / run_name
+        if any((run_dir / "checkpoints").glob("*.ckpt")):  # never overwrite a trained run
+            raise MTLError(
+                f"{run_dir} already holds checkpoints. Continue it with resume=last (or resume="
+                f"{run_dir}/checkpoints/last.ckpt), or choose another run_name."
+            )
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir, i = exp_dir / stamp, 1
+        while run_dir.exists():
+            run_dir, i = exp_dir / f"{stamp}-{i}", i + 1
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise MTLError(
+            f"Cannot write to the output directory {run_dir} ({e.strerror}). Choose a writable one with out_dir=PATH."
+        ) from None
+    return run_dir
+
+
+def wandb_mode(cfg: DictConfig) -> str:
+    if cfg.wandb.mode != "auto":
+        return cfg.wandb.mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return "online" if netrc.is_file() and "api.wandb.ai" in netrc.read_text() else "offline"
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    names = [n.strip() for n in cfg.logger.split(",") if n.strip()]
+    bad = [n for n in names if n not in LOGGERS]
+    if bad:
+        raise MTLError(f"Unknown logger={cfg.logger!r}. Valid choices (comma-separated): {', '.join(LOGGERS)}.")
+    if cfg.wandb.mode not in ("auto", "online", "offline"):
+        raise MTLError(f"Unknown wandb.mode={cfg.wandb.mode!r}. Valid choices: auto, online, offline.")
+    loggers = []
+    for n in names:
+        if n == "csv":
+            loggers.append(CSVLogger(run_dir, name="csv"))  # a resumed run adds version_1: nothing is overwritten
+        elif n == "tensorboard":
+            loggers.append(TensorBoardLogger(run_dir, name="tb", version="", default_hp_metric=False))
+        elif n == "wandb":
+            mode = wandb_mode(cfg)
+            loggers.append(
+                WandbLogger(
+                    project=cfg.wandb.project,
+                    entity=cfg.wandb.entity,
+                    group=cfg.exp,
+                    name=run_dir.name,
+                    id=re.sub(r"[^A-Za-z0-9_-]", "-", f"{cfg.exp}-{run_dir.name}"),  # resuming continues the run
+                    save_dir=str(run_dir),
+                    offline=mode == "offline",
+                    mode=mode,
+                    tags=list(cfg.wandb.tags),
+                    resume="allow",
+                )
+            )
+    params = OmegaConf.to_container(cfg, resolve=True)
+    for lg in loggers:
+        lg.log_hyperparams(params)
+    return loggers
+
+
+def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict:
+    """Fit, then evaluate the final model on val (and test). Returns the metrics and `run_dir`."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = create_datamodule(cfg.data, cfg.seed)
+    weighting = create_weighting([t.name for t in dm.tasks], cfg.weighting)
+    if cfg.data.mixing == "sample":
+        dm.probs = weighting.mixture_probs()
+    run_dir, ckpt = resolve_run(cfg)
+    save_config(cfg, run_dir / "config.yaml")
+    model = MultiTaskModule(
+        dm.tasks,
+        dm.in_chans,
+        dm.img_size,
+        cfg.model,
+        cfg.optim,
+        weighting,
+        cfg.data.mixing,
+        cfg.seed,
+        hparams=OmegaConf.to_container(cfg, resolve=True),
+    )
+    ckpt_dir = run_dir / "checkpoints"
+    checkpoints = [  # AtomicCheckpointIO (below) writes each file atomically
+        ModelCheckpoint(
+            ckpt_dir,
+            filename="best",
+            monitor=cfg.checkpoint.monitor,
+            mode="max",
+            save_top_k=1,
+            enable_version_counter=False,
+        ),
+        LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps),
+    ]
+    t = cfg.trainer
+    trainer = L.Trainer(
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        precision=t.precision,
+        log_every_n_steps=t.log_every_n_steps,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        enable_progress_bar=t.enable_progress_bar,
+        logger=build_loggers(cfg, run_dir) or False,
+        callbacks=[*checkpoints, *callbacks],
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=run_dir,
+        use_distributed_sampler=False,  # MixtureSampler shards by rank itself
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+    metrics = dict(trainer.validate(model, datamodule=dm, verbose=False)[0])
+    if cfg.test:
+        metrics.update(trainer.test(model, datamodule=dm, verbose=False)[0])
+    out = {k: float(v) for k, v in metrics.items()}
+    out["run_dir"] = str(run_dir)
+    return out

@@ -1,0 +1,17 @@
+"""Pluggable loss weightings, selected by name: `weighting=NAME` on the command line."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from . import fixed, uniform  # noqa: F401  (registers the methods)
+from .base import Weighting, check_weights
+from .registry import WEIGHTINGS
+
+
+def create_weighting(tasks: Sequence[str], cfg) -> Weighting:
+    """Build the weighting named `cfg.name` for `tasks`; unknown names raise with the valid choices."""
+    return WEIGHTINGS.get(cfg.name)(tasks, cfg)
+
+
+__all__ = ["WEIGHTINGS", "Weighting", "check_weights", "create_weighting"]

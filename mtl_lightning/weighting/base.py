@@ -1,0 +1,70 @@
+"""The interface every weighting method implements.
+
+A weighting is a small `nn.Module` the LightningModule calls in `training_step`; it is not a Lightning Callback,
+because callbacks cannot change the loss (their return values are discarded). Being an `nn.Module`, any state a
+method keeps (learned log-variances, loss histories) lives in its parameters and buffers, so it is saved and
+restored with the model's checkpoint for free. Methods that need state outside the model (ForkMerge's branches)
+pair a weighting with a Callback that holds that state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import MTLError
+
+
+class Weighting(nn.Module):
+    name: ClassVar[str]
+
+    @dataclass
+    class Config:
+        name: str = "uniform"
+
+    def __init__(self, tasks: Sequence[str], cfg: Config):
+        super().__init__()
+        self.tasks, self.cfg = list(tasks), cfg
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def forward(self, losses: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-task mean losses (K,) -> (scalar loss to back-propagate, the K weights used, detached)."""
+        w = self.weights(losses)
+        return (w * losses).sum(), w.detach()
+
+    def weights(self, losses: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def mixture_probs(self) -> Tensor:
+        """Sampling probabilities over domains for `data.mixing=sample`; only scalarizations define them."""
+        raise MTLError(
+            f"data.mixing=sample draws each batch from domains with fixed probabilities, which weighting="
+            f"{self.name} does not define (it weights losses). Use weighting=uniform or weighting=fixed with "
+            f"data.mixing=sample, or keep weighting={self.name} with data.mixing=loss."
+        )
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.tasks}"
+
+
+def check_weights(weights: Sequence[float] | None, tasks: Sequence[str], key: str) -> Tensor:
+    """Validate user-given weights: one per task, finite, non-negative, not all zero."""
+    if weights is None:
+        raise MTLError(f"{key} is required: give one non-negative weight per task, in order {list(tasks)}.")
+    w = torch.as_tensor(list(weights), dtype=torch.float32)
+    if w.ndim != 1 or len(w) != len(tasks):
+        raise MTLError(
+            f"{key} has {len(w)} values but there are {len(tasks)} tasks {list(tasks)}: give one weight per task."
+        )
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise MTLError(f"{key}={list(weights)} must be finite and non-negative (one per task {list(tasks)}).")
+    if w.sum() <= 0:
+        raise MTLError(f"{key}={list(weights)} are all zero: at least one task must have a positive weight.")
+    return w

@@ -1,0 +1,59 @@
+import subprocess
+import sys
+
+import pytest
+
+from experiments.run import main
+from mtl_lightning.config import compose, list_experiments
+from mtl_lightning.errors import MTLError
+
+
+def test_experiments_listed():
+    assert {"digits_mtl", "digits_mdl", "synthetic_mtl", "synthetic_mdl"} <= set(list_experiments())
+
+
+def test_delta_over_typed_base():
+    cfg = compose("digits_mdl", ["model.depth=2", "weighting=fixed", "weighting.weights=[3,1]"])
+    assert cfg.data.mode == "mdl" and cfg.data.mixing == "sample"  # from the experiment file
+    assert cfg.model.depth == 2 and cfg.weighting.weights == [3.0, 1.0]  # from the command line
+    assert cfg.optim.lr == 1e-3 and cfg.exp == "digits_mdl"  # from the base
+
+
+@pytest.mark.parametrize(
+    "exp, overrides, expected",
+    [
+        ("nope", [], ["exp='nope'", "digits_mtl"]),
+        ("digits_mtl", ["model.dept=3"], ["'model.dept'", "depth", "width"]),
+        ("digits_mtl", ["trainer.max_epochs=abc"], ["'trainer.max_epochs'", "abc"]),
+        ("digits_mtl", ["weighting=magic"], ["weighting='magic'", "fixed", "uniform"]),
+        ("digits_mtl", ["data=imagenet"], ["data='imagenet'", "digits", "synthetic"]),
+        (
+            "digits_mtl",
+            ["data.num_tasks=3"],
+            ["'data.num_tasks'", "mode"],
+        ),  # a synthetic key, not a digits one
+        ("digits_mtl", ["seed"], ["key=value"]),
+    ],
+)
+def test_bad_config_names_key_and_choices(exp, overrides, expected):
+    with pytest.raises(MTLError) as e:
+        compose(exp, overrides)
+    for s in expected:
+        assert s in str(e.value)
+
+
+def test_cli_error_is_one_paragraph_without_traceback(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "experiments.run", "exp=digits_mtl", "model.dept=3"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr and "'model.dept'" in p.stderr
+
+
+def test_cli_list(capsys):
+    assert main(["--list"]) == 0
+    assert "digits_mtl" in capsys.readouterr().out
+    assert main(["exp=digits_mtl", "exp=digits_mdl"]) == 2

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from mtl_lightning.config import compose
+from mtl_lightning.data import MixtureSampler, create_datamodule
+from mtl_lightning.errors import MTLError
+
+
+def dm_for(exp, *overrides):
+    dm = create_datamodule(compose(exp, list(overrides)).data)
+    dm.setup()
+    return dm
+
+
+def test_digits_mtl_splits():
+    dm = dm_for("digits_mtl", "data.train_size=300", "data.val_size=50", "data.test_size=40")
+    assert [t.name for t in dm.tasks] == ["left", "right"] and dm.kind == "mtl"
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 300, "val": 50, "test": 40}
+    x, y = dm.splits["train"][:5]
+    assert x.shape == (5, 1, 16, 16) and x.dtype == torch.uint8 and y.shape == (5, 2)
+    for ds in dm.splits.values():
+        assert ds.labels.min() >= 0 and ds.labels.max() <= 9  # every sample labelled for both tasks
+    again = dm_for("digits_mtl", "data.train_size=300", "data.val_size=50", "data.test_size=40")
+    assert torch.equal(again.splits["test"].images, dm.splits["test"].images)  # fixed splits
+
+
+def test_digits_mdl_one_label_per_sample():
+    dm = dm_for("digits_mdl", "data.train_size=200", "data.val_size=30", "data.test_size=30")
+    tr = dm.splits["train"]
+    assert len(tr) == 400 and ((tr.labels >= 0).sum(1) == 1).all()
+    assert torch.equal((tr.labels >= 0).long().argmax(1), tr.domains)
+    clean, shifted = tr.images[tr.domains == 0].float(), tr.images[tr.domains == 1].float()
+    assert shifted.mean() > 2 * clean.mean()  # the shifted domain is inverted: visibly different
+
+
+def test_task_subset_is_single_task_baseline():
+    dm = dm_for("digits_mdl", "data.tasks=[shifted]", "data.train_size=100", "data.val_size=10", "data.test_size=10")
+    assert [t.name for t in dm.tasks] == ["shifted"]
+    tr = dm.splits["train"]
+    assert len(tr) == 100 and (tr.labels[:, 0] >= 0).all() and (tr.domains == 0).all()
+    with pytest.raises(MTLError, match="must be distinct names from"):
+        dm_for("digits_mtl", "data.tasks=[middle]")
+
+
+def test_sample_mixing_needs_domains():
+    with pytest.raises(MTLError, match="data.mixing=sample"):
+        dm_for("digits_mtl", "data.mixing=sample")
+
+
+def test_synthetic_relatedness():
+    same = dm_for("synthetic_mtl", "data.relatedness=1.0", "data.train_size=200")
+    assert (same.splits["train"].labels == same.splits["train"].labels[:, :1]).all()
+    apart = dm_for("synthetic_mtl", "data.relatedness=0.0", "data.train_size=500")
+    y = apart.splits["train"].labels
+    assert (y[:, 0] == y[:, 1]).float().mean() < 0.6
+    mdl = dm_for("synthetic_mdl")
+    assert torch.bincount(mdl.splits["train"].domains).tolist() == [2000, 500, 100]
+
+
+DOMAINS = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)
+
+
+def test_sampler_honours_probabilities():
+    s = MixtureSampler(DOMAINS, torch.tensor([0.2, 0.0, 0.8]), 4000, seed=0)
+    counts = torch.bincount(DOMAINS[list(s)], minlength=3).float() / 4000
+    assert counts[1] == 0 and abs(counts[0] - 0.2) < 0.03 and abs(counts[2] - 0.8) < 0.03
+
+
+def test_sampler_deterministic_resumable_and_sharded():
+    s = MixtureSampler(DOMAINS, None, None, seed=3)
+    first = list(s)
+    assert sorted(first) == list(range(1000)) and list(s) == first  # a permutation, same for same epoch
+    s.set_epoch(1)
+    assert list(s) != first
+    s.resume(epoch=1, skip=250)
+    full = MixtureSampler(DOMAINS, None, None, seed=3)
+    full.set_epoch(1)
+    assert list(s) == list(full)[250:]
+    ranks = [list(MixtureSampler(DOMAINS, None, None, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 500 and sorted(ranks[0] + ranks[1]) == list(range(1000))

@@ -1,0 +1,196 @@
+"""End-to-end behaviour of `experiments.run`: learning, weighting, sampling, resume, determinism, bad input."""
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from experiments.run import main, run
+from mtl_lightning.errors import MTLError, NonFiniteLossError
+
+SMALL = [
+    "data.train_size=4000",
+    "data.batch_size=64",
+    "data.val_size=500",
+    "data.test_size=500",
+    "trainer.max_epochs=5",
+]
+CHANCE = 0.1  # ten digit classes
+
+
+def test_digits_mtl_learns_both_tasks(make_cfg):
+    m = run(make_cfg("digits_mtl", *SMALL))
+    assert m["val/acc/left"] > CHANCE + 0.25 and m["val/acc/right"] > CHANCE + 0.25
+    assert m["test/acc/left"] > CHANCE + 0.25 and m["test/acc/right"] > CHANCE + 0.25
+
+
+def test_fixed_zero_weight_task_stays_at_chance(make_cfg):
+    m = run(make_cfg("digits_mtl", *SMALL, "weighting=fixed", "weighting.weights=[1,0]"))
+    assert m["val/acc/left"] > CHANCE + 0.25
+    assert m["val/acc/right"] < CHANCE + 0.07  # its head never trains: near chance
+
+
+class LabelSpy(Callback):
+    def __init__(self):
+        self.labelled = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        n = (batch[1] >= 0).sum(0)
+        self.labelled = n if self.labelled is None else self.labelled + n
+
+
+def test_mdl_sample_mixing_honours_probabilities(make_cfg):
+    spy = LabelSpy()
+    m = run(
+        make_cfg("digits_mdl", *SMALL, "trainer.max_epochs=2", "weighting=fixed", "weighting.weights=[1,0]"),
+        callbacks=[spy],
+    )
+    assert spy.labelled[0] > 0 and spy.labelled[1] == 0  # no sample ever drawn from the second domain
+    assert m["val/acc/clean"] > CHANCE + 0.25 and m["val/acc/shifted"] < CHANCE + 0.07
+    spy = LabelSpy()
+    run(
+        make_cfg("digits_mdl", *SMALL, "trainer.max_epochs=1", "weighting=fixed", "weighting.weights=[3,1]"),
+        callbacks=[spy],
+    )
+    share = spy.labelled[0].item() / spy.labelled.sum().item()
+    assert abs(share - 0.75) < 0.04
+
+
+class Crash(Callback):
+    def __init__(self, at_step):
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+RESUME = [
+    "data.train_size=1200",
+    "data.val_size=200",
+    "data.test_size=200",
+    "data.batch_size=100",
+    "trainer.max_epochs=2",
+    "checkpoint.every_n_steps=5",
+    "test=false",
+]  # 12 steps an epoch
+
+
+def last_weights(m):
+    return torch.load(f"{m['run_dir']}/checkpoints/last.ckpt", weights_only=False)["state_dict"]
+
+
+def test_resume_mid_epoch_matches_uninterrupted_run(make_cfg, tmp_path):
+    full = run(make_cfg("digits_mtl", *RESUME, out_dir=tmp_path / "a"))
+    with pytest.raises(RuntimeError, match="simulated crash"):  # dies at step 17; last.ckpt is from step 15
+        run(make_cfg("digits_mtl", *RESUME, out_dir=tmp_path / "b"), callbacks=[Crash(17)])
+    ckpt = torch.load(next((tmp_path / "b").glob("*/*/checkpoints/last.ckpt")), weights_only=False)
+    assert ckpt["global_step"] == 15
+    resumed = run(make_cfg("digits_mtl", *RESUME, "resume=last", out_dir=tmp_path / "b"))
+    assert resumed["run_dir"] != full["run_dir"]
+    for k in ("val/acc/left", "val/acc/right", "val/loss/left"):
+        assert resumed[k] == pytest.approx(full[k], abs=1e-6)
+    a, b = last_weights(full), last_weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_same_seed_same_metrics(make_cfg):
+    args = ["data.train_size=600", "data.val_size=200", "trainer.max_epochs=1", "test=false"]
+    a, b = run(make_cfg("digits_mtl", *args)), run(make_cfg("digits_mtl", *args))
+    c = run(make_cfg("digits_mtl", *args, "seed=1"))
+    assert a["val/loss/left"] == b["val/loss/left"] and a["val/acc_mean"] == b["val/acc_mean"]
+    assert c["val/loss/left"] != a["val/loss/left"]
+
+
+def test_nan_loss_stops_with_task_name(make_cfg, monkeypatch, capsys):
+    from mtl_lightning.data.synthetic import SyntheticDataModule
+
+    load = SyntheticDataModule.load
+
+    def poisoned(self):
+        splits = load(self)
+        splits["train"].images[:] = math.nan
+        return splits
+
+    monkeypatch.setattr(SyntheticDataModule, "load", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"task\(s\) \['task0', 'task1', 'task2', 'task3'\]"):
+        run(make_cfg("synthetic_mtl", "trainer.max_steps=3"))
+    assert (
+        main(
+            [
+                "exp=synthetic_mtl",
+                f"out_dir={make_cfg('synthetic_mtl').out_dir}",
+                "trainer.enable_progress_bar=false",
+                "trainer.max_steps=3",
+            ]
+        )
+        == 2
+    )
+    assert "NaN/inf at step 0" in capsys.readouterr().err
+
+
+def test_unwritable_out_dir(make_cfg, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(MTLError, match="Cannot write to the output directory"):
+        run(make_cfg("digits_mtl", out_dir=blocker / "runs"))
+
+
+def test_resume_errors_and_no_overwrite(make_cfg):
+    with pytest.raises(MTLError, match="resume=last found no checkpoint"):
+        run(make_cfg("digits_mtl", "resume=last"))
+    with pytest.raises(MTLError, match="is not a checkpoint file"):
+        run(make_cfg("digits_mtl", "resume=/no/such.ckpt"))
+    args = ["run_name=keep", "data.train_size=200", "data.val_size=100", "trainer.max_steps=2", "test=false"]
+    run(make_cfg("digits_mtl", *args))
+    with pytest.raises(MTLError, match="already holds checkpoints"):
+        run(make_cfg("digits_mtl", *args))
+
+
+def test_checkpoint_writes_are_atomic(make_cfg, monkeypatch, tmp_path):
+    args = [
+        "run_name=r",
+        "data.train_size=300",
+        "data.val_size=100",
+        "data.batch_size=100",
+        "trainer.max_epochs=2",
+        "test=false",
+    ]
+    run(make_cfg("digits_mtl", *args, "trainer.max_epochs=1"))
+    ckpt_dir = next(tmp_path.glob("runs/*/r/checkpoints"))
+    before = (ckpt_dir / "last.ckpt").read_bytes()
+
+    def torn_save(obj, f, *a, **k):  # write half a file, then die (a crash or a full disk)
+        f.write(b"\0" * 1000)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        run(make_cfg("digits_mtl", *args, "resume=last"))
+    assert (ckpt_dir / "last.ckpt").read_bytes() == before  # the old checkpoint is intact
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best.ckpt", "last.ckpt"]  # no debris
+
+
+def test_loggers_and_saved_config(make_cfg):
+    m = run(
+        make_cfg(
+            "digits_mtl",
+            "logger=csv,tensorboard,wandb",
+            "data.train_size=200",
+            "data.val_size=100",
+            "trainer.max_steps=3",
+            "trainer.log_every_n_steps=1",
+            "test=false",
+        )
+    )
+    from pathlib import Path
+
+    d = Path(m["run_dir"])
+    header = (d / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert all(k in header for k in ("train/loss/left", "weights/right", "val/acc/left", "val/acc_mean"))
+    assert list((d / "tb").glob("events.out.tfevents.*"))
+    assert list((d / "wandb").glob("offline-run-*"))  # no API key in tests: offline
+    assert "max_steps: 3" in (d / "config.yaml").read_text()
