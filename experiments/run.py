@@ -19,7 +19,7 @@ def run(cfg: DictConfig, callbacks=()) -> dict:
     metrics = train(cfg, callbacks)
     tasks = sorted({k.split("/", 2)[2] for k in metrics if k.startswith("val/acc/")})
     print(f"\n{'task':<16}{'val acc':>10}{'test acc':>10}")
-    for t in [*tasks, "mean"]:
+    for t in [*tasks, "mean"] if tasks else []:
         key = "acc_mean" if t == "mean" else f"acc/{t}"
         test = metrics.get(f"test/{key}")
         print(f"{t:<16}{metrics[f'val/{key}']:>10.4f}{'' if test is None else f'{test:>10.4f}'}")

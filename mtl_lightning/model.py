@@ -115,7 +115,11 @@ class MultiTaskModule(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Randomness (dropout, drop-path) depends only on (seed, step), so a resumed run replays it exactly.
-        torch.manual_seed(self.seed * 1_000_003 + self.global_step)
+        # Only the generators in use: torch.manual_seed also queues lazy seeding of every backend (~2 ms a call).
+        seed = self.seed * 1_000_003 + self.global_step
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch
@@ -134,9 +138,14 @@ class MultiTaskModule(L.LightningModule):
         else:
             loss, w = self.weighting(losses)
         self.log("train/loss", loss, prog_bar=True)
-        for k, t in enumerate(self.tasks):
-            self.log(f"train/loss/{t.name}", losses[k])
-            self.log(f"weights/{t.name}", w[k])
+        if self.loggers and self.global_step % self.trainer.log_every_n_steps == 0:
+            # Per-task values go straight to the loggers on logging steps: self.log costs ~0.1 ms a value every
+            # step, which with 40 tasks would outweigh a small model's step.
+            values = torch.stack([losses.detach(), w]).tolist()
+            row = {f"train/loss/{t.name}": v for t, v in zip(self.tasks, values[0])}
+            row.update({f"weights/{t.name}": v for t, v in zip(self.tasks, values[1])})
+            for logger in self.loggers:
+                logger.log_metrics(row, step=self.global_step)
         return loss
 
     def _eval_step(self, stage: str, batch) -> None:

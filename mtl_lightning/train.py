@@ -162,6 +162,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict:
         limit_val_batches=t.limit_val_batches,
         gradient_clip_val=t.gradient_clip_val,
         num_sanity_val_steps=t.num_sanity_val_steps,
+        deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar,
         logger=build_loggers(cfg, run_dir) or False,
         callbacks=[*checkpoints, *callbacks],
@@ -170,9 +171,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict:
         use_distributed_sampler=False,  # MixtureSampler shards by rank itself
     )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
-    metrics = dict(trainer.validate(model, datamodule=dm, verbose=False)[0])
-    if cfg.test:
-        metrics.update(trainer.test(model, datamodule=dm, verbose=False)[0])
+    metrics = {}
+    for stage, wanted in (("validate", True), ("test", cfg.test)):
+        results = getattr(trainer, stage)(model, datamodule=dm, verbose=False) if wanted else []
+        metrics.update(results[0] if results else {})  # empty with trainer.limit_val_batches=0
     out = {k: float(v) for k, v in metrics.items()}
     out["run_dir"] = str(run_dir)
     return out

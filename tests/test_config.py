@@ -16,7 +16,8 @@ def test_delta_over_typed_base():
     cfg = compose("digits_mdl", ["model.depth=2", "weighting=fixed", "weighting.weights=[3,1]"])
     assert cfg.data.mode == "mdl" and cfg.data.mixing == "sample"  # from the experiment file
     assert cfg.model.depth == 2 and cfg.weighting.weights == [3.0, 1.0]  # from the command line
-    assert cfg.optim.lr == 1e-3 and cfg.exp == "digits_mdl"  # from the base
+    assert cfg.optim.lr == 2e-3 and cfg.optim.weight_decay == 0.05  # the delta, and the base beneath it
+    assert cfg.exp == "digits_mdl"
 
 
 @pytest.mark.parametrize(
