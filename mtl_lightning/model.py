@@ -148,6 +148,9 @@ class MultiTaskModule(L.LightningModule):
                 logger.log_metrics(row, step=self.global_step)
         return loss
 
+    def on_train_epoch_end(self) -> None:
+        self.weighting.on_train_epoch_end()
+
     def _eval_step(self, stage: str, batch) -> None:
         x, y = batch
         logits = self(x)

@@ -26,7 +26,7 @@ def test_delta_over_typed_base():
         ("nope", [], ["exp='nope'", "digits_mtl"]),
         ("digits_mtl", ["model.dept=3"], ["'model.dept'", "depth", "width"]),
         ("digits_mtl", ["trainer.max_epochs=abc"], ["'trainer.max_epochs'", "abc"]),
-        ("digits_mtl", ["weighting=magic"], ["weighting='magic'", "fixed", "uniform"]),
+        ("digits_mtl", ["weighting=magic"], ["weighting='magic'", "fixed", "uniform", "uncertainty"]),
         ("digits_mtl", ["data=imagenet"], ["data='imagenet'", "digits", "synthetic"]),
         (
             "digits_mtl",

@@ -194,3 +194,25 @@ def test_loggers_and_saved_config(make_cfg):
     assert list((d / "tb").glob("events.out.tfevents.*"))
     assert list((d / "wandb").glob("offline-run-*"))  # no API key in tests: offline
     assert "max_steps: 3" in (d / "config.yaml").read_text()
+
+
+LOSS_LEVEL = ["uncertainty", "imtl_l", "dwa", "rlw", "gls"]
+
+
+@pytest.mark.parametrize("name", LOSS_LEVEL)
+def test_loss_level_method_learns(name, make_cfg):
+    m = run(make_cfg("digits_mtl", *SMALL, f"weighting={name}"))
+    assert m["val/acc/left"] > CHANCE + 0.2 and m["val/acc/right"] > CHANCE + 0.2
+
+
+@pytest.mark.parametrize("name", ["uncertainty", "dwa", "rlw"])
+def test_stateful_method_resumes_exactly(name, make_cfg, tmp_path):
+    args = [*RESUME, "trainer.max_epochs=3", f"weighting={name}"]  # DWA leaves uniform from its third epoch
+    full = run(make_cfg("digits_mtl", *args, out_dir=tmp_path / "a"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(make_cfg("digits_mtl", *args, out_dir=tmp_path / "b"), callbacks=[Crash(29)])
+    resumed = run(make_cfg("digits_mtl", *args, "resume=last", out_dir=tmp_path / "b"))
+    a, b = last_weights(full), last_weights(resumed)
+    assert any(k.startswith("weighting.") for k in a) == (name != "rlw")  # learned scales / loss history saved
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k

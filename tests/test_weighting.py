@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -23,6 +25,9 @@ def test_properties(name):
     assert not weights.requires_grad and (weights >= 0).all()
     loss.backward()
     assert torch.isfinite(losses.grad).all() and (losses.grad > 0).all()  # every task gets a learning signal
+    if w.stochastic:  # a fresh random draw per call: only the simplex can be checked
+        assert torch.allclose(weights.sum(), torch.tensor(1.0))
+        return
     # identical tasks are treated alike, and a permutation of the tasks permutes the weights
     same = w(torch.ones(3))[1]
     assert torch.allclose(same, same[0].expand(3))
@@ -61,5 +66,69 @@ def test_fixed_rejects_bad_weights(weights, expected):
 
 
 def test_unknown_weighting_lists_choices():
-    with pytest.raises(MTLError, match="Valid choices: fixed, uniform"):
+    with pytest.raises(MTLError, match="Valid choices: dwa, fixed, gls, imtl_l, rlw, uncertainty, uniform"):
         create_weighting(TASKS, type("C", (), {"name": "pcgradd"})())
+
+
+def test_registry_holds_the_loss_level_methods():
+    assert {"uniform", "fixed", "uncertainty", "imtl_l", "dwa", "rlw", "gls"} <= set(WEIGHTINGS.names())
+
+
+@pytest.mark.parametrize("name", ["uncertainty", "imtl_l"])
+def test_learned_scales_converge_to_inverse_losses(name):
+    # Both objectives are minimised over s_k at exp(-+s_k) = 1 / L_k (derivative e^{-s}L - 1 = 0, resp. e^{s}L - 1).
+    w = make(name, tasks=["a", "b"])
+    opt = torch.optim.SGD(w.parameters(), lr=0.1)
+    losses = torch.tensor([2.0, 0.5])
+    for _ in range(500):
+        opt.zero_grad()
+        w(losses)[0].backward()
+        opt.step()
+    assert torch.allclose(w(losses)[1], torch.tensor([0.5, 2.0]), atol=1e-3)
+
+
+def test_uncertainty_loss_by_hand():
+    w = make("uncertainty", tasks=["a", "b"])
+    with torch.no_grad():
+        w.log_var.copy_(torch.tensor([0.0, 1.0]))
+    loss, weights = w(torch.tensor([3.0, 2.0]))
+    assert torch.allclose(loss, torch.tensor(3.0 + 2.0 * math.exp(-1.0) + 1.0))
+    assert torch.allclose(weights, torch.tensor([1.0, math.exp(-1.0)]))
+
+
+def test_gls_is_geometric_mean_with_its_gradient():
+    losses = torch.tensor([1.0, 4.0], requires_grad=True)
+    loss, weights = make("gls", tasks=["a", "b"])(losses)
+    assert torch.allclose(loss, torch.tensor(2.0))  # sqrt(1 * 4)
+    loss.backward()
+    # d sqrt(L1 L2) / d L1 = sqrt(L2 / L1) / 2 = 1, / d L2 = sqrt(L1 / L2) / 2 = 0.25
+    assert torch.allclose(losses.grad, torch.tensor([1.0, 0.25])) and torch.allclose(weights, losses.grad)
+
+
+def test_dwa_weights_from_epoch_loss_ratios():
+    w = make("dwa", tasks=["a", "b"], temperature=2.0)
+    for epoch_losses in ([2.0, 2.0], [1.0, 2.0]):  # task a halves its loss, task b does not move
+        assert torch.allclose(w(torch.tensor(epoch_losses))[1], torch.tensor([0.5, 0.5]))  # uniform for two epochs
+        w.on_train_epoch_end()
+    r = torch.tensor([0.5, 1.0])
+    expected = torch.exp(r / 2) / torch.exp(r / 2).sum()
+    assert torch.allclose(w(torch.tensor([1.0, 1.0]))[1], expected)
+    assert expected[1] > expected[0]  # the task that stalls gets more weight
+    state = w.state_dict()  # the history is saved with the checkpoint
+    fresh = make("dwa", tasks=["a", "b"])
+    fresh.load_state_dict(state)
+    assert torch.allclose(fresh(torch.tensor([1.0, 1.0]))[1], w(torch.tensor([1.0, 1.0]))[1])
+
+
+def test_rlw_is_reproducible_from_the_seed():
+    w = make("rlw")
+    torch.manual_seed(5)
+    a = w(torch.ones(3))[1]
+    torch.manual_seed(5)
+    assert torch.equal(a, w(torch.ones(3))[1]) and not torch.equal(a, w(torch.ones(3))[1])
+
+
+@pytest.mark.parametrize("name", ["uncertainty", "imtl_l", "dwa", "rlw", "gls"])
+def test_loss_level_methods_reject_sample_mixing(name):
+    with pytest.raises(MTLError, match="data.mixing=loss"):
+        make(name).mixture_probs()

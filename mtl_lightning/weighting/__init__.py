@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import fixed, uniform  # noqa: F401  (registers the methods)
+from . import dwa, fixed, gls, imtl_l, rlw, uncertainty, uniform  # noqa: F401  (registers the methods)
 from .base import Weighting, check_weights
 from .registry import WEIGHTINGS
 

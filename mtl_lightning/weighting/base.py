@@ -21,6 +21,7 @@ from ..errors import MTLError
 
 class Weighting(nn.Module):
     name: ClassVar[str]
+    stochastic: ClassVar[bool] = False  # draws random weights each step (RLW)
 
     @dataclass
     class Config:
@@ -49,6 +50,9 @@ class Weighting(nn.Module):
             f"{self.name} does not define (it weights losses). Use weighting=uniform or weighting=fixed with "
             f"data.mixing=sample, or keep weighting={self.name} with data.mixing=loss."
         )
+
+    def on_train_epoch_end(self) -> None:
+        """Called by the LightningModule at the end of every training epoch (DWA keeps epoch loss averages)."""
 
     def extra_repr(self) -> str:
         return f"tasks={self.tasks}"
