@@ -10,7 +10,6 @@ figure. The bare loop runs under the same autocast as `trainer.precision`. Usage
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import tempfile
 import time
@@ -21,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 
 from mtl_lightning.config import compose
 from mtl_lightning.data import create_datamodule
-from mtl_lightning.model import MultiTaskModule
+from mtl_lightning.model import MultiTaskModule, cosine_with_warmup, param_groups
 from mtl_lightning.train import train
 from mtl_lightning.weighting import create_weighting
 
@@ -60,13 +59,8 @@ def bare(cfg, steps: int, warmup: int, device: str) -> float:
         dm.tasks, dm.in_chans, dm.img_size, cfg.model, cfg.optim, create_weighting(tasks, cfg.weighting)
     )
     model.to(device).train()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    other = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": other, "weight_decay": 0.0}],
-        lr=cfg.optim.lr,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(steps, cfg.optim.warmup))
     images, labels = dm.splits["train"].images, dm.splits["train"].labels
     bs, n = cfg.data.batch_size, len(labels)
     perm = torch.randperm(n)

@@ -61,6 +61,15 @@ def create_backbone(cfg, in_chans: int, img_size: int) -> nn.Module:
         raise
 
 
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on biases, norms and the weighting's scales."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
 def cosine_with_warmup(total: int, warmup: float):
     warm = int(warmup * total)
 
@@ -183,9 +192,7 @@ class MultiTaskModule(L.LightningModule):
 
     def configure_optimizers(self):
         c = self.optim_cfg
-        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
-        other = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": other, "weight_decay": 0.0}]
+        groups = param_groups(self, c.weight_decay)
         if c.name == "adamw":
             opt = torch.optim.AdamW(groups, lr=c.lr)
         elif c.name == "sgd":

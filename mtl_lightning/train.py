@@ -172,9 +172,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict:
     )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
     metrics = {}
-    for stage, wanted in (("validate", True), ("test", cfg.test)):
-        results = getattr(trainer, stage)(model, datamodule=dm, verbose=False) if wanted else []
-        metrics.update(results[0] if results else {})  # empty with trainer.limit_val_batches=0
+    for evaluate in (trainer.validate, trainer.test) if cfg.test else (trainer.validate,):
+        for results in evaluate(model, datamodule=dm, verbose=False):  # none with trainer.limit_val_batches=0
+            metrics.update(results)
     out = {k: float(v) for k, v in metrics.items()}
     out["run_dir"] = str(run_dir)
     return out

@@ -128,7 +128,7 @@ def test_rlw_is_reproducible_from_the_seed():
     assert torch.equal(a, w(torch.ones(3))[1]) and not torch.equal(a, w(torch.ones(3))[1])
 
 
-@pytest.mark.parametrize("name", ["uncertainty", "imtl_l", "dwa", "rlw", "gls"])
+@pytest.mark.parametrize("name", [n for n in WEIGHTINGS.names() if n not in ("uniform", "fixed")])
 def test_loss_level_methods_reject_sample_mixing(name):
     with pytest.raises(MTLError, match="data.mixing=loss"):
         make(name).mixture_probs()

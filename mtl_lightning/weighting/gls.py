@@ -16,5 +16,6 @@ class GLS(Weighting):
     """
 
     def forward(self, losses: Tensor) -> tuple[Tensor, Tensor]:
-        loss = torch.exp(torch.log(losses.clamp(min=1e-12)).mean())
-        return loss, (loss / (self.num_tasks * losses.clamp(min=1e-12))).detach()
+        losses = losses.clamp(min=1e-12)
+        loss = torch.exp(torch.log(losses).mean())
+        return loss, (loss / (self.num_tasks * losses)).detach()
