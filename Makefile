@@ -19,6 +19,7 @@ lint:  ## ruff check and format check
 
 bench:  ## benchmarks; results go to BENCHMARKS.md by hand, with the command
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/datasets.py
 
 # A fresh clone has no stamp: install once (pip is quick when the packages are already there).
 .installed: pyproject.toml

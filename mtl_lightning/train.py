@@ -123,6 +123,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict:
     weighting = create_weighting([t.name for t in dm.tasks], cfg.weighting)
     if cfg.data.mixing == "sample":
         dm.probs = weighting.mixture_probs()
+    dm.check()
     run_dir, ckpt = resolve_run(cfg)
     save_config(cfg, run_dir / "config.yaml")
     model = MultiTaskModule(

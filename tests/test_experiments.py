@@ -1,18 +1,26 @@
-"""One smoke run of every experiment config: it composes, trains two steps, evaluates and checkpoints."""
+"""One smoke run of every experiment config: it composes, trains two steps, evaluates and checkpoints.
+
+Real datasets run on tiny fixtures in their official formats (tests/fixtures.py).
+"""
 
 import math
 from pathlib import Path
 
 import pytest
+from fixtures import WRITERS
 
 from experiments.run import run
-from mtl_lightning.config import list_experiments
+from mtl_lightning.config import compose, list_experiments
 from mtl_lightning.data import create_datamodule
 
 
 @pytest.mark.parametrize("exp", list_experiments())
-def test_experiment_smoke(exp, make_cfg):
-    cfg = make_cfg(exp, "trainer.max_steps=2", "trainer.limit_val_batches=1")
+def test_experiment_smoke(exp, make_cfg, tmp_path):
+    data = []  # real datasets train on a tiny fixture in their official format
+    for write in WRITERS.get(compose(exp).data.name, []):
+        write(tmp_path / "data")
+        data = [f"data.root={tmp_path / 'data'}"]
+    cfg = make_cfg(exp, "trainer.max_steps=2", "trainer.limit_val_batches=1", *data)
     m = run(cfg)
     tasks = [t.name for t in create_datamodule(cfg.data).tasks]
     for stage in ("val", "test"):

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -30,33 +31,71 @@ class Task(NamedTuple):
     num_classes: int
 
 
-class LabelledTensors(Dataset):
-    """An in-memory split: images (N, C, H, W) of any dtype, labels (N, K) with -1 = unlabelled, domains (N,)."""
+class Split:
+    """What every split dataset offers besides indexing: `labels` (N, K), `domains` (N,), and `take`."""
 
-    def __init__(self, images: Tensor, labels: Tensor, domains: Tensor):
-        assert len(images) == len(labels) == len(domains)
-        self.images, self.labels, self.domains = images, labels.long(), domains.long()
+    labels: Tensor
+    domains: Tensor
 
-    def __len__(self) -> int:
-        return len(self.labels)
+    def take(self, rows: Tensor, labels: Tensor, domains: Tensor):  # the samples `rows`, relabelled
+        raise NotImplementedError
 
-    def __getitem__(self, i):
-        return self.images[i], self.labels[i]
+    def subset(self, rows: Tensor):
+        return self.take(rows, self.labels[rows], self.domains[rows])
 
-    def __getitems__(self, idx: list[int]):  # DataLoader's batched fetch: one gather instead of B items + collate
-        idx = torch.as_tensor(idx)
-        return self.images[idx], self.labels[idx]
-
-    def select(self, keep: list[int], mdl: bool) -> LabelledTensors:
+    def select(self, keep: list[int], mdl: bool):
         """Keep the label columns `keep`, and the samples labelled for at least one of them."""
         labels = self.labels[:, keep]
-        rows = (labels >= 0).any(1)
+        rows = (labels >= 0).any(1).nonzero().squeeze(1)
         domains = self.domains[rows]
         if mdl:  # domain d is head d: renumber the kept domains 0..len(keep)-1
             remap = torch.full((int(self.domains.max()) + 1,), -1, dtype=torch.long)
             remap[torch.as_tensor(keep)] = torch.arange(len(keep))
             domains = remap[domains]
-        return LabelledTensors(self.images[rows], labels[rows], domains)
+        return self.take(rows, labels[rows], domains)
+
+
+class LabelledTensors(Dataset, Split):
+    """An in-memory split: images (N, C, H, W) of any dtype, labels (N, K) with -1 = unlabelled, domains (N,).
+
+    `rows` maps sample i to images[rows[i]]. Memory-mapped images (a decoded-image cache) carry it, so that
+    selecting tasks or holding out a split indexes the file instead of copying it into memory.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, domains: Tensor, rows: Tensor | None = None):
+        assert len(labels) == len(domains) == (len(images) if rows is None else len(rows))
+        self.images, self.labels, self.domains, self.rows = images, labels.long(), domains.long(), rows
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i if self.rows is None else self.rows[i]], self.labels[i]
+
+    def __getitems__(self, idx: list[int]):  # DataLoader's batched fetch: one gather instead of B items + collate
+        idx = torch.as_tensor(idx)
+        return self.images[idx if self.rows is None else self.rows[idx]], self.labels[idx]
+
+    def take(self, rows: Tensor, labels: Tensor, domains: Tensor) -> LabelledTensors:
+        if self.rows is None:
+            return LabelledTensors(self.images[rows], labels, domains)
+        return LabelledTensors(self.images, labels, domains, self.rows[rows])
+
+
+def holdout(ds, fraction: float, seed: int):
+    """Split `ds` into (train, held-out) by a fixed permutation per domain, `fraction` of each domain to train.
+
+    Per domain, so every domain keeps its share; seeded per domain, so a domain's split does not depend on which
+    other domains are loaded.
+    """
+    keep, held = [], []
+    for d in ds.domains.unique().tolist():
+        rows = (ds.domains == d).nonzero().squeeze(1)
+        rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 1_000_003 + d))]
+        n = round(fraction * len(rows))
+        keep.append(rows[:n])
+        held.append(rows[n:])
+    return ds.subset(torch.cat(keep).sort().values), ds.subset(torch.cat(held).sort().values)
 
 
 def collate_batched(batch):
@@ -129,6 +168,8 @@ class DataConfig:
     mixing: str = "loss"  # loss: weights scale the domain losses; sample: weights are domain sampling probs
     tasks: list[str] | None = None  # train on a subset of tasks/domains; one name = single-task baseline
     epoch_size: int | None = None  # training samples per epoch; default: the training split's size
+    train_fraction: float = 1.0  # < 1: hold out the rest of the training split (seeded, per domain) as `val`
+    split_seed: int = 0  # fixes generated data and held-out splits, independent of the training seed
 
 
 class MixtureDataModule(L.LightningDataModule):
@@ -149,6 +190,8 @@ class MixtureDataModule(L.LightningDataModule):
                 f"data.mixing=sample draws batches from a mixture of domains, but data={cfg.name} is multi-task "
                 "(every sample has every label): use data.mixing=loss."
             )
+        if not 0.0 < cfg.train_fraction <= 1.0:
+            raise MTLError(f"data.train_fraction={cfg.train_fraction} must be within (0, 1].")
         self.all_tasks = self.describe()
         names = [t.name for t in self.all_tasks]
         chosen = cfg.tasks or names
@@ -166,14 +209,27 @@ class MixtureDataModule(L.LightningDataModule):
     def describe(self) -> list[Task]:
         raise NotImplementedError
 
-    def load(self) -> dict[str, LabelledTensors]:
-        """The official train/val/test splits, with label columns for all of `describe()`'s tasks."""
+    def load(self) -> dict[str, Split]:
+        """The official splits, with label columns for all of `describe()`'s tasks: `train` and `test`, and
+        `val` where the dataset has an official validation split."""
         raise NotImplementedError
+
+    def check(self) -> None:
+        """Fail early, before a run directory is made, when the data is not there (downloading it if asked)."""
 
     # -- Lightning hooks ----------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             splits = self.load()
+            if self.cfg.train_fraction < 1:  # the ranking split: part of train, never the test split
+                splits["train"], splits["val"] = holdout(splits["train"], self.cfg.train_fraction, self.cfg.split_seed)
+            elif "val" not in splits:
+                rank_zero_warn(
+                    f"data={self.cfg.name} has no official validation split and data.train_fraction=1: validating "
+                    "on the test split. Choosing checkpoints or hyperparameters on it tunes on the test set; set "
+                    "data.train_fraction < 1 to hold out part of the training split instead."
+                )
+                splits["val"] = splits["test"]
             if self.keep != list(range(len(self.all_tasks))):
                 splits = {k: v.select(self.keep, self.kind == "mdl") for k, v in splits.items()}
             self.splits = splits

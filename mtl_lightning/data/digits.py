@@ -28,7 +28,6 @@ class DigitsConfig(DataConfig):
     train_size: int = 6000  # composed images per split (per domain for mdl)
     val_size: int = 1000
     test_size: int = 1000
-    split_seed: int = 0  # fixes the splits, independent of the training seed
 
 
 @DATASETS.register("digits")

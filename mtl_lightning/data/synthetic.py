@@ -37,7 +37,6 @@ class SyntheticConfig(DataConfig):
     sizes: list[int] | None = None  # per task/domain training sizes (overrides train_size for mdl)
     val_size: int = 500
     test_size: int = 500
-    split_seed: int = 0  # the generating matrices and samples; independent of the training seed
 
 
 @DATASETS.register("synthetic")
