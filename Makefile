@@ -20,6 +20,8 @@ lint:  ## ruff check and format check
 bench:  ## benchmarks; results go to BENCHMARKS.md by hand, with the command
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/datasets.py
+	$(PY) benchmarks/methods.py
+	$(PY) benchmarks/forkmerge.py
 
 # A fresh clone has no stamp: install once (pip is quick when the packages are already there).
 .installed: pyproject.toml

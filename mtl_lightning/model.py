@@ -101,6 +101,8 @@ class MultiTaskModule(L.LightningModule):
         self.backbone = create_backbone(model_cfg, in_chans, img_size)
         self.heads = nn.ModuleList(nn.Linear(self.backbone.num_features, t.num_classes) for t in self.tasks)
         self.weighting = weighting
+        self.fork = None  # ForkMerge's callback when weighting=forkmerge: then the steps are manual
+        self.clip_val = None  # gradient clipping done by the module itself under manual optimisation
         self.acc = nn.ModuleDict(
             {
                 stage: nn.ModuleList(MulticlassAccuracy(t.num_classes, average="micro") for t in self.tasks)
@@ -109,10 +111,13 @@ class MultiTaskModule(L.LightningModule):
         )
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        return [head(z) for z in [self.features(x)] for head in self.heads]
+
+    def features(self, x: Tensor) -> Tensor:
+        """The shared representation z (B, D): what gradient methods in `rep` mode differentiate against."""
         if x.dtype == torch.uint8:  # stored images travel as uint8 and are scaled on the device
             x = x.float().div_(127.5).sub_(1.0)
-        z = self.backbone(x)
-        return [head(z) for head in self.heads]
+        return self.backbone(x)
 
     def task_losses(self, logits: list[Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-task mean cross-entropy over the samples labelled for that task (-1 = unlabelled), and counts."""
@@ -122,7 +127,14 @@ class MultiTaskModule(L.LightningModule):
         )
         return sums / counts.clamp(min=1), counts
 
+    def setup(self, stage: str) -> None:
+        # Refuse combinations a weighting cannot run correctly (fp16 or DDP for some gradient methods) up front.
+        self.weighting.check(str(self.trainer.precision), self.trainer.world_size > 1)
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._reseed()
+
+    def _reseed(self) -> None:
         # Randomness (dropout, drop-path) depends only on (seed, step), so a resumed run replays it exactly.
         # Only the generators in use: torch.manual_seed also queues lazy seeding of every backend (~2 ms a call).
         seed = self.seed * 1_000_003 + self.global_step
@@ -130,9 +142,7 @@ class MultiTaskModule(L.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        x, y = batch
-        losses, counts = self.task_losses(self(x), y)
+    def _check_finite(self, losses: Tensor) -> None:
         if not torch.isfinite(losses).all():
             bad = [t.name for t, v in zip(self.tasks, losses.tolist()) if not math.isfinite(v)]
             raise NonFiniteLossError(
@@ -141,12 +151,29 @@ class MultiTaskModule(L.LightningModule):
                 "(trainer.gradient_clip_val=1.0) or precision=32-true, and check that task's data. "
                 "Checkpoints written before this step are intact and can be resumed."
             )
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        if self.fork is not None:
+            return self._forkmerge_step(batch)
+        x, y = batch
+        z = self.features(x)
+        losses, counts = self.task_losses([head(z) for head in self.heads], y)
+        self._check_finite(losses)
         if self.mixing == "sample":  # weights were spent on sampling: the loss is the plain mean over samples
             w = counts / counts.sum()
-            loss = (w * losses).sum()
+            loss = shown = (w * losses).sum()
+        elif getattr(self.weighting, "gradient_based", False):
+            # Heads train on their own task's loss; the backbone gets the method's combined gradient.
+            heads_loss = self.task_losses([head(z.detach()) for head in self.heads], y)[0].sum()
+            shared = [p for p in self.backbone.parameters() if p.requires_grad]
+            loss, w = self.weighting.surrogate(losses, heads_loss, z, shared)
+            shown = (w * losses).sum().detach()
         else:
             loss, w = self.weighting(losses)
-        self.log("train/loss", loss, prog_bar=True)
+            shown = loss
+        if getattr(self.weighting, "needs_post_step_losses", False):
+            self._stepped_batch = batch
+        self.log("train/loss", shown, prog_bar=True)
         if self.loggers and self.global_step % self.trainer.log_every_n_steps == 0:
             # Per-task values go straight to the loggers on logging steps: self.log costs ~0.1 ms a value every
             # step, which with 40 tasks would outweigh a small model's step.
@@ -156,6 +183,44 @@ class MultiTaskModule(L.LightningModule):
             for logger in self.loggers:
                 logger.log_metrics(row, step=self.global_step)
         return loss
+
+    def _forkmerge_step(self, batch) -> Tensor:
+        """One step of every ForkMerge branch on this batch (manual optimisation; see mtl_lightning/forkmerge.py)."""
+        x, y = batch
+        opt = self.optimizers()
+        shown = []
+        for b in range(self.weighting.num_branches):
+            self.fork.enter(b, self, opt.optimizer)
+            self._reseed()  # every branch draws the randomness a plain run would at this step
+            losses, _ = self.task_losses(self(x), y)
+            self._check_finite(losses)
+            loss, _ = self.weighting(losses)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            if self.clip_val:
+                self.clip_gradients(opt, gradient_clip_val=self.clip_val, gradient_clip_algorithm="norm")
+            # the LightningOptimizer's step counts a global step: once per batch, on the last branch
+            (opt if b == self.weighting.num_branches - 1 else opt.optimizer).step()
+            self.fork.leave(b, self, opt.optimizer)
+            shown.append(loss.detach())
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        self.fork.after_step(self)
+        self.log("train/loss", torch.stack(shown).mean(), prog_bar=True)
+        if self.loggers and self.global_step % self.trainer.log_every_n_steps == 0:
+            row = {f"forkmerge/train_loss/{b}": v for b, v in enumerate(torch.stack(shown).tolist())}
+            for logger in self.loggers:
+                logger.log_metrics(row, step=self.global_step)
+        return torch.stack(shown).mean()
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        batch = getattr(self, "_stepped_batch", None)
+        if batch is not None:  # FAMO: the same batch's losses after the step update its task logits
+            self._stepped_batch = None
+            with torch.no_grad():
+                self.weighting.update(self.task_losses(self(batch[0]), batch[1])[0])
 
     def on_train_epoch_end(self) -> None:
         self.weighting.on_train_epoch_end()

@@ -16,6 +16,7 @@ from .checkpoint import AtomicCheckpointIO, LastCheckpoint
 from .config import save_config
 from .data import create_datamodule
 from .errors import MTLError
+from .forkmerge import ForkMerge
 from .model import MultiTaskModule
 from .weighting import create_weighting
 
@@ -124,6 +125,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict:
     if cfg.data.mixing == "sample":
         dm.probs = weighting.mixture_probs()
     dm.check()
+    weighting.check(str(cfg.trainer.precision), distributed=False)  # again with the world size in setup()
     run_dir, ckpt = resolve_run(cfg)
     save_config(cfg, run_dir / "config.yaml")
     model = MultiTaskModule(
@@ -137,6 +139,11 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict:
         cfg.seed,
         hparams=OmegaConf.to_container(cfg, resolve=True),
     )
+    clip = cfg.trainer.gradient_clip_val
+    if getattr(weighting, "forks", False):  # ForkMerge: the callback holds the branches, the module steps them
+        fork = ForkMerge(weighting)
+        model.fork, model.clip_val, model.automatic_optimization, clip = fork, clip, False, None
+        callbacks = [fork, *callbacks]
     ckpt_dir = run_dir / "checkpoints"
     checkpoints = [  # AtomicCheckpointIO (below) writes each file atomically
         ModelCheckpoint(
@@ -161,7 +168,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict:
         check_val_every_n_epoch=t.check_val_every_n_epoch,
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches,
-        gradient_clip_val=t.gradient_clip_val,
+        gradient_clip_val=clip,
         num_sanity_val_steps=t.num_sanity_val_steps,
         deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar,

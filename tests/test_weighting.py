@@ -13,10 +13,18 @@ def make(name, tasks=TASKS, **kw):
     cls = WEIGHTINGS.get(name)
     if name == "fixed":
         kw.setdefault("weights", [1.0] * len(tasks))
+    if name == "forkmerge":
+        kw.setdefault("target", [tasks[0]])
     return cls(tasks, cls.Config(**kw))
 
 
-@pytest.mark.parametrize("name", WEIGHTINGS.names())
+# loss weightings (ForkMerge's weighting only names its branches' weights: tests/test_forkmerge.py)
+LOSS_LEVEL = [
+    n for n in WEIGHTINGS.names() if not getattr(WEIGHTINGS.get(n), "gradient_based", False) and n != "forkmerge"
+]
+
+
+@pytest.mark.parametrize("name", LOSS_LEVEL)
 def test_properties(name):
     w = make(name)
     losses = torch.tensor([0.5, 2.0, 1.0], requires_grad=True)
@@ -66,12 +74,14 @@ def test_fixed_rejects_bad_weights(weights, expected):
 
 
 def test_unknown_weighting_lists_choices():
-    with pytest.raises(MTLError, match="Valid choices: dwa, fixed, gls, imtl_l, rlw, uncertainty, uniform"):
+    with pytest.raises(MTLError, match="Did you mean 'pcgrad'.*Valid choices: cagrad, dwa, famo, fixed, gls, graddrop"):
         create_weighting(TASKS, type("C", (), {"name": "pcgradd"})())
 
 
-def test_registry_holds_the_loss_level_methods():
-    assert {"uniform", "fixed", "uncertainty", "imtl_l", "dwa", "rlw", "gls"} <= set(WEIGHTINGS.names())
+def test_registry_holds_every_method_of_the_papers():
+    loss_level = {"uniform", "fixed", "uncertainty", "imtl_l", "dwa", "rlw", "gls", "famo"}
+    gradient = {"pcgrad", "cagrad", "graddrop", "mgda", "mgda_ub", "imtl_g", "nash_mtl", "upgrad", "gradnorm"}
+    assert set(LOSS_LEVEL) == loss_level and set(WEIGHTINGS.names()) == loss_level | gradient | {"forkmerge"}
 
 
 @pytest.mark.parametrize("name", ["uncertainty", "imtl_l"])

@@ -4,7 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import dwa, fixed, gls, imtl_l, rlw, uncertainty, uniform  # noqa: F401  (registers the methods)
+from . import (  # noqa: F401  (registers the methods)
+    cagrad,
+    dwa,
+    famo,
+    fixed,
+    forkmerge,
+    gls,
+    graddrop,
+    gradnorm,
+    imtl_g,
+    imtl_l,
+    mgda,
+    nash_mtl,
+    pcgrad,
+    rlw,
+    uncertainty,
+    uniform,
+    upgrad,
+)
 from .base import Weighting, check_weights
 from .registry import WEIGHTINGS
 

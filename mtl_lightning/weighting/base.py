@@ -51,6 +51,9 @@ class Weighting(nn.Module):
             f"data.mixing=sample, or keep weighting={self.name} with data.mixing=loss."
         )
 
+    def check(self, precision: str, distributed: bool) -> None:
+        """Called at start-up with the Trainer's precision and whether it runs on several processes."""
+
     def on_train_epoch_end(self) -> None:
         """Called by the LightningModule at the end of every training epoch (DWA keeps epoch loss averages)."""
 

@@ -1,0 +1,45 @@
+"""Search the scalarization weights of an experiment with Ray Tune.
+
+    python -m experiments.search exp=synthetic_mtl search=pbt search.population=8 trainer.max_epochs=20
+    python -m experiments.search exp=digits_mtl search=grid search.capacities=[[3,32],[3,64]]
+    python -m experiments.search exp=celeba_mtl search=pb2 ... resume=true      # continue an interrupted search
+
+`search.*` keys are in mtl_lightning/search.py (SearchConfig); every other key=value configures the trials as in
+`experiments.run`. With RAY_ADDRESS set, the trials run on that Ray cluster (search.storage_path must then be on
+storage every node shares). Prints a summary; outputs go to <out_dir>/search/<exp>-<search>/.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mtl_lightning.errors import MTLError
+from mtl_lightning.search import compose_search, run_search
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    exps = [a.split("=", 1)[1] for a in argv if a.startswith("exp=")]
+    try:
+        if len(exps) != 1:
+            raise MTLError("give exactly one exp=NAME (python -m experiments.run --list lists them).")
+        scfg, overrides = compose_search(exps[0], [a for a in argv if not a.startswith("exp=")])
+        out = run_search(exps[0], overrides, scfg)
+    except MTLError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    print(f"\nsearch: {scfg.name}, results in {out['search_dir']}")
+    print(f"best validation (rank split) mean accuracy: {out['best_acc']:.4f}")
+    print(f"best weights: {[round(w, 4) for w in out['best_weights']]}")
+    for k, v in out.items():
+        if k.startswith("retrain/"):
+            print(f"{k}: {v:.4f}")
+    print(f"compute: {out['compute_trial_epochs']} trial-epochs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

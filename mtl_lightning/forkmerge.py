@@ -1,0 +1,226 @@
+"""ForkMerge's branches as a Lightning Callback (Jiang et al., NeurIPS 2023, arXiv:2301.12618).
+
+The callback holds one copy of the trainable parameters per branch, plus each branch's own optimiser state, and the
+merged parameters that the LightningModule holds between steps (so validation, checkpoints and the final model are
+always the merged model). Every training step, `MultiTaskModule` trains each branch one step on the same batch:
+`enter(b)` points the module's parameters and the optimiser's state at branch b, the module steps with that
+branch's task weights (`weighting=forkmerge`), `leave(b)` keeps the result. One scheduler drives the shared
+learning rate, so a branch's schedule is what a plain run's would be. Every merge interval, `merge` scores merges of
+the branches by the target tasks' accuracy on the validation split (never the test split), picks the best, and
+starts every branch from it. Because every branch sees the same batches and keeps its own optimiser state (as the
+reference code does: optimiser state is neither forked nor merged), a grid that always picks the target-only
+branch reproduces target-only training parameter for parameter.
+
+Deviations from the reference, by design: a branch merges its end-of-round weights (the reference reloads each
+branch's best-validation weights of the round); MDL branches weight domain losses (the reference changes the
+sampling probabilities); every shared entry is averaged, heads included, since every branch has every head.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+
+@torch.no_grad()
+def target_accuracy(module, loader, targets: list[int], max_batches: int | None) -> float:
+    """Mean accuracy over the target tasks of `module` on `loader` (its first `max_batches` batches)."""
+    was = module.training
+    module.eval()
+    correct = torch.zeros(len(targets), device=module.device)
+    total = torch.zeros(len(targets), device=module.device)
+    for i, (x, y) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = x.to(module.device), y.to(module.device)
+        logits = module(x)
+        for j, k in enumerate(targets):
+            mask = y[:, k] >= 0
+            correct[j] += (logits[k][mask].argmax(1) == y[mask, k]).sum()
+            total[j] += mask.sum()
+    module.train(was)
+    return (correct / total.clamp(min=1)).mean().item()
+
+
+def grid_search(score, num_branches: int, grid: list[float]) -> list[float]:
+    """Algorithm 1: theta = L theta_1 + (1 - L) theta_0 for L in the grid; the best score wins (first on ties)."""
+    assert num_branches == 2
+    best, best_lam = -float("inf"), None
+    for a in grid:
+        s = score([1.0 - a, a])
+        if s > best:
+            best, best_lam = s, [1.0 - a, a]
+    return best_lam
+
+
+def greedy_search(score, num_branches: int, grid: list[float]) -> list[float]:
+    """Algorithm 3 as the reference code runs it: rank branches by their own score; the best gets weight 1; each next
+    branch is tried at alpha * (sum of weights so far) / (i + 1) for alpha in the grid and kept only if the
+    normalised merge beats the best score so far."""
+    own = [score([1.0 if j == b else 0.0 for j in range(num_branches)]) for b in range(num_branches)]
+    order = sorted(range(num_branches), key=lambda b: -own[b])
+    lam = [0.0] * num_branches
+    lam[order[0]] = 1.0
+    best = own[order[0]]
+    for i, b in enumerate(order[1:], start=1):
+        keep = None
+        for a in grid:
+            cand = list(lam)
+            cand[b] = a * sum(lam) / (i + 1)
+            total = sum(cand)
+            s = score([c / total for c in cand])
+            if s > best:
+                best, keep = s, cand
+        if keep is not None:
+            lam = keep
+    total = sum(lam)
+    return [c / total for c in lam]
+
+
+class ForkMerge(Callback):
+    """Holds the branches of `weighting=forkmerge` (a `weighting.forkmerge.ForkMerge`); see the module docstring."""
+
+    def __init__(self, weighting):
+        self.weighting, self.cfg = weighting, weighting.cfg
+        self.B = weighting.num_branches
+        self.branches: list[list[Tensor]] | None = None
+        self.merged: list[Tensor] | None = None
+        self.states: list[dict | None] = [None] * self.B  # each branch's optimiser state (param -> dict)
+        self.saved_states: list[dict | None] = [None] * self.B  # from a checkpoint, bound on first use
+        self.history: list[dict] = []  # one entry per merge: step, lambdas, scores
+        self.interval = 0
+
+    def _params(self, module) -> list[Tensor]:
+        return [p for p in module.parameters() if p.requires_grad]
+
+    def _store(self, t: Tensor) -> Tensor:
+        return t.detach().to("cpu", copy=True) if self.cfg.offload else t.detach().clone()
+
+    # -- Lightning hooks ----------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        c = self.cfg
+        self.interval = c.interval_steps or c.interval_epochs * int(trainer.num_training_batches)
+        params = self._params(pl_module)
+        self.merged = [p.data for p in params]  # the module's (possibly restored) parameters: the merged model
+        if self.branches is None:
+            self.branches = [[self._store(p) for p in params] for _ in range(self.B)]
+        else:  # restored from a checkpoint
+            self.branches = [
+                [t.to("cpu" if c.offload else p.device) for t, p in zip(br, params)] for br in self.branches
+            ]
+
+    def state_dict(self) -> dict:
+        return {
+            "branches": self.branches,
+            "states": [self._state_to_save(b) for b in range(self.B)],
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.branches, self.saved_states, self.history = state["branches"], state["states"], state["history"]
+        self.states = [None] * self.B
+
+    # -- called by MultiTaskModule ------------------------------------------------------------------------
+    def enter(self, b: int, module, opt) -> None:
+        """Point the module's parameters and the optimiser's state at branch b."""
+        self.weighting.current = b
+        dev = module.device
+        for p, t in zip(self._params(module), self.branches[b]):
+            p.data = t.to(dev, non_blocking=True) if self.cfg.offload else t
+        if self.states[b] is None:
+            saved = self.saved_states[b]
+            if saved is not None:  # resumed: rebuild this branch's state against the live parameters
+                opt.load_state_dict({"state": saved, "param_groups": opt.state_dict()["param_groups"]})
+                self.states[b] = opt.state
+            else:
+                self.states[b] = defaultdict(dict)
+        opt.state = self.states[b]
+        if self.cfg.offload:
+            _move_state(opt.state, dev)
+
+    def leave(self, b: int, module, opt) -> None:
+        if self.cfg.offload:  # copy the stepped branch back to the CPU
+            for p, t in zip(self._params(module), self.branches[b]):
+                t.copy_(p.data)
+            _move_state(opt.state, "cpu")
+
+    def after_step(self, module) -> None:
+        """Give the module the merged parameters back; merge when an interval ends."""
+        if module.global_step % self.interval == 0:
+            self.merge(module)
+        for p, m in zip(self._params(module), self.merged):
+            p.data = m
+
+    def merge(self, module) -> None:
+        params = self._params(module)
+        loader = module.trainer.datamodule.val_dataloader()
+        targets = self.weighting.targets
+        cache: dict[tuple, float] = {}
+
+        def combine(lam):
+            out = []
+            for i, p in enumerate(params):
+                parts = [(a, br[i]) for a, br in zip(lam, self.branches) if a != 0]
+                acc = parts[0][1].to(p.device) * parts[0][0]
+                for a, t in parts[1:]:
+                    acc = acc + t.to(p.device) * a
+                out.append(acc)
+            return out
+
+        def score(lam):
+            key = tuple(round(a, 9) for a in lam)
+            if key not in cache:
+                for p, t in zip(params, combine(lam)):
+                    p.data = t
+                cache[key] = target_accuracy(module, loader, targets, self.cfg.val_batches)
+            return cache[key]
+
+        search = self.cfg.search
+        if search == "auto":
+            search = "grid" if self.B == 2 else "greedy"
+        lam = (grid_search if search == "grid" else greedy_search)(score, self.B, list(self.cfg.grid))
+        own = [score([1.0 if j == b else 0.0 for j in range(self.B)]) for b in range(self.B)]
+        merged_score = score(lam)
+        new = combine(lam)
+        for m, t in zip(self.merged, new):
+            m.copy_(t)
+        for br in self.branches:  # every branch starts the next round from the merge
+            for t, m in zip(br, self.merged):
+                t.copy_(m)
+        row = {f"forkmerge/lambda/{b}": a for b, a in enumerate(lam)}
+        row.update({f"forkmerge/val/{b}": s for b, s in enumerate(own)})
+        row["forkmerge/val/merged"] = merged_score
+        self.history.append({"step": module.global_step, **row})
+        for logger in module.loggers:
+            logger.log_metrics(row, step=module.global_step)
+
+    def _state_to_save(self, b: int):
+        if self.states[b] is None:
+            return self.saved_states[b]
+        # optimizer.state_dict() packs the state by parameter index: borrow an optimiser view of branch b's state
+        opt = self._opt
+        live = opt.state
+        opt.state = self.states[b]
+        try:
+            return opt.state_dict()["state"]
+        finally:
+            opt.state = live
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._opt = pl_module.optimizers().optimizer
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.interval and pl_module.global_step % self.interval:  # the budget ended mid-round: merge it too
+            self.merge(pl_module)
+            for p, m in zip(self._params(pl_module), self.merged):
+                p.data = m
+
+
+def _move_state(state: dict, device) -> None:
+    for s in state.values():
+        for k, v in s.items():
+            if isinstance(v, Tensor) and k != "step":
+                s[k] = v.to(device, non_blocking=True)

@@ -1,0 +1,69 @@
+"""The one file that touches torchjd (pinned in pyproject.toml: its 0.x API changes between releases).
+
+Our methods call torchjd's Gramian weightings (G = J J^T -> task weights c, the combined gradient is c^T J) and
+its GradDrop aggregator. Weights come back as float32 on J's device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchjd import aggregation as A
+
+
+def _check(factory):
+    try:
+        return factory()
+    except ImportError as e:  # optional solvers: quadprog (UPGrad), cvxpy/ecos (CAGrad, Nash-MTL)
+        from ..errors import MTLError
+
+        raise MTLError(f"{e} (needed by this weighting; `pip install -e .` installs them).") from None
+
+
+def upgrad():
+    return _check(A.UPGradWeighting)
+
+
+def mgda(epsilon: float, max_iters: int):
+    return _check(lambda: A.MGDAWeighting(epsilon=epsilon, max_iters=max_iters))
+
+
+def pcgrad():
+    return _check(A.PCGradWeighting)
+
+
+def imtl_g():
+    return _check(A.IMTLGWeighting)
+
+
+def cagrad(c: float):
+    return _check(lambda: A.CAGradWeighting(c=c))
+
+
+def nash_mtl(n_tasks: int, max_norm: float, update_weights_every: int, optim_niter: int):
+    """Nash-MTL's matrix weighting; it reads J only through J J^T, so a K x K square root of G may stand in for J."""
+    return _check(
+        lambda: A.NashMTL(n_tasks, max_norm, update_weights_every, optim_niter).weighting  # type: ignore[attr-defined]
+    )
+
+
+NASH_STATE = ("step", "prvs_alpha", "normalization_factor", "init_gtg")  # what Nash-MTL carries between steps
+
+
+def nash_state(weighting) -> dict:  # tensors, not numpy arrays: checkpoints load with torch.load(weights_only=True)
+    return {k: torch.as_tensor(getattr(weighting, k)).clone() for k in NASH_STATE}
+
+
+def set_nash_state(weighting, state: dict) -> None:
+    for k in NASH_STATE:
+        setattr(weighting, k, float(state[k]) if k == "step" else state[k].numpy())
+    if weighting.step > 0:  # torchjd builds its cvxpy problem on the first call only (step == 0)
+        weighting._init_optim_problem()
+
+
+def graddrop(leak: list[float] | None):
+    return _check(lambda: A.GradDrop(leak=None if leak is None else torch.tensor(leak)))
+
+
+def weights(weighting, stat: Tensor) -> Tensor:
+    return weighting(stat.double()).to(torch.float32)

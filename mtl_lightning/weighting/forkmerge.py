@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..errors import MTLError
+from .base import Weighting, check_weights
+from .registry import WEIGHTINGS
+
+
+@WEIGHTINGS.register("forkmerge")
+class ForkMerge(Weighting):
+    """ForkMerge (Jiang et al., NeurIPS 2023, arXiv:2301.12618): the branch task weightings of one fork-merge run.
+
+    Every branch trains a copy of the model with its own task-weight vector; every `interval_*` the copies are
+    merged with coefficients chosen on the target tasks' validation accuracy (`mtl_lightning.forkmerge.ForkMerge`,
+    the Callback that holds the branches, added by `train()` for this weighting). This module only knows the
+    weight vectors and which branch is training (`current`): the loss is sum_k w_{current,k} L_k.
+
+    Branches, by default (Algorithm 1): target-only (w = 1/|T| on each target) and target + aux_weight x
+    auxiliary (aux_weight/|A| on each auxiliary task). `per_auxiliary=true` (Algorithm 2): target-only plus one
+    branch per auxiliary task. `branches` gives the weight vectors explicitly (one weight per task, in task order).
+    """
+
+    forks = True
+
+    @dataclass
+    class Config(Weighting.Config):
+        name: str = "forkmerge"
+        target: list[str] = field(default_factory=list)  # the target task(s); every other task is auxiliary
+        aux_weight: float = 1.0  # lambda in L_tgt + lambda L_aux
+        per_auxiliary: bool = False  # Algorithm 2's branches: target-only + one per auxiliary task
+        branches: list[list[float]] | None = None  # explicit weight vectors, one per branch
+        interval_steps: int | None = None  # merge every this many steps ...
+        interval_epochs: int | None = 1  # ... or epochs (used when interval_steps is not set)
+        grid: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+        search: str = "auto"  # auto (grid for 2 branches, greedy for more) | grid | greedy
+        val_batches: int | None = None  # validation batches per candidate merge (None: the whole split)
+        offload: bool = False  # keep the branch copies and their optimiser state on the CPU
+
+    def __init__(self, tasks, cfg: Config):
+        super().__init__(tasks, cfg)
+        bad = [t for t in cfg.target if t not in self.tasks]
+        if not cfg.target or bad or len(set(cfg.target)) != len(cfg.target):
+            raise MTLError(f"weighting.target={list(cfg.target)} must name one or more distinct tasks of {self.tasks}.")
+        self.targets = [self.tasks.index(t) for t in cfg.target]
+        aux = [k for k in range(len(self.tasks)) if k not in self.targets]
+        if cfg.branches is not None:
+            vectors = [check_weights(b, self.tasks, f"weighting.branches[{i}]") for i, b in enumerate(cfg.branches)]
+        else:
+            if not aux:
+                raise MTLError(f"weighting.target={list(cfg.target)} leaves no auxiliary task among {self.tasks}.")
+            if not cfg.aux_weight >= 0:
+                raise MTLError(f"weighting.aux_weight={cfg.aux_weight} must be >= 0.")
+            base = torch.zeros(len(self.tasks))
+            base[self.targets] = 1.0 / len(self.targets)
+            groups = [[k] for k in aux] if cfg.per_auxiliary else [aux]
+            vectors = [base]
+            for g in groups:
+                v = base.clone()
+                v[g] = cfg.aux_weight / len(g)
+                vectors.append(v)
+        if len(vectors) < 2:
+            raise MTLError("weighting.branches must give at least two branches to merge.")
+        if not cfg.grid or any(not 0 <= a <= 1 for a in cfg.grid):
+            raise MTLError(f"weighting.grid={list(cfg.grid)} must be merge coefficients within [0, 1].")
+        if cfg.search not in ("auto", "grid", "greedy"):
+            raise MTLError(f"Unknown weighting.search={cfg.search!r}. Valid choices: auto, grid, greedy.")
+        if cfg.search == "grid" and len(vectors) != 2:
+            raise MTLError("weighting.search=grid merges two branches; use greedy for more.")
+        if (cfg.interval_steps or 0) < 1 and (cfg.interval_epochs or 0) < 1:
+            raise MTLError("Set weighting.interval_steps or weighting.interval_epochs to a positive number.")
+        self.register_buffer("branch_weights", torch.stack(vectors))
+        self.current = 0  # the branch being trained; set by the ForkMerge callback
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.branch_weights)
+
+    def weights(self, losses: Tensor) -> Tensor:
+        return self.branch_weights[self.current].to(losses)
+
+    def check(self, precision: str, distributed: bool) -> None:
+        if str(precision).startswith("16"):
+            raise MTLError(
+                f"weighting=forkmerge steps each branch's optimiser itself, outside the fp16 GradScaler: "
+                f"trainer.precision={precision} is not supported with it. Use bf16-mixed or 32-true."
+            )
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.tasks}, target={list(self.cfg.target)}, branches={self.branch_weights.tolist()}"

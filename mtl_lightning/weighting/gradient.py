@@ -1,0 +1,128 @@
+"""Gradient-level methods: combine the per-task gradients (the Jacobian J, one row per task) into one update.
+
+`weighting.mode` chooses the gradients:
+- `param`: w.r.t. the shared (backbone) parameters, J is K x P. K backward passes through the backbone, K x P
+  memory: what PCGrad, CAGrad and GradDrop cost in Royer et al. (memory linear in the number of tasks).
+- `rep`: w.r.t. the shared representation z (the backbone's pooled features), J is K x (B*D). The K backward
+  passes only run through the heads; one backward then carries the combined gradient through the backbone (the
+  "MGDA-UB" approximation of Sener & Koltun).
+
+The combined gradient g reaches the optimiser through an ordinary Lightning backward of a surrogate loss:
+`sum_k L_k(head_k(z.detach())) + <x, g>` with x = z (rep) or the shared parameters (param). Its gradient is g for the
+shared part and each head's own, unweighted task gradient for the heads (as torchjd's `mtl_backward` and LibMTL
+do). So precision plugins, gradient clipping, accumulation and DDP's gradient all-reduce work unchanged.
+
+DDP: weights that depend on J only through the Gramian G = J J^T are computed from the global G: in `param` mode J
+is averaged over ranks first (then every rank computes the same g); in `rep` mode the ranks hold different samples'
+features, and the global Gramian is the sum of the ranks' Gramians / world_size^2, from which every rank gets the
+same weights c, then backpropagates c^T J_rank; DDP's average of those is c^T J_global. Methods that are not
+Gramian-weighted (GradDrop) are exact under DDP in `param` mode only; `rep` + DDP stops at start-up.
+Mixed precision: bf16 autocast works (J and the aggregation in float32); fp16 (`16-mixed`) stops at start-up,
+because per-task gradients taken outside the GradScaler underflow in fp16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..errors import MTLError
+from .base import Weighting
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def psd_sqrt(gramian: Tensor) -> Tensor:
+    """A K x K matrix M with M M^T = G: a stand-in for J in methods that only see J through its Gramian."""
+    vals, vecs = torch.linalg.eigh(gramian.double())
+    return (vecs * vals.clamp(min=0).sqrt()).to(gramian.dtype)
+
+
+class GradientWeighting(Weighting):
+    """Base of the gradient-level methods. Subclasses implement `combine(J, G) -> (g, weights)`."""
+
+    gradient_based: ClassVar[bool] = True
+    gramian_only: ClassVar[bool] = True  # the weights depend on J only through G = J J^T (exact under DDP)
+
+    @dataclass
+    class Config(Weighting.Config):
+        mode: str = "param"  # param: gradients w.r.t. the shared parameters | rep: w.r.t. the shared representation
+
+    def __init__(self, tasks, cfg: Config):
+        super().__init__(tasks, cfg)
+        if cfg.mode not in ("rep", "param"):
+            raise MTLError(f"Unknown weighting.mode={cfg.mode!r} for weighting={self.name}. Valid choices: rep, param.")
+        self.mode = cfg.mode
+
+    def check(self, precision: str, distributed: bool) -> None:
+        """Refuse, at start-up, the combinations this method cannot run correctly."""
+        if str(precision).startswith("16"):
+            raise MTLError(
+                f"weighting={self.name} takes per-task gradients outside the fp16 GradScaler, where they underflow: "
+                f"trainer.precision={precision} is not supported with it. Use bf16-mixed or 32-true."
+            )
+        if distributed and self.mode == "rep" and not self.gramian_only:
+            raise MTLError(
+                f"weighting={self.name} combines the ranks' representation gradients coordinate by coordinate, "
+                "which DDP cannot reproduce exactly: with several devices use weighting.mode=param."
+            )
+
+    def combine(self, J: Tensor, G: Tensor) -> tuple[Tensor | None, Tensor]:
+        """J (K, N) float32, G = J J^T (global under DDP) -> (combined gradient (N,), or None for c^T J; weights c)."""
+        raise NotImplementedError
+
+    def extra_loss(self, losses: Tensor, J: Tensor) -> Tensor | None:
+        """A term added to the surrogate for the method's own parameters (GradNorm's weights)."""
+        return None
+
+    def jacobian(self, losses: Tensor, z: Tensor, shared: list[Tensor]) -> Tensor:
+        rows = []
+        for k in range(len(losses)):
+            if self.mode == "rep":
+                (gz,) = torch.autograd.grad(losses[k], z, retain_graph=True, allow_unused=True)
+                rows.append(torch.zeros_like(z).flatten() if gz is None else gz.flatten())
+            else:
+                gs = torch.autograd.grad(losses[k], shared, retain_graph=True, allow_unused=True)
+                gs = [torch.zeros_like(p) if g is None else g for p, g in zip(shared, gs)]
+                rows.append(torch.cat([g.flatten() for g in gs]))
+        return torch.stack(rows).float()
+
+    def surrogate(self, losses: Tensor, heads_loss: Tensor, z: Tensor, shared: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """The scalar whose backward leaves the combined gradient in the shared part, and the weights used."""
+        J = self.jacobian(losses, z, shared)
+        world = _world()
+        if world > 1 and self.mode == "param":
+            dist.all_reduce(J)
+            J /= world
+        G = J @ J.T
+        if world > 1 and self.mode == "rep":
+            dist.all_reduce(G)
+            G /= world**2
+        g, w = self.combine(J, G)
+        if g is None:
+            g = w.to(J) @ J
+        if self.mode == "rep":
+            lin = (z * g.view_as(z).to(z.dtype)).sum()
+        else:
+            chunks = torch.split(g, [p.numel() for p in shared])
+            lin = sum((p * c.view_as(p).to(p.dtype)).sum() for p, c in zip(shared, chunks))
+        out = heads_loss + lin
+        extra = self.extra_loss(losses, J)
+        return (out if extra is None else out + extra), w.detach().to(losses)
+
+    def weights(self, losses: Tensor) -> Tensor:  # used when evaluating: the plain mean
+        return torch.full_like(losses, 1.0 / self.num_tasks)
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.tasks}, mode={self.mode}"
+
+
+def least_squares_weights(J: Tensor, G: Tensor, g: Tensor) -> Tensor:
+    """The weights c with c^T J closest to g: what a non-weighted method (GradDrop) effectively gave each task."""
+    return torch.linalg.lstsq(G.double(), (J @ g).double().unsqueeze(1)).solution.squeeze(1).float()

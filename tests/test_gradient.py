@@ -1,0 +1,234 @@
+"""Gradient-level methods: properties over the registry, hand-computed answers, the plumbing into the backward,
+mixed precision, DDP, training and resuming."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from experiments.run import run
+from mtl_lightning.errors import MTLError
+from mtl_lightning.weighting import WEIGHTINGS
+
+GRADIENT = [n for n in WEIGHTINGS.names() if getattr(WEIGHTINGS.get(n), "gradient_based", False)]
+
+
+def make(name, tasks=("a", "b", "c"), **kw):
+    cls = WEIGHTINGS.get(name)
+    return cls(list(tasks), cls.Config(**kw))
+
+
+def combine(method, J):
+    torch.manual_seed(0)  # GradDrop draws its signs from the default generator, reseeded each step in training
+    g, w = method.combine(J, J @ J.T)
+    return (w @ J if g is None else g), w
+
+
+@pytest.mark.parametrize("name", GRADIENT)
+def test_properties(name):
+    J = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    g, w = combine(make(name), J)
+    assert g.shape == (50,) and w.shape == (3,) and torch.isfinite(g).all() and torch.isfinite(w).all()
+    perm = torch.tensor([2, 0, 1])  # permuting the tasks permutes the weights and leaves the update alone
+    g2, w2 = combine(make(name), J[perm])
+    assert torch.allclose(g2, g, atol=1e-4) and torch.allclose(w2, w[perm], atol=1e-4)
+    # interchangeable tasks (orthogonal gradients of equal norm, G = 4 I) are treated alike
+    q = torch.linalg.qr(torch.randn(50, 50, generator=torch.Generator().manual_seed(2)))[0]
+    g3, w3 = combine(make(name), 2 * q[:3])
+    if make(name).stochastic:  # random per step (GradDrop's signs): alike in expectation
+        torch.manual_seed(0)
+        w3 = torch.stack([make(name).combine(2 * q[:3], 4 * torch.eye(3))[1] for _ in range(300)]).mean(0)
+        assert torch.allclose(w3, w3.mean().expand(3), atol=0.05)
+        return
+    assert torch.allclose(w3, w3[0].expand(3), atol=1e-3)
+    assert torch.allclose((2 * q[:3]) @ g3, ((2 * q[:3]) @ g3)[0].expand(3), atol=1e-3)
+    assert f"mode={make(name).mode}" in repr(make(name))
+
+
+def test_non_conflicting_gradients_left_alone():
+    J = torch.tensor([[1.0, 0.0, 2.0], [1.0, 1.0, 0.0]])  # no conflict: g1 . g2 > 0, no coordinate of opposite sign
+    assert torch.allclose(combine(make("pcgrad", "ab"), J)[0], J.sum(0))  # nothing to project: the sum
+    assert torch.allclose(combine(make("upgrad", "ab"), J)[0], J.mean(0), atol=1e-4)  # inside the dual cone
+    assert torch.allclose(combine(make("graddrop", "ab"), J)[0], J.sum(0))  # signs agree: nothing dropped
+    assert torch.allclose(combine(make("cagrad", "ab", c=0.0), J)[0], J.mean(0), atol=1e-4)  # c = 0: average
+
+
+def test_pcgrad_projects_conflicting_pair():
+    g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])  # g1 . g2 = -1
+    p1 = g1 - (g1 @ g2) / (g2 @ g2) * g2  # (1, 0) + 0.5 (-1, 1) = (0.5, 0.5)
+    p2 = g2 - (g2 @ g1) / (g1 @ g1) * g1  # (-1, 1) + (1, 0) = (0, 1)
+    assert torch.allclose(combine(make("pcgrad", "ab"), torch.stack([g1, g2]))[0], p1 + p2, atol=1e-5)
+
+
+def test_mgda_min_norm_point_of_two_vectors():
+    # min over t of |t (2, 0) + (1 - t)(0, 1)|^2 = 4t^2 + (1 - t)^2: t = 1/5, the point (0.4, 0.8)
+    g, w = combine(make("mgda", "ab"), torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
+    assert torch.allclose(g, torch.tensor([0.4, 0.8]), atol=1e-3) and torch.allclose(
+        w, torch.tensor([0.2, 0.8]), atol=1e-3
+    )
+
+
+def test_imtl_g_equal_projections():
+    # g = a (1, 0) + (1 - a)(0, 2) with equal projections on the unit gradients: a = 2 (1 - a), a = 2/3
+    g, _ = combine(make("imtl_g", "ab"), torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    assert torch.allclose(g, torch.tensor([2 / 3, 2 / 3]), atol=1e-4)
+
+
+def test_nash_mtl_bargaining_solution_of_orthogonal_gradients():
+    # G alpha = 1/alpha with G = diag(|g_k|^2): alpha_k = 1 / |g_k|, so g = (1, 1) for g1 = (1, 0), g2 = (0, 2)
+    g, w = combine(make("nash_mtl", "ab", max_norm=0.0), torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    assert torch.allclose(w, torch.tensor([1.0, 0.5]), atol=1e-3) and torch.allclose(g, torch.ones(2), atol=1e-3)
+
+
+def test_gradnorm_equalises_weighted_gradient_norms():
+    m = make("gradnorm", "ab", alpha=0.0)  # alpha = 0: the target is the mean weighted norm
+    J, losses = torch.tensor([[4.0, 0.0], [0.0, 1.0]]), torch.tensor([1.0, 1.0])
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    for _ in range(300):
+        opt.zero_grad()
+        m.combine(J, J @ J.T)
+        m.extra_loss(losses, J).backward()
+        opt.step()
+    w = m.combine(J, J @ J.T)[1]
+    assert torch.allclose(w * J.norm(dim=1), (w * J.norm(dim=1)).mean(), rtol=0.05)  # w ~ 1/|g|: (0.2, 0.8)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4))
+        self.heads = nn.ModuleList([nn.Linear(4, 3), nn.Linear(4, 3)])
+
+    def losses(self, x, y, detach=False):
+        z = self.backbone(x)
+        zz = z.detach() if detach else z
+        return z, torch.stack([nn.functional.cross_entropy(h(zz), y[:, k]) for k, h in enumerate(self.heads)])
+
+
+@pytest.mark.parametrize("mode", ["param", "rep"])
+@pytest.mark.parametrize("name", ["pcgrad", "mgda", "graddrop"])
+def test_surrogate_backward_delivers_the_combined_gradient(name, mode):
+    net, x, y = Tiny(), torch.randn(16, 5), torch.randint(0, 3, (16, 2))
+    shared = list(net.backbone.parameters())
+    # the expected gradients, computed directly: J rows per task, the method's g, heads' own task gradients
+    z, losses = net.losses(x, y)
+    if mode == "param":
+        J = torch.stack(
+            [torch.cat([g.flatten() for g in torch.autograd.grad(L, shared, retain_graph=True)]) for L in losses]
+        )
+    else:
+        J = torch.stack([torch.autograd.grad(L, z, retain_graph=True)[0].flatten() for L in losses])
+    g = combine(make(name, "ab", mode=mode), J)[0]
+    if mode == "param":
+        want_shared = torch.split(g, [p.numel() for p in shared])
+    else:
+        want_shared = torch.autograd.grad(z, shared, grad_outputs=g.view_as(z), retain_graph=True)
+    want_heads = [
+        torch.autograd.grad(losses[k], list(h.parameters()), retain_graph=True) for k, h in enumerate(net.heads)
+    ]
+    # through the surrogate
+    z, losses = net.losses(x, y)
+    heads_loss = net.losses(x, y, detach=True)[1].sum()
+    torch.manual_seed(0)
+    loss, w = make(name, "ab", mode=mode).surrogate(losses, heads_loss, z, shared)
+    loss.backward()
+    for p, want in zip(shared, want_shared):
+        assert torch.allclose(p.grad.flatten(), want.flatten(), atol=1e-5)
+    for h, want in zip(net.heads, want_heads):
+        for p, gw in zip(h.parameters(), want):
+            assert torch.allclose(p.grad, gw, atol=1e-6)  # each head: its own task's unweighted gradient
+
+
+def test_unsupported_combinations_stop_at_start_up(make_cfg):
+    with pytest.raises(MTLError, match="trainer.precision=16-mixed is not supported"):
+        make("pcgrad").check("16-mixed", distributed=False)
+    with pytest.raises(MTLError, match="with several devices use weighting.mode=param"):
+        make("graddrop", mode="rep").check("32-true", distributed=True)
+    make("graddrop", mode="param").check("bf16-mixed", distributed=True)  # supported
+    make("mgda_ub").check("bf16-mixed", distributed=True)
+    with pytest.raises(MTLError, match="Unknown weighting.mode='both'"):
+        make("pcgrad", mode="both")
+    with pytest.raises(MTLError, match="16-mixed"):
+        run(make_cfg("digits_mtl", "weighting=pcgrad", "trainer.precision=16-mixed", "trainer.max_steps=1"))
+
+
+SHORT = [
+    "data.train_size=4000",
+    "data.batch_size=64",
+    "data.val_size=500",
+    "data.test_size=500",
+    "trainer.max_epochs=5",
+]
+
+
+@pytest.mark.parametrize("name", [*GRADIENT, "famo"])
+def test_method_learns_digits(name, make_cfg):
+    m = run(make_cfg("digits_mtl", *SHORT, f"weighting={name}"))
+    assert m["val/acc/left"] > 0.3 and m["val/acc/right"] > 0.3  # chance is 0.1
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "graddrop", "mgda_ub"])
+def test_bf16_autocast_matches_fp32(name, make_cfg, tmp_path):
+    args = ["data.train_size=640", "data.batch_size=64", "trainer.max_epochs=1", "test=false", f"weighting={name}"]
+    fp32 = run(make_cfg("digits_mtl", *args, out_dir=tmp_path / "a"))
+    bf16 = run(make_cfg("digits_mtl", *args, "trainer.precision=bf16-mixed", out_dir=tmp_path / "b"))
+    assert math.isfinite(bf16["val/loss/left"]) and abs(bf16["val/loss/left"] - fp32["val/loss/left"]) < 0.05
+
+
+STATEFUL = ["nash_mtl", "gradnorm", "famo"]
+
+
+@pytest.mark.parametrize("name", [*GRADIENT, "famo"])
+def test_method_resumes_exactly(name, make_cfg, tmp_path):
+    from test_train import RESUME, Crash, last_weights
+
+    args = [*RESUME, f"weighting={name}"]
+    full = run(make_cfg("digits_mtl", *args, out_dir=tmp_path / "a"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(make_cfg("digits_mtl", *args, out_dir=tmp_path / "b"), callbacks=[Crash(17)])
+    resumed = run(make_cfg("digits_mtl", *args, "resume=last", out_dir=tmp_path / "b"))
+    a, b = last_weights(full), last_weights(resumed)
+    assert any(k.startswith("weighting.") for k in a) == (name in STATEFUL)  # the method's state is saved
+    for k in a:
+        pairs = a[k].items() if isinstance(a[k], dict) else [(None, a[k])]  # Nash-MTL's state is a dict
+        for key, v in pairs:
+            w = b[k] if key is None else b[k][key]
+            assert torch.allclose(torch.as_tensor(v).float(), torch.as_tensor(w).float(), atol=1e-5), (k, key)
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "mgda_ub"])
+def test_ddp_two_processes_match_one(name, tmp_path):
+    """2 CPU processes x batch 32 = 1 process x batch 64, step for step: per-task gradients are synchronised."""
+    common = [
+        "exp=digits_mtl",
+        f"weighting={name}",
+        "data.train_size=640",
+        "data.val_size=64",
+        "data.test_size=64",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "optim.scheduler=constant",
+        "test=false",
+        f"out_dir={tmp_path}",
+    ]
+    runs = {
+        "ddp": ["trainer.strategy=ddp", "trainer.devices=2", "data.batch_size=32"],
+        "one": ["data.batch_size=64"],
+        "other": ["data.batch_size=32"],  # a different trajectory: shows the tolerance below is discriminating
+    }
+    for run_name, extra in runs.items():
+        subprocess.run([sys.executable, "-m", "experiments.run", *common, *extra, f"run_name={run_name}"], check=True)
+    ddp, one, other = (
+        torch.load(tmp_path / "digits_mtl" / r / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        for r in runs
+    )
+
+    def dist(a, b):
+        return max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
+
+    assert dist(ddp, one) < 5e-4 and dist(other, one) > 20 * dist(ddp, one)
