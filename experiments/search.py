@@ -32,12 +32,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
     print(f"\nsearch: {scfg.name}, results in {out['search_dir']}")
+    print(f"best trial: {out['best_trial']}")
     print(f"best validation (rank split) mean accuracy: {out['best_acc']:.4f}")
     print(f"best weights: {[round(w, 4) for w in out['best_weights']]}")
     for k, v in out.items():
         if k.startswith("retrain/"):
             print(f"{k}: {v:.4f}")
     print(f"compute: {out['compute_trial_epochs']} trial-epochs")
+    if out["failed_trials"]:
+        print(f"{len(out['failed_trials'])} trial(s) failed; the first: {out['failed_trials'][0]}", file=sys.stderr)
     return 0
 
 

@@ -74,6 +74,7 @@ class WandbConfig:
     entity: str | None = None
     mode: str = "auto"  # auto: online with an API key, offline without | online | offline
     tags: list[str] = field(default_factory=list)
+    group: str | None = None  # default: the experiment name (a search groups its trials under its own name)
 
 
 @dataclass

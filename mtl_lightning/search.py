@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
@@ -85,7 +86,15 @@ def compose_search(exp: str, overrides: list[str]) -> tuple[SearchConfig, list[s
         raise MTLError(f"search.population={scfg.population}: population-based training needs at least 2 trials.")
     if not 0 < scfg.train_fraction < 1:
         raise MTLError(f"search.train_fraction={scfg.train_fraction} must be within (0, 1): the rest ranks trials.")
-    compose(exp, rest)  # fail now, not inside a trial, on a bad training override
+    cfg = compose(exp, rest)  # fail now, not inside a trial, on a bad training override
+    tasks = [t.name for t in create_datamodule(cfg.data).tasks]
+    if scfg.name == "grid" and len(tasks) != 2:
+        raise MTLError(
+            f"search=grid sweeps p over two tasks (p, 1-p); data has {len(tasks)} tasks {tasks}: use data.tasks=[a,b] "
+            "or search=pbt."
+        )
+    if len(tasks) < 2:
+        raise MTLError(f"search={scfg.name} searches task weights, which needs at least 2 tasks; data has {tasks}.")
     return scfg, rest
 
 
@@ -115,7 +124,7 @@ class WeightSchedule(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.schedule = [r for r in self.schedule if r[0] < trainer.current_epoch]
-        self.schedule.append([trainer.current_epoch, *pl_module.weighting.w.tolist()])
+        self.schedule.append([trainer.current_epoch, *_weights(pl_module)])
 
     def state_dict(self) -> dict:
         return {"schedule": self.schedule}
@@ -134,7 +143,12 @@ def _report_callback():
 
         def _get_report_dict(self, trainer, pl_module):
             m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            return {**m, "acc": m["val/acc_mean"], "step": trainer.global_step, "weights": _weights(trainer.lightning_module)}
+            return {
+                **m,
+                "acc": m["val/acc_mean"],
+                "step": trainer.global_step,
+                "weights": _weights(trainer.lightning_module),
+            }
 
     return Report(filename="trial.ckpt", on="validation_end")
 
@@ -150,18 +164,23 @@ def trial(config: dict) -> None:
 
     K = config["num_tasks"]
     weights = [config[f"w{k}"] for k in range(K)] if "w0" in config else None
-    over = list(config["overrides"]) + [f"out_dir={tune.get_context().get_trial_dir()}", "test=false"]
-    over += list(config.get("extra", []))
+    ctx = tune.get_context()
+    # One run directory (and W&B run) per trial, kept across the restarts PBT makes on exploit
+    run_dir = Path(ctx.get_trial_dir()) / config["exp"] / ctx.get_trial_id()
+    over = list(config["overrides"]) + [f"out_dir={ctx.get_trial_dir()}", "test=false"]
+    over += [f"wandb.group={config['search']}", *config.get("extra", [])]
     if weights is not None:
         over += ["weighting=fixed", f"weighting.weights=[{','.join(map(str, weights))}]"]
     lr = config.get("lr")
     if lr is not None:
         over.append(f"optim.lr={lr}")
     ckpt = tune.get_checkpoint()
-    local = None
-    if ckpt is not None:  # copy out: the checkpoint's directory only lives inside as_directory()
+    if ckpt is None:
+        over.append(f"run_name={ctx.get_trial_id()}")
+    else:  # copy it out (its directory only lives inside as_directory) into the run dir, then resume from it
+        local = run_dir / "checkpoints" / "restore.ckpt"
+        local.parent.mkdir(parents=True, exist_ok=True)
         with ckpt.as_directory() as d:
-            local = Path(tempfile.mkdtemp(dir=tune.get_context().get_trial_dir())) / "restore.ckpt"
             shutil.copy(Path(d) / "trial.ckpt", local)
         over.append(f"resume={local}")
     cfg = compose(config["exp"], over)
@@ -186,6 +205,8 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig) -> dict:
     from ray import tune
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    random.seed(scfg.seed)  # Tune samples the initial population and PBT explores with these generators
+    np.random.seed(scfg.seed)
     cfg = compose(exp, overrides)
     tasks = [t.name for t in create_datamodule(cfg.data).tasks]
     K = len(tasks)
@@ -195,6 +216,7 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig) -> dict:
         "exp": exp,
         "overrides": [*overrides, f"data.train_fraction={scfg.train_fraction}", "trainer.enable_progress_bar=false"],
         "num_tasks": K,
+        "search": name,
     }
     gpus = scfg.gpus_per_trial if scfg.gpus_per_trial >= 0 else float(torch.cuda.is_available())
     if not ray.is_initialized():
@@ -207,7 +229,7 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig) -> dict:
         name=name,
         storage_path=str(storage),
         failure_config=tune.FailureConfig(max_failures=scfg.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=4),  # PBT donors need theirs kept
         verbose=0,
     )
     if scfg.name == "grid":
@@ -228,6 +250,7 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig) -> dict:
     if errors and len(errors) == len(results):
         raise MTLError(f"Every trial failed; the first error: {errors[0]}. Logs: {path}")
     out = (_grid_report if scfg.name == "grid" else _pbt_report)(results, scfg, tasks, path)
+    out["failed_trials"] = errors
     out["compute_trial_epochs"] = sum(int(r.metrics.get("training_iteration", 0)) for r in results if r.metrics)
     out["search_dir"] = str(path)
     if scfg.retrain and "best_weights" in out:
@@ -274,11 +297,6 @@ def _pbt_space(scfg, cfg, tasks, base):
 def _grid_space(scfg, cfg, tasks, base):
     from ray import tune
 
-    if len(tasks) != 2:
-        raise MTLError(
-            f"search=grid sweeps p over two tasks (p, 1-p); data has {len(tasks)} tasks {tasks}: use data.tasks=[a,b] "
-            "or search=pbt."
-        )
     if any(not 0 <= p <= 1 for p in scfg.grid):
         raise MTLError(f"search.grid={list(scfg.grid)} must hold values of p within [0, 1].")
     caps = [list(c) for c in scfg.capacities] or [[cfg.model.depth, cfg.model.width]]
@@ -315,7 +333,7 @@ def _pbt_report(results, scfg, tasks, path: Path) -> dict:
     initial = [[r.config[f"w{k}"] for k in range(len(tasks))] for r in results]
     initial_mean = [sum(ws[k] / sum(ws) for ws in initial) / len(initial) for k in range(len(tasks))]
     return {
-        "best_trial": best.path,
+        "best_trial": Path(best.path).name,
         "best_acc": float(best.metrics["acc"]),
         "best_weights": schedule[-1][1:],
         "schedule": schedule,
@@ -359,6 +377,7 @@ def _grid_report(results, scfg, tasks, path: Path) -> dict:
     best = max(mix, key=lambda r: r["acc_mean"])
     return {
         "table": str(path / "grid.csv"),
+        "best_trial": f"p={best['p']}, depth {best['depth']}, width {best['width']}",
         "best_p": best["p"],
         "best_acc": best["acc_mean"],
         "best_weights": [best["p"], 1 - best["p"]],

@@ -101,7 +101,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
                 WandbLogger(
                     project=cfg.wandb.project,
                     entity=cfg.wandb.entity,
-                    group=cfg.exp,
+                    group=cfg.wandb.group or cfg.exp,
                     name=run_dir.name,
                     id=re.sub(r"[^A-Za-z0-9_-]", "-", f"{cfg.exp}-{run_dir.name}"),  # resuming continues the run
                     save_dir=str(run_dir),

@@ -74,7 +74,9 @@ def test_fixed_rejects_bad_weights(weights, expected):
 
 
 def test_unknown_weighting_lists_choices():
-    with pytest.raises(MTLError, match="Did you mean 'pcgrad'.*Valid choices: cagrad, dwa, famo, fixed, gls, graddrop"):
+    with pytest.raises(
+        MTLError, match="Did you mean 'pcgrad'.*Valid choices: cagrad, dwa, famo, fixed, forkmerge, gls, graddrop"
+    ):
         create_weighting(TASKS, type("C", (), {"name": "pcgradd"})())
 
 

@@ -194,6 +194,8 @@ class MixtureDataModule(L.LightningDataModule):
             raise MTLError(f"data.train_fraction={cfg.train_fraction} must be within (0, 1].")
         self.all_tasks = self.describe()
         names = [t.name for t in self.all_tasks]
+        if cfg.tasks is not None and len(cfg.tasks) == 0:
+            raise MTLError(f"data.tasks=[] selects no task/domain: name at least one of {names}.")
         chosen = cfg.tasks or names
         bad = [t for t in chosen if t not in names]
         if bad or len(set(chosen)) != len(chosen):
