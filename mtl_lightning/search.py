@@ -41,6 +41,7 @@ class SearchConfig:
     quantile_fraction: float = 0.25  # the bottom fraction copies the top fraction
     resample_probability: float = 0.25  # pbt: resample a weight instead of perturbing it
     weight_low: float = 0.05  # raw weights live in [weight_low, 1] before normalisation
+    initial: list[list[float]] | None = None  # pbt/pb2: start (part of) the population at these weight vectors
     search_lr: bool = False  # also search optim.lr (log-uniform within lr_bounds)
     lr_bounds: list[float] = field(default_factory=lambda: [1e-4, 1e-2])
     grid: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])  # p of task 0
@@ -290,7 +291,22 @@ def _pbt_space(scfg, cfg, tasks, base):
             hyperparam_bounds=bounds,
             quantile_fraction=scfg.quantile_fraction,
         )
-    tc = tune.TuneConfig(metric="acc", mode="max", scheduler=sched, num_samples=scfg.population)
+    points = None
+    if scfg.initial:
+        from ray.tune.search import BasicVariantGenerator
+
+        points = []
+        for v in scfg.initial:
+            if len(v) != K or min(v) <= 0:
+                raise MTLError(f"search.initial vector {list(v)} needs {K} positive weights (tasks {tasks}).")
+            raw = [x / max(v) for x in v]  # same normalised weights, largest raw value 1
+            if min(raw) < scfg.weight_low:
+                raise MTLError(f"search.initial vector {list(v)} has a weight below search.weight_low x its largest.")
+            points.append({f"w{k}": raw[k] for k in range(K)})
+        if len(points) > scfg.population:
+            raise MTLError(f"search.initial has {len(points)} vectors for search.population={scfg.population}.")
+    search_alg = None if points is None else BasicVariantGenerator(points_to_evaluate=points)
+    tc = tune.TuneConfig(metric="acc", mode="max", scheduler=sched, num_samples=scfg.population, search_alg=search_alg)
     return space, tc
 
 
@@ -330,14 +346,18 @@ def _pbt_report(results, scfg, tasks, path: Path) -> dict:
         w.writerow(["epoch", *tasks])
         w.writerows(schedule)
     _plot_schedule(schedule, tasks, path / "best_schedule.png")
-    initial = [[r.config[f"w{k}"] for k in range(len(tasks))] for r in results]
-    initial_mean = [sum(ws[k] / sum(ws) for ws in initial) / len(initial) for k in range(len(tasks))]
+    # each trial's weights at its first and last report (r.config is the last, mutated, config)
+    first = [list(r.metrics_dataframe["weights"].iloc[0]) for r in results if r.metrics]
+    last = [list(r.metrics["weights"]) for r in results if r.metrics]
+    initial_mean = [sum(w[k] for w in first) / len(first) for k in range(len(tasks))]
+    final_mean = [sum(w[k] for w in last) / len(last) for k in range(len(tasks))]
     return {
         "best_trial": Path(best.path).name,
         "best_acc": float(best.metrics["acc"]),
         "best_weights": schedule[-1][1:],
         "schedule": schedule,
         "initial_weights_mean": initial_mean,
+        "final_weights_mean": final_mean,
     }
 
 

@@ -185,4 +185,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict:
             metrics.update(results)
     out = {k: float(v) for k, v in metrics.items()}
     out["run_dir"] = str(run_dir)
+    if "wandb" in str(cfg.logger):  # end the W&B run: a next train() in this process (a notebook, a search's
+        import wandb  # retraining) then starts its own
+
+        if wandb.run is not None:
+            wandb.finish()
     return out
