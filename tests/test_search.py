@@ -52,6 +52,14 @@ def test_pbt_exploits_and_the_exploiter_continues_the_donor(local_ray, tmp_path)
     assert changed >= 1
 
 
+def test_pb2_runs_a_population(local_ray, tmp_path):
+    over = ["data.num_tasks=2", "data.train_size=500", "trainer.max_epochs=2", f"out_dir={tmp_path}", "logger=csv"]
+    scfg, rest = compose_search("synthetic_mtl", ["search=pb2", "search.population=2", *over])
+    out = run_search("synthetic_mtl", rest, scfg)
+    assert out["compute_trial_epochs"] == 2 * 2 and not out["failed_trials"]
+    assert sum(out["best_weights"]) == pytest.approx(1.0) and 0 <= out["best_acc"] <= 1
+
+
 def test_grid_sweep_writes_table_and_plots(local_ray, tmp_path, capsys):
     over = ["data.num_tasks=2", "data.train_size=300", "trainer.max_epochs=1", f"out_dir={tmp_path}"]
     over += ["logger=csv,wandb", "search.retrain=true"]
