@@ -361,11 +361,18 @@ def _pbt_report(results, scfg, tasks, path: Path) -> dict:
     }
 
 
-def _plot_schedule(schedule, tasks, png: Path) -> None:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (trials and CI have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_schedule(schedule, tasks, png: Path) -> None:
+    plt = _pyplot()
 
     epochs = [r[0] for r in schedule]
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -405,10 +412,7 @@ def _grid_report(results, scfg, tasks, path: Path) -> dict:
 
 
 def _plot_grid(rows, tasks, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     caps = sorted({(r["depth"], r["width"]) for r in rows}, key=lambda c: (c[0] or 0, c[1] or 0))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)

@@ -116,9 +116,6 @@ class GradientWeighting(Weighting):
         extra = self.extra_loss(losses, J)
         return (out if extra is None else out + extra), w.detach().to(losses)
 
-    def weights(self, losses: Tensor) -> Tensor:  # used when evaluating: the plain mean
-        return torch.full_like(losses, 1.0 / self.num_tasks)
-
     def extra_repr(self) -> str:
         return f"tasks={self.tasks}, mode={self.mode}"
 
