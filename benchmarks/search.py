@@ -1,40 +1,58 @@
-"""PBT against a grid sweep on the synthetic mixture whose best weights are known, in one run.
+"""PBT and PB2 against a grid sweep on the synthetic mixture whose best weights are known, in one run.
 
-Two tasks; task1's training labels are noise, so the best weights put everything on task0 (p = 1). The grid trains
-one trial per p in {0, 0.1, ..., 1}; PBT trains a population of 4. Both rank on the held-out 30% of the training
-split. Reported: the best rank-split mean accuracy each reaches, its weight on task0, and the compute it spent in
-trial-epochs. Usage:
-    python benchmarks/search.py [--epochs 6] [--population 4] [key=value ...]
+Two generated domains drawn as a sampled mixture (`data.mixing=sample`); domain1's training labels are noise, so
+every batch slot spent on it is wasted and the best sampling weights put everything on domain0 (p = 1). The grid
+trains one trial per p in {0, 0.1, ..., 1}; PBT and PB2 a population of 4 started at p = 0.1, 0.3, 0.7, 0.9
+(perturbation every epoch). All rank on the held-out 30% of the training split. Reported: the best rank-split mean
+accuracy each reaches, the best trial's final weight on domain0, the population's mean final weight on domain0
+(started at 0.5), and the compute spent in trial-epochs. Then the same PBT search's wall time with each exploit
+restarting the trial in its live worker (`search.reuse_actors=true`, the default) against a fresh worker process.
+Usage:
+    python benchmarks/search.py [--epochs 6] [key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 
 from mtl_lightning.search import compose_search, run_search
+
+DATA = ["data.num_tasks=2", "data.sizes=null", "data.label_noise=[0,1.0]", "data.train_size=3000"]
+DATA += ["data.num_classes=2", "data.latent_dim=8"]
+START = "search.initial=[[0.1,0.9],[0.3,0.7],[0.7,0.3],[0.9,0.1]]"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--population", type=int, default=4)
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     out = tempfile.mkdtemp()
-    data = ["data.num_tasks=2", "data.label_noise=[0,1.0]", "data.train_size=1000", "data.batch_size=128"]
-    common = [*data, f"trainer.max_epochs={a.epochs}", "optim.lr=3e-3", f"out_dir={out}", "logger=csv", *a.overrides]
+    common = [*DATA, f"trainer.max_epochs={a.epochs}", f"out_dir={out}", "logger=csv", *a.overrides]
+    population = [START, "search.population=4", "search.cpus_per_trial=0.5"]
     rows = []
-    for name, extra in (("grid", ["search.baselines=false"]), ("pbt", [f"search.population={a.population}"])):
-        scfg, rest = compose_search("synthetic_mtl", [f"search={name}", *extra, *common])
-        r = run_search("synthetic_mtl", rest, scfg)
-        rows.append((name, r["best_acc"], r["best_weights"][0], r["compute_trial_epochs"]))
-    print("| search | best rank-split acc_mean | its weight on task0 (optimum 1) | compute (trial-epochs) |")
-    print("|---|---|---|---|")
-    for name, acc, w0, c in rows:
-        print(f"| {name} | {acc:.4f} | {w0:.2f} | {c} |")
-    (g, ga, _, gc), (_, pa, _, pc) = rows
-    print(f"\nPBT / grid: accuracy {pa / ga:.3f}, compute {pc / gc:.2f}")
+    runs = [("grid", ["search.baselines=false"]), ("pbt", population), ("pb2", population)]
+    for reuse in ("true", "false"):
+        runs.append(("pbt", [*population, f"search.reuse_actors={reuse}", f"search.name_suffix=reuse-{reuse}"]))
+    wall = []
+    for name, extra in runs:
+        scfg, rest = compose_search("synthetic_mdl", [f"search={name}", *extra, *common])
+        t0 = time.perf_counter()
+        r = run_search("synthetic_mdl", rest, scfg)
+        wall.append(time.perf_counter() - t0)
+        mean = r.get("final_weights_mean", [float("nan")])[0]
+        rows.append((name, r["best_acc"], r["best_weights"][0], mean, r["compute_trial_epochs"]))
+    print("| search | best rank-split acc_mean | best trial's p (optimum 1) | population mean p | trial-epochs |")
+    print("|---|---|---|---|---|")
+    for name, acc, w0, mean, c in rows[:3]:
+        print(f"| {name} | {acc:.4f} | {w0:.2f} | {mean:.2f} | {c} |")
+    (_, ga, _, _, gc) = rows[0]
+    for name, acc, _, _, c in rows[1:3]:
+        print(f"\n{name.upper()} / grid: accuracy {acc / ga:.3f}, compute {c / gc:.2f}")
+    reuse, fresh = wall[3:]
+    print(f"\nPBT wall time, reused workers / fresh processes: {reuse:.0f} s / {fresh:.0f} s = {reuse / fresh:.2f}")
 
 
 if __name__ == "__main__":

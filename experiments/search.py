@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"best trial: {out['best_trial']}")
     print(f"best validation (rank split) mean accuracy: {out['best_acc']:.4f}")
     print(f"best weights: {[round(w, 4) for w in out['best_weights']]}")
+    if "final_weights_mean" in out:
+        start, end = ([round(w, 4) for w in out[k]] for k in ("initial_weights_mean", "final_weights_mean"))
+        print(f"population mean weights: {start} at the start, {end} at the end")
     for k, v in out.items():
         if k.startswith("retrain/"):
             print(f"{k}: {v:.4f}")

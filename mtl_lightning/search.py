@@ -16,6 +16,8 @@ holds its whole schedule, across the exploits of its lineage.
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import os
 import random
 import shutil
@@ -54,6 +56,7 @@ class SearchConfig:
     storage_path: str | None = None  # default <out_dir>/search; shared storage on a multi-node cluster
     name_suffix: str | None = None  # the search's folder: <exp>-<search.name>[-suffix]
     max_failures: int = 0  # retry a crashed trial this many times, from its last checkpoint
+    reuse_actors: bool = True  # pbt/pb2: an exploit restarts the trial in its live worker, not a new process
     resume: bool = False  # continue an interrupted search (Tuner.restore)
     retrain: bool = False  # retrain on the whole training split with the best weights, evaluate on test
     seed: int = 0
@@ -188,7 +191,9 @@ def trial(config: dict) -> None:
     callbacks = [WeightSchedule(), _report_callback()]
     if weights is not None:
         callbacks.insert(0, ApplyHyperparams(weights, lr))
-    train(cfg, callbacks)
+    # Tune's per-epoch checkpoint is the trial's restore point: best/last.ckpt beside it would double the disk used,
+    # and Ray's sync of the trial folder can catch an atomic write's temporary file as it is renamed
+    train(cfg, callbacks, save_checkpoints=False)
 
 
 # -- the driver ---------------------------------------------------------------------------------------------
@@ -201,11 +206,41 @@ def _explore(config: dict) -> dict:
     return config
 
 
+def _initial_weights_callback(path: Path):
+    """A driver-side Tune callback that records each trial's starting weights in `path` (kept across resume)."""
+    from ray import tune
+
+    class InitialWeights(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            seen = json.loads(path.read_text()) if path.exists() else {}
+            if trial.trial_id not in seen and "w0" in trial.config:  # a restored trial keeps its first entry
+                seen[trial.trial_id] = [trial.config[f"w{k}"] for k in range(trial.config["num_tasks"])]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(seen))
+
+    return InitialWeights()
+
+
+class _DoubleDeleteFilter(logging.Filter):
+    """Drop Tune's traceback for deleting an already deleted checkpoint (Ray 2.60, harmless, seen with PBT).
+
+    PBT asks a donor to save, and Tune registers the checkpoint that save returns a second time; with
+    `num_to_keep` the second entry later deletes a folder the first already removed. Only that case is dropped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not ("Error handling checkpoint" in str(record.msg) and isinstance(exc, FileNotFoundError))
+
+
 def run_search(exp: str, overrides: list[str], scfg: SearchConfig) -> dict:
     import ray
     from ray import tune
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    controller_log = logging.getLogger("ray.tune.execution.tune_controller")
+    if not any(isinstance(f, _DoubleDeleteFilter) for f in controller_log.filters):
+        controller_log.addFilter(_DoubleDeleteFilter())
     random.seed(scfg.seed)  # Tune samples the initial population and PBT explores with these generators
     np.random.seed(scfg.seed)
     cfg = compose(exp, overrides)
@@ -231,6 +266,7 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig) -> dict:
         storage_path=str(storage),
         failure_config=tune.FailureConfig(max_failures=scfg.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=4),  # PBT donors need theirs kept
+        callbacks=[_initial_weights_callback(storage / name / "initial_weights.json")],
         verbose=0,
     )
     if scfg.name == "grid":
@@ -306,7 +342,10 @@ def _pbt_space(scfg, cfg, tasks, base):
         if len(points) > scfg.population:
             raise MTLError(f"search.initial has {len(points)} vectors for search.population={scfg.population}.")
     search_alg = None if points is None else BasicVariantGenerator(points_to_evaluate=points)
-    tc = tune.TuneConfig(metric="acc", mode="max", scheduler=sched, num_samples=scfg.population, search_alg=search_alg)
+    n, reuse = scfg.population, scfg.reuse_actors  # reuse: no new process (and no re-import of torch) per exploit
+    tc = tune.TuneConfig(
+        metric="acc", mode="max", scheduler=sched, num_samples=n, search_alg=search_alg, reuse_actors=reuse
+    )
     return space, tc
 
 
@@ -346,9 +385,9 @@ def _pbt_report(results, scfg, tasks, path: Path) -> dict:
         w.writerow(["epoch", *tasks])
         w.writerows(schedule)
     _plot_schedule(schedule, tasks, path / "best_schedule.png")
-    # each trial's weights at its first and last report (r.config is the last, mutated, config)
-    first = [list(r.metrics_dataframe["weights"].iloc[0]) for r in results if r.metrics]
-    last = [list(r.metrics["weights"]) for r in results if r.metrics]
+    # each trial's starting weights (raw, as sampled) and those of its last report (r.config is the last config)
+    first = [[x / sum(w) for x in w] for w in json.loads((path / "initial_weights.json").read_text()).values()]
+    last = [list(r.metrics["weights"]) for r in results if r.metrics and "weights" in r.metrics]
     initial_mean = [sum(w[k] for w in first) / len(first) for k in range(len(tasks))]
     final_mean = [sum(w[k] for w in last) / len(last) for k in range(len(tasks))]
     return {

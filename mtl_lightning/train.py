@@ -117,8 +117,11 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
-def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict:
-    """Fit, then evaluate the final model on val (and test). Returns the metrics and `run_dir`."""
+def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints: bool = True) -> dict:
+    """Fit, then evaluate the final model on val (and test). Returns the metrics and `run_dir`.
+
+    `save_checkpoints=False` writes no best/last.ckpt: a search trial's checkpoints are the ones it reports to Tune.
+    """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = create_datamodule(cfg.data, cfg.seed)
     weighting = create_weighting([t.name for t in dm.tasks], cfg.weighting)
@@ -156,6 +159,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict:
         ),
         LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps),
     ]
+    if not save_checkpoints:
+        checkpoints = []
     t = cfg.trainer
     trainer = L.Trainer(
         max_epochs=t.max_epochs,
@@ -174,6 +179,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict:
         enable_progress_bar=t.enable_progress_bar,
         logger=build_loggers(cfg, run_dir) or False,
         callbacks=[*checkpoints, *callbacks],
+        enable_checkpointing=save_checkpoints,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=run_dir,
         use_distributed_sampler=False,  # MixtureSampler shards by rank itself

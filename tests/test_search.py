@@ -1,7 +1,10 @@
 """Weight search with Ray Tune on CPU: PBT toward a known optimum, the grid sweep's outputs, resume, bad config."""
 
 import csv
+import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,42 +25,51 @@ def local_ray():
     ray.shutdown()
 
 
-# task1's training labels are noise: weight on it only hurts; the best weights put everything on task0
-NOISY_AUX = ["data.num_tasks=2", "data.label_noise=[0,1.0]", "data.train_size=1000", "data.batch_size=128"]
+# domain1's training labels are noise: every sample drawn from it is wasted, so the best sampling weights put
+# everything on domain0 (p0 = 1). With clean labels on both domains the same search drifts the other way (to p0 of
+# 0.2-0.35 in three runs), so the direction below comes from the ranking, not from the mechanics.
+NOISY_DOMAIN = ["data.num_tasks=2", "data.sizes=null", "data.label_noise=[0,1.0]", "data.train_size=3000"]
+NOISY_DOMAIN += ["data.num_classes=2", "data.latent_dim=8"]
 
 
-def test_pbt_exploits_and_the_exploiter_continues_the_donor(local_ray, tmp_path):
-    over = [*NOISY_AUX, "trainer.max_epochs=3", "optim.lr=3e-3", f"out_dir={tmp_path}", "logger=csv"]
-    # distinct starting weights; half a CPU per trial so the 4 trials run (and are compared) side by side
+def test_pbt_moves_toward_the_known_optimum_and_exploiters_continue_the_donor(local_ray, tmp_path):
+    over = [*NOISY_DOMAIN, "trainer.max_epochs=6", f"out_dir={tmp_path}", "logger=csv"]
+    # a start symmetric about p0 = 0.5; half a CPU per trial so the 4 trials run (and are compared) side by side
     start = ["search.initial=[[0.1,0.9],[0.3,0.7],[0.7,0.3],[0.9,0.1]]", "search.cpus_per_trial=0.5"]
-    scfg, rest = compose_search("synthetic_mtl", ["search=pbt", "search.population=4", *start, *over])
-    out = run_search("synthetic_mtl", rest, scfg)
+    scfg, rest = compose_search("synthetic_mdl", ["search=pbt", "search.population=4", *start, *over])
+    out = run_search("synthetic_mdl", rest, scfg)
     assert out["initial_weights_mean"][0] == pytest.approx(0.5, abs=1e-6)
-    path = tmp_path / "search" / "synthetic_mtl-pbt"
+    assert out["final_weights_mean"][0] > 0.5  # the population ends closer to p0 = 1 than it started
+    assert not out["failed_trials"] and out["compute_trial_epochs"] == 4 * 6
+    path = tmp_path / "search" / "synthetic_mdl-pbt"
     assert (path / "best_schedule.png").stat().st_size > 0
     rows = list(csv.reader(open(path / "best_schedule.csv")))
-    assert rows[0] == ["epoch", "task0", "task1"] and len(rows) == 4  # one row per epoch, across exploits
-    assert out["compute_trial_epochs"] == 4 * 3
+    assert rows[0] == ["epoch", "domain0", "domain1"] and len(rows) == 1 + 6  # one row per epoch, across exploits
     assert list(path.glob("pbt_policy_*.txt"))  # exploits happened
-    from ray.tune import ExperimentAnalysis
-
-    changed = 0
-    for df in ExperimentAnalysis(str(path)).trial_dataframes.values():
-        steps = df["step"].tolist()  # an exploiter continues the donor's count: no restart from 0
-        assert steps == sorted(steps) and steps[-1] == 3 * 6  # 700 train samples / 128 = 6 steps an epoch
-        weights = [tuple(w) for w in df["weights"]]
+    changed = restored = 0
+    steps_per_epoch = math.ceil(2 * 2100 / 128)  # 70% of 3000 samples per domain, batches of 128
+    for progress in path.glob("trial_*/progress.csv"):  # Tune's result.json can lose rows across PBT restarts
+        rows = list(csv.DictReader(open(progress)))
+        # a restored trial continues the donor's step count (a restart from 0 would count from its own restore)
+        for r in rows:
+            assert int(r["step"]) == int(r["training_iteration"]) * steps_per_epoch
+        assert int(rows[-1]["training_iteration"]) == 6
+        restored += any(int(r["training_iteration"]) > int(r["iterations_since_restore"]) for r in rows)
+        weights = [tuple(json.loads(r["weights"])) for r in rows]
         changed += len(set(weights)) > 1  # the mutated weights were applied after restoring the donor
         for w in weights:
             assert sum(w) == pytest.approx(1.0)
-    assert changed >= 1
+    assert changed >= 1 and restored >= 1
 
 
-def test_pb2_runs_a_population(local_ray, tmp_path):
+def test_pb2_runs_a_population(local_ray, tmp_path, capsys):
     over = ["data.num_tasks=2", "data.train_size=500", "trainer.max_epochs=2", f"out_dir={tmp_path}", "logger=csv"]
-    scfg, rest = compose_search("synthetic_mtl", ["search=pb2", "search.population=2", *over])
-    out = run_search("synthetic_mtl", rest, scfg)
-    assert out["compute_trial_epochs"] == 2 * 2 and not out["failed_trials"]
-    assert sum(out["best_weights"]) == pytest.approx(1.0) and 0 <= out["best_acc"] <= 1
+    assert main(["exp=synthetic_mtl", "search=pb2", "search.population=2", *over]) == 0
+    printed = capsys.readouterr()
+    assert "trial(s) failed" not in printed.err and "compute: 4 trial-epochs" in printed.out  # 2 trials x 2 epochs
+    weights = re.search(r"best weights: \[(.*)\]", printed.out).group(1)
+    assert sum(map(float, weights.split(","))) == pytest.approx(1.0, abs=1e-3)
+    assert "population mean weights: [" in printed.out
 
 
 def test_grid_sweep_writes_table_and_plots(local_ray, tmp_path, capsys):
@@ -107,6 +119,31 @@ def _finished(path):
         if len(lines) >= 2:  # max_epochs=2: two reports
             out.append(d.name)
     return out
+
+
+def test_a_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path):
+    """search.max_failures=1: the trial's worker is killed mid-training; Tune restarts it from its checkpoint."""
+    cmd = [sys.executable, "-m", "experiments.search", "exp=synthetic_mtl", "search=grid", "search.grid=[0.5]"]
+    cmd += ["search.baselines=false", "search.num_cpus=1", "search.max_failures=1", "data.num_tasks=2"]
+    cmd += ["data.train_size=3000", "trainer.max_epochs=8", f"out_dir={tmp_path}", "logger=csv"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path = tmp_path / "search" / "synthetic_mtl-grid"
+    deadline, rows = time.time() + 300, []
+    while time.time() < deadline and len(rows) < 2:
+        time.sleep(0.1)
+        rows = [r for p in path.glob("trial_*/progress.csv") for r in csv.DictReader(open(p))]
+    assert len(rows) >= 2, "the trial never reported"
+    killed = int(rows[-1]["pid"])
+    os.kill(killed, signal.SIGKILL)  # the trial's worker process dies, as on a lost node or an OOM kill
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "trial(s) failed" not in err
+    rows = [r for p in path.glob("trial_*/progress.csv") for r in csv.DictReader(open(p))]
+    after = [r for r in rows if int(r["pid"]) != killed]
+    assert after and int(rows[-1]["training_iteration"]) == 8
+    first = after[0]  # the retry resumed from a checkpoint: it did not start again at epoch 1
+    assert int(first["training_iteration"]) > int(first["iterations_since_restore"])
+    assert int(rows[-1]["step"]) == 8 * math.ceil(2100 / 128)  # 70% of 3000 samples, batches of 128
 
 
 @pytest.mark.parametrize(
