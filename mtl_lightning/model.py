@@ -207,12 +207,13 @@ class MultiTaskModule(L.LightningModule):
         if sched is not None:
             sched.step()
         self.fork.after_step(self)
-        self.log("train/loss", torch.stack(shown).mean(), prog_bar=True)
+        shown = torch.stack(shown)
+        self.log("train/loss", shown.mean(), prog_bar=True)
         if self.loggers and self.global_step % self.trainer.log_every_n_steps == 0:
-            row = {f"forkmerge/train_loss/{b}": v for b, v in enumerate(torch.stack(shown).tolist())}
+            row = {f"forkmerge/train_loss/{b}": v for b, v in enumerate(shown.tolist())}
             for logger in self.loggers:
                 logger.log_metrics(row, step=self.global_step)
-        return torch.stack(shown).mean()
+        return shown.mean()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -157,6 +157,11 @@ def _report_callback():
     return Report(filename="trial.ckpt", on="validation_end")
 
 
+def _config_weights(config: dict) -> list[float] | None:
+    """A PBT/PB2 trial's raw weights w0..w{K-1}; None for a grid trial (its weights come as overrides)."""
+    return [config[f"w{k}"] for k in range(config["num_tasks"])] if "w0" in config else None
+
+
 def _weights(pl_module) -> list[float]:
     w = getattr(pl_module.weighting, "w", None)
     return [] if w is None else w.tolist()
@@ -166,8 +171,7 @@ def trial(config: dict) -> None:
     """A Tune function trainable: one `train()` from the trial's config, resumed from Tune's checkpoint if any."""
     from ray import tune
 
-    K = config["num_tasks"]
-    weights = [config[f"w{k}"] for k in range(K)] if "w0" in config else None
+    weights = _config_weights(config)
     ctx = tune.get_context()
     # One run directory (and W&B run) per trial, kept across the restarts PBT makes on exploit
     run_dir = Path(ctx.get_trial_dir()) / config["exp"] / ctx.get_trial_id()
@@ -213,8 +217,9 @@ def _initial_weights_callback(path: Path):
     class InitialWeights(tune.Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
             seen = json.loads(path.read_text()) if path.exists() else {}
-            if trial.trial_id not in seen and "w0" in trial.config:  # a restored trial keeps its first entry
-                seen[trial.trial_id] = [trial.config[f"w{k}"] for k in range(trial.config["num_tasks"])]
+            weights = _config_weights(trial.config)
+            if trial.trial_id not in seen and weights is not None:  # a restored trial keeps its first entry
+                seen[trial.trial_id] = weights
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(seen))
 
@@ -387,7 +392,7 @@ def _pbt_report(results, scfg, tasks, path: Path) -> dict:
     _plot_schedule(schedule, tasks, path / "best_schedule.png")
     # each trial's starting weights (raw, as sampled) and those of its last report (r.config is the last config)
     first = [[x / sum(w) for x in w] for w in json.loads((path / "initial_weights.json").read_text()).values()]
-    last = [list(r.metrics["weights"]) for r in results if r.metrics and "weights" in r.metrics]
+    last = [list(r.metrics["weights"]) for r in results if r.metrics]
     initial_mean = [sum(w[k] for w in first) / len(first) for k in range(len(tasks))]
     final_mean = [sum(w[k] for w in last) / len(last) for k in range(len(tasks))]
     return {

@@ -112,6 +112,11 @@ def test_interrupted_search_resumes_without_redoing_trials(tmp_path):
         assert (path / t / "result.json").read_text() == text
 
 
+def _progress_rows(path):
+    """Every trial's rows of Tune's progress.csv (complete across restarts, unlike result.json)."""
+    return [r for p in path.glob("trial_*/progress.csv") for r in csv.DictReader(open(p))]
+
+
 def _finished(path):
     out = []
     for d in path.glob("trial_*"):
@@ -131,14 +136,14 @@ def test_a_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path):
     deadline, rows = time.time() + 300, []
     while time.time() < deadline and len(rows) < 2:
         time.sleep(0.1)
-        rows = [r for p in path.glob("trial_*/progress.csv") for r in csv.DictReader(open(p))]
+        rows = _progress_rows(path)
     assert len(rows) >= 2, "the trial never reported"
     killed = int(rows[-1]["pid"])
     os.kill(killed, signal.SIGKILL)  # the trial's worker process dies, as on a lost node or an OOM kill
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     assert "trial(s) failed" not in err
-    rows = [r for p in path.glob("trial_*/progress.csv") for r in csv.DictReader(open(p))]
+    rows = _progress_rows(path)
     after = [r for r in rows if int(r["pid"]) != killed]
     assert after and int(rows[-1]["training_iteration"]) == 8
     first = after[0]  # the retry resumed from a checkpoint: it did not start again at epoch 1
