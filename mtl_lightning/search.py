@@ -7,8 +7,9 @@ through Ray's Lightning callback. The population is ranked on a held-out part of
 PBT/PB2 search the K task weights as K raw values in [weight_low, 1], used normalised (w / sum w): perturbing or
 resampling one value never leaves the simplex, and `custom_explore_fn` rescales a mutated vector so its largest
 entry is 1 (the normalised weights do not change; the raw values stay inside the bounds). On exploit, Tune
-restarts a trial from the donor's checkpoint with the trial's own mutated config; `ApplyHyperparams` then sets
-those weights (and learning rate) after Lightning has restored the donor's state, so the donor's values never win.
+restarts a trial from the donor's checkpoint with the trial's own mutated config. Its weights come from that
+config (fixed weights are not saved in a checkpoint); its learning rate is restored with the donor's optimiser and
+scheduler, so `ApplyLearningRate` sets it again after Lightning's restore: the donor's values never win.
 The weights used at every epoch travel inside the checkpoint (`WeightSchedule`), so the best trial's checkpoint
 holds its whole schedule, across the exploits of its lineage.
 """
@@ -103,21 +104,18 @@ def compose_search(exp: str, overrides: list[str]) -> tuple[SearchConfig, list[s
 
 
 # -- inside a trial -----------------------------------------------------------------------------------------
-class ApplyHyperparams(Callback):
-    """After a checkpoint restore, impose this trial's weights and learning rate (the donor's must not win)."""
+class ApplyLearningRate(Callback):
+    """After a checkpoint restore, impose this trial's learning rate (restored with the donor's optimiser state)."""
 
-    def __init__(self, weights: list[float], lr: float | None):
-        self.weights, self.lr = weights, lr
+    def __init__(self, lr: float):
+        self.lr = lr
 
     def on_train_start(self, trainer, pl_module) -> None:
-        w = torch.tensor(self.weights)
-        pl_module.weighting.w.copy_(w / w.sum())
-        if self.lr is not None:
-            for opt in trainer.optimizers:
-                for g in opt.param_groups:
-                    g["lr"] = self.lr
-            for cfg in trainer.lr_scheduler_configs:
-                cfg.scheduler.base_lrs = [self.lr] * len(cfg.scheduler.base_lrs)
+        for opt in trainer.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = self.lr
+        for cfg in trainer.lr_scheduler_configs:
+            cfg.scheduler.base_lrs = [self.lr] * len(cfg.scheduler.base_lrs)
 
 
 class WeightSchedule(Callback):
@@ -178,7 +176,7 @@ def trial(config: dict) -> None:
     over = list(config["overrides"]) + [f"out_dir={ctx.get_trial_dir()}", "test=false"]
     over += [f"wandb.group={config['search']}", *config.get("extra", [])]
     if weights is not None:
-        over += ["weighting=fixed", f"weighting.weights=[{','.join(map(str, weights))}]"]
+        over += ["weighting=fixed", f"weighting.weights=[{','.join(map(str, weights))}]", "weighting.normalize=true"]
     lr = config.get("lr")
     if lr is not None:
         over.append(f"optim.lr={lr}")
@@ -193,8 +191,8 @@ def trial(config: dict) -> None:
         over.append(f"resume={local}")
     cfg = compose(config["exp"], over)
     callbacks = [WeightSchedule(), _report_callback()]
-    if weights is not None:
-        callbacks.insert(0, ApplyHyperparams(weights, lr))
+    if lr is not None:
+        callbacks.insert(0, ApplyLearningRate(lr))
     # Tune's per-epoch checkpoint is the trial's restore point: best/last.ckpt beside it would double the disk used,
     # and Ray's sync of the trial folder can catch an atomic write's temporary file as it is renamed
     train(cfg, callbacks, save_checkpoints=False)

@@ -11,9 +11,12 @@ import sys
 import time
 
 import pytest
+from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
 
 from experiments.search import main
-from mtl_lightning.search import compose_search, run_search
+from mtl_lightning.search import ApplyLearningRate, compose_search, run_search
+from mtl_lightning.train import train
 
 ray = pytest.importorskip("ray")
 
@@ -62,6 +65,34 @@ def test_pbt_moves_toward_the_known_optimum_and_exploiters_continue_the_donor(lo
     assert changed >= 1 and restored >= 1
 
 
+class SeenHyperparams(Callback):
+    """Records the weights and the scheduler's base learning rate the first training batch runs with."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not hasattr(self, "weights"):
+            self.weights = pl_module.weighting.w.tolist()
+            self.base_lrs = list(trainer.lr_scheduler_configs[0].scheduler.base_lrs)
+
+
+@pytest.mark.parametrize("apply", [True, False])
+def test_a_restored_trial_trains_with_its_own_weights_and_lr(make_cfg, apply):
+    """PBT restores the donor's Lightning checkpoint, with the donor's lr in its optimiser state; the trial's wins."""
+    small = ["data.num_tasks=2", "data.train_size=300", "optim.lr=1e-3"]
+    donor = train(
+        make_cfg("synthetic_mtl", *small, "trainer.max_epochs=1", "weighting=fixed", "weighting.weights=[0.9,0.1]")
+    )
+    ckpt = f"{donor['run_dir']}/checkpoints/last.ckpt"
+    over = ["trainer.max_epochs=2", "weighting=fixed", "weighting.weights=[0.2,0.8]", "optim.lr=5e-3", f"resume={ckpt}"]
+    seen = SeenHyperparams()
+    callbacks = [ApplyLearningRate(5e-3), seen] if apply else [seen]
+    train(make_cfg("synthetic_mtl", *small, *over), callbacks, save_checkpoints=False)
+    if apply:
+        assert seen.weights == pytest.approx([0.2, 0.8]) and seen.base_lrs == pytest.approx([5e-3] * len(seen.base_lrs))
+    else:  # without it the donor's learning rate, restored with the optimiser and scheduler, would win
+        assert seen.base_lrs == pytest.approx([1e-3] * len(seen.base_lrs))
+        assert seen.weights == pytest.approx([0.2, 0.8])  # fixed weights are not in the checkpoint: config wins
+
+
 def test_pb2_runs_a_population(local_ray, tmp_path, capsys):
     over = ["data.num_tasks=2", "data.train_size=500", "trainer.max_epochs=2", f"out_dir={tmp_path}", "logger=csv"]
     assert main(["exp=synthetic_mtl", "search=pb2", "search.population=2", *over]) == 0
@@ -90,6 +121,8 @@ def test_grid_sweep_writes_table_and_plots(local_ray, tmp_path, capsys):
         assert (path / png).stat().st_size > 0
     runs = list(path.glob("trial_*/synthetic_mtl/*/wandb/offline-run-*"))
     assert len(runs) == 10  # one (offline) W&B run per trial
+    configs = list(path.glob("trial_*/synthetic_mtl/*/config.yaml"))
+    assert len(configs) == 10 and {OmegaConf.load(c).wandb.group for c in configs} == {"synthetic_mtl-grid"}
 
 
 def test_interrupted_search_resumes_without_redoing_trials(tmp_path):
