@@ -15,14 +15,14 @@ from mtl_lightning.train import train
 
 
 def run(cfg: DictConfig, callbacks=()) -> dict:
-    """Train `cfg` and print the per-task accuracies; returns the metrics (and `run_dir`)."""
+    """Train `cfg` and print every task's metrics on val and test; returns the metrics (and `run_dir`)."""
     metrics = train(cfg, callbacks)
-    tasks = sorted({k.split("/", 2)[2] for k in metrics if k.startswith("val/acc/")})
-    print(f"\n{'task':<16}{'val acc':>10}{'test acc':>10}")
-    for t in [*tasks, "mean"] if tasks else []:
-        key = "acc_mean" if t == "mean" else f"acc/{t}"
-        test = metrics.get(f"test/{key}")
-        print(f"{t:<16}{metrics[f'val/{key}']:>10.4f}{'' if test is None else f'{test:>10.4f}'}")
+    names = [k[4:] for k in metrics if k.startswith("val/") and not k.startswith("val/loss/")]
+    width = max([len(n) for n in names] + [16]) + 2
+    print(f"\n{'metric':<{width}}{'val':>10}{'test':>10}")
+    for n in names:
+        test = metrics.get(f"test/{n}")
+        print(f"{n:<{width}}{metrics[f'val/{n}']:>10.4f}{'' if test is None else f'{test:>10.4f}'}")
     print(f"outputs: {metrics['run_dir']}")
     return metrics
 

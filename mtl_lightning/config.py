@@ -64,7 +64,7 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    monitor: str = "val/acc_mean"  # best.ckpt maximises it
+    monitor: str = "val/acc_mean"  # best.ckpt is best by it (maximised or minimised by the metric's direction)
     every_n_steps: int | None = None  # also refresh last.ckpt every N steps (mid-epoch resume)
 
 
@@ -75,6 +75,15 @@ class WandbConfig:
     mode: str = "auto"  # auto: online with an API key, offline without | online | offline
     tags: list[str] = field(default_factory=list)
     group: str | None = None  # default: the experiment name (a search groups its trials under its own name)
+
+
+@dataclass
+class DeltaMConfig:
+    """Base results for Δm% (logged as val/delta_m and test/delta_m when given): single-task run directories (their
+    metrics.json, each stage its own numbers) and/or numbers by metric name (`seg/miou: 0.3869`, both stages)."""
+
+    runs: list[str] = field(default_factory=list)
+    base: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,6 +102,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    delta_m: DeltaMConfig = field(default_factory=DeltaMConfig)
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"

@@ -1,4 +1,9 @@
-"""One LightningModule for every mixture: a timm backbone, one linear head per task/domain, a weighting."""
+"""One LightningModule for every mixture: a timm backbone, a head per task/domain (`mtl_lightning.tasks`), a weighting.
+
+A batch is `(x, y)`: y is a (B, K) tensor of class labels when every task is classification (-1 = unlabelled), or
+a sequence of K per-task targets otherwise (a label map, a depth map, ...). Each task computes its own masked loss
+and metrics; the weighting sees the K losses.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +14,25 @@ from collections.abc import Sequence
 import lightning as L
 import timm
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
-from .data import Task
 from .errors import MTLError, NonFiniteLossError
+from .tasks import Classification, Task, delta_m
 from .weighting import Weighting
 
 VIT_MODULES = ("vision_transformer", "deit")
 
 
-def create_backbone(cfg, in_chans: int, img_size: int) -> nn.Module:
-    """A timm model by name, without classifier (`num_classes=0`), shaped by the ViT keys when it is a ViT."""
+def is_vit(name: str) -> bool:
+    return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1] in VIT_MODULES
+
+
+def create_backbone(cfg, in_chans: int, img_size: int, spatial: bool = False) -> nn.Module:
+    """A timm model by name, without classifier (`num_classes=0`), shaped by the ViT keys when it is a ViT.
+
+    `spatial`: the model must give a feature map for dense heads. ViTs do through `forward_intermediates`; other
+    models are built with timm's `features_only=True` (their last stage).
+    """
     name = cfg.backbone
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
@@ -38,7 +49,8 @@ def create_backbone(cfg, in_chans: int, img_size: int) -> nn.Module:
         "mlp_ratio": cfg.mlp_ratio,
     }
     shape = {k: v for k, v in shape.items() if v is not None}
-    if timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1] in VIT_MODULES:
+    vit = is_vit(name)
+    if vit:
         if cfg.width is not None and cfg.num_heads is None:
             # keep ~64 channels per head, as ViT-Ti/S/B do, with a head count that divides the width
             shape["num_heads"] = min(
@@ -48,8 +60,12 @@ def create_backbone(cfg, in_chans: int, img_size: int) -> nn.Module:
         kwargs.update(shape, img_size=img_size)
     elif shape:
         raise MTLError(f"model.{'/'.join(shape)} shape ViT backbones only; model.backbone={name} is not a ViT.")
+    if spatial and not vit:
+        kwargs.update(features_only=True, out_indices=(-1,))
+    else:
+        kwargs["num_classes"] = 0
     try:
-        return timm.create_model(name, pretrained=cfg.pretrained, in_chans=in_chans, num_classes=0, **kwargs)
+        return timm.create_model(name, pretrained=cfg.pretrained, in_chans=in_chans, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
         raise MTLError(f"timm could not build model.backbone={name} with {kwargs}: {e}") from None
     except (OSError, RuntimeError) as e:
@@ -93,39 +109,56 @@ class MultiTaskModule(L.LightningModule):
         mixing: str = "loss",
         seed: int = 0,
         hparams: dict | None = None,
+        delta_base: dict[str, dict[str, float]] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(hparams or {})
         self.tasks = list(tasks)
         self.optim_cfg, self.mixing, self.seed = optim_cfg, mixing, seed
-        self.backbone = create_backbone(model_cfg, in_chans, img_size)
-        self.heads = nn.ModuleList(nn.Linear(self.backbone.num_features, t.num_classes) for t in self.tasks)
+        self.spatial = any(t.dense for t in self.tasks)  # dense heads need the backbone's feature map
+        self.backbone = create_backbone(model_cfg, in_chans, img_size, self.spatial)
+        self.vit = is_vit(model_cfg.backbone)
+        if self.spatial and not self.vit:  # a timm features_only model: its last stage
+            channels, reduction = self.backbone.feature_info.channels()[-1], self.backbone.feature_info.reduction()[-1]
+        else:
+            channels, reduction = self.backbone.num_features, getattr(self.backbone, "patch_embed", None)
+            reduction = reduction.patch_size[0] if reduction is not None else 1
+        self.heads = nn.ModuleList(t.head(channels, self.spatial, reduction) for t in self.tasks)
         self.weighting = weighting
         self.fork = None  # ForkMerge's callback when weighting=forkmerge: then the steps are manual
         self.clip_val = None  # gradient clipping done by the module itself under manual optimisation
-        self.acc = nn.ModuleDict(
-            {
-                stage: nn.ModuleList(MulticlassAccuracy(t.num_classes, average="micro") for t in self.tasks)
-                for stage in ("val", "test")
-            }
+        self.metrics = nn.ModuleDict(
+            {stage: nn.ModuleList(t.make_metrics() for t in self.tasks) for stage in ("val", "test")}
         )
+        self.delta_base = delta_base or {}  # stage -> base results for Δm% (val/delta_m, test/delta_m)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        return [head(z) for z in [self.features(x)] for head in self.heads]
+        return self.heads_forward(self.features(x), x.shape[-2:])
+
+    def heads_forward(self, z: Tensor, size) -> list[Tensor]:
+        return [head(z, size) for head in self.heads]
 
     def features(self, x: Tensor) -> Tensor:
-        """The shared representation z (B, D): what gradient methods in `rep` mode differentiate against."""
+        """The shared representation z: pooled (B, D), or the feature map (B, C, h, w) with dense tasks. It is what
+        gradient methods in `rep` mode differentiate against."""
         if x.dtype == torch.uint8:  # stored images travel as uint8 and are scaled on the device
             x = x.float().div_(127.5).sub_(1.0)
-        return self.backbone(x)
+        if not self.spatial:
+            return self.backbone(x)
+        if self.vit:  # the last block's patch tokens, final norm applied, as a map
+            return self.backbone.forward_intermediates(
+                x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
+            )[-1]
+        return self.backbone(x)[-1]
 
-    def task_losses(self, logits: list[Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-task mean cross-entropy over the samples labelled for that task (-1 = unlabelled), and counts."""
-        counts = (y >= 0).sum(0)
-        sums = torch.stack(
-            [F.cross_entropy(lg, y[:, k], ignore_index=-1, reduction="sum") for k, lg in enumerate(logits)]
-        )
-        return sums / counts.clamp(min=1), counts
+    def targets(self, y) -> list[Tensor]:
+        """Per-task targets from a batch's labels: columns of a (B, K) label tensor, or the given sequence."""
+        return [y[:, k] for k in range(len(self.tasks))] if isinstance(y, Tensor) else list(y)
+
+    def task_losses(self, preds: list[Tensor], y) -> tuple[Tensor, Tensor]:
+        """Each task's mean loss over its labelled samples (or pixels), and the samples labelled for it."""
+        out = [t.loss(p, target) for t, p, target in zip(self.tasks, preds, self.targets(y))]
+        return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
 
     def setup(self, stage: str) -> None:
         # Refuse combinations a weighting cannot run correctly (fp16 or DDP for some gradient methods) up front.
@@ -157,14 +190,14 @@ class MultiTaskModule(L.LightningModule):
             return self._forkmerge_step(batch)
         x, y = batch
         z = self.features(x)
-        losses, counts = self.task_losses([head(z) for head in self.heads], y)
+        losses, counts = self.task_losses(self.heads_forward(z, x.shape[-2:]), y)
         self._check_finite(losses)
         if self.mixing == "sample":  # weights were spent on sampling: the loss is the plain mean over samples
             w = counts / counts.sum()
             loss = shown = (w * losses).sum()
         elif getattr(self.weighting, "gradient_based", False):
             # Heads train on their own task's loss; the backbone gets the method's combined gradient.
-            heads_loss = self.task_losses([head(z.detach()) for head in self.heads], y)[0].sum()
+            heads_loss = self.task_losses(self.heads_forward(z.detach(), x.shape[-2:]), y)[0].sum()
             shared = [p for p in self.backbone.parameters() if p.requires_grad]
             loss, w = self.weighting.surrogate(losses, heads_loss, z, shared)
             shown = (w * losses).sum().detach()
@@ -228,21 +261,43 @@ class MultiTaskModule(L.LightningModule):
 
     def _eval_step(self, stage: str, batch) -> None:
         x, y = batch
-        logits = self(x)
-        losses, counts = self.task_losses(logits, y)
-        for k, (t, lg) in enumerate(zip(self.tasks, logits)):
-            mask = y[:, k] >= 0
-            if mask.any():  # an MDL batch may hold no sample of this domain
-                self.acc[stage][k].update(lg[mask], y[mask, k])
-            self.log(f"{stage}/loss/{t.name}", losses[k], batch_size=max(1, int(counts[k])))
+        preds = self(x)
+        losses, counts = self.task_losses(preds, y)
+        for t, m, p, target in zip(self.tasks, self.metrics[stage], preds, self.targets(y)):
+            t.update(m, p, target)
+        for t, loss, n in zip(self.tasks, losses, counts):
+            self.log(f"{stage}/loss/{t.name}", loss, batch_size=max(1, int(n)))
 
     def _eval_epoch_end(self, stage: str) -> None:
-        accs = []
-        for t, m in zip(self.tasks, self.acc[stage]):
-            accs.append(m.compute())
-            self.log(f"{stage}/acc/{t.name}", accs[-1])
-            m.reset()
-        self.log(f"{stage}/acc_mean", torch.stack(accs).mean(), prog_bar=stage == "val")
+        results = compute_metrics(self.tasks, self.metrics[stage])
+        for m in self.metrics[stage]:
+            for metric in m.values():
+                metric.reset()
+        for k, v in results.items():
+            self.log(f"{stage}/{k}", v)
+        accs = [results[f"acc/{t.name}"] for t in self.tasks if isinstance(t, Classification)]
+        if accs:
+            self.log(f"{stage}/acc_mean", sum(accs) / len(accs), prog_bar=stage == "val")
+        if stage in self.delta_base:
+            dm = delta_m(results, self.delta_base[stage], self.tasks)
+            self.log(f"{stage}/delta_m", dm, prog_bar=stage == "val")
+
+    @torch.no_grad()
+    def evaluate(self, loader, tasks: list[int], max_batches: int | None = None) -> dict[str, float]:
+        """The metrics of `tasks` (indices) on `loader`'s first `max_batches` batches, without logging: what
+        ForkMerge scores candidate merges with."""
+        was = self.training
+        self.eval()
+        metrics = [self.tasks[k].make_metrics().to(self.device) for k in tasks]
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = self.transfer_batch_to_device((x, y), self.device, 0)
+            preds, targets = self(x), self.targets(y)
+            for k, m in zip(tasks, metrics):
+                self.tasks[k].update(m, preds[k], targets[k])
+        self.train(was)
+        return compute_metrics([self.tasks[k] for k in tasks], metrics)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -272,3 +327,36 @@ class MultiTaskModule(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, c.warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def compute_metrics(tasks: Sequence[Task], metrics: Sequence[nn.ModuleDict]) -> dict[str, float]:
+    """{`<task>/<metric>` (classification: `acc/<task>`): value} from each task's accumulated metrics."""
+    out = {}
+    for t, m in zip(tasks, metrics):
+        values = {}
+        for name, metric in m.items():
+            v = metric.compute()
+            values.update(v if isinstance(v, dict) else {name: v})
+        out.update({t.key("", k).lstrip("/"): float(v) for k, v in values.items()})
+    return out
+
+
+def metric_directions(tasks: Sequence[Task], stage: str = "val", delta: bool = False) -> dict[str, bool]:
+    """Every metric the module logs at `stage`, mapped to whether higher is better."""
+    out = {t.key(stage, m): higher for t in tasks for m, higher in t.metrics.items()}
+    out.update({f"{stage}/loss/{t.name}": False for t in tasks})
+    if any(isinstance(t, Classification) for t in tasks):
+        out[f"{stage}/acc_mean"] = True
+    if delta:
+        out[f"{stage}/delta_m"] = True
+    return out
+
+
+def higher_is_better(metric: str, tasks: Sequence[Task], delta: bool, key: str) -> bool:
+    """The direction of `metric`, or a clear error naming `key` and the metrics there are."""
+    stage = metric.split("/", 1)[0]
+    directions = metric_directions(tasks, stage if stage in ("val", "test") else "val", delta)
+    if metric not in directions:
+        hint = "" if delta else " (val/delta_m needs base results: delta_m.runs or delta_m.base)"
+        raise MTLError(f"{key}={metric!r} is not a logged metric{hint}. Valid choices: {', '.join(directions)}.")
+    return directions[metric]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +19,9 @@ from .config import save_config
 from .data import create_datamodule
 from .errors import MTLError
 from .forkmerge import ForkMerge
-from .model import MultiTaskModule
+from .model import MultiTaskModule, higher_is_better
+from .tasks import read_base
+from .tasks.delta_m import check_base
 from .weighting import create_weighting
 
 LOGGERS = ("csv", "tensorboard", "wandb", "none")
@@ -129,6 +133,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
         dm.probs = weighting.mixture_probs()
     dm.check()
     weighting.check(str(cfg.trainer.precision), distributed=False)  # again with the world size in setup()
+    bases = delta_bases(cfg, dm.tasks)
+    maximise = higher_is_better(cfg.checkpoint.monitor, dm.tasks, bool(bases), "checkpoint.monitor")
     run_dir, ckpt = resolve_run(cfg)
     save_config(cfg, run_dir / "config.yaml")
     model = MultiTaskModule(
@@ -141,10 +147,12 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
         cfg.data.mixing,
         cfg.seed,
         hparams=OmegaConf.to_container(cfg, resolve=True),
+        delta_base=bases,
     )
     clip = cfg.trainer.gradient_clip_val
     if getattr(weighting, "forks", False):  # ForkMerge: the callback holds the branches, the module steps them
         fork = ForkMerge(weighting)
+        fork.criterion = forkmerge_criterion(cfg.weighting.criterion, bool(bases))
         model.fork, model.clip_val, model.automatic_optimization, clip = fork, clip, False, None
         callbacks = [fork, *callbacks]
     ckpt_dir = run_dir / "checkpoints"
@@ -153,7 +161,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
             ckpt_dir,
             filename="best",
             monitor=cfg.checkpoint.monitor,
-            mode="max",
+            mode="max" if maximise else "min",
             save_top_k=1,
             enable_version_counter=False,
         ),
@@ -190,6 +198,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
         for results in evaluate(model, datamodule=dm, verbose=False):  # none with trainer.limit_val_batches=0
             metrics.update(results)
     out = {k: float(v) for k, v in metrics.items()}
+    if trainer.is_global_zero:  # the base results a later Δm% reads (delta_m.runs=[this run_dir])
+        write_json(out, run_dir / "metrics.json")
     out["run_dir"] = str(run_dir)
     if "wandb" in str(cfg.logger):  # end the W&B run: a next train() in this process (a notebook, a search's
         import wandb  # retraining) then starts its own
@@ -197,3 +207,29 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
         if wandb.run is not None:
             wandb.finish()
     return out
+
+
+def delta_bases(cfg: DictConfig, tasks) -> dict[str, dict[str, float]]:
+    """Per stage, the base results Δm% compares against; {} when none are configured."""
+    if not cfg.delta_m.runs and not cfg.delta_m.base:
+        return {}
+    bases = {s: read_base(cfg.delta_m.base, cfg.delta_m.runs, s) for s in ("val", "test")}
+    for stage, base in bases.items():
+        check_base(base, tasks, f"delta_m.runs={list(cfg.delta_m.runs)} / delta_m.base ({stage} split)")
+    return bases
+
+
+def forkmerge_criterion(criterion: str, has_base: bool) -> str:
+    if criterion == "delta_m" and not has_base:
+        raise MTLError(
+            "weighting.criterion=delta_m merges by Δm% against base results, and none are given: set delta_m.runs "
+            "(single-task run directories) or delta_m.base (numbers by metric), or use weighting.criterion=primary."
+        )
+    return criterion if criterion != "auto" else ("delta_m" if has_base else "primary")
+
+
+def write_json(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)

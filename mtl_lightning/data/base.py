@@ -12,7 +12,6 @@ Each split dataset also exposes `domains` (N,), the domain index of every sample
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -22,13 +21,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import MTLError
 from ..registry import Registry
+from ..tasks import Task
 
 DATASETS: Registry = Registry("dataset", "data")
-
-
-class Task(NamedTuple):
-    name: str
-    num_classes: int
 
 
 class Split:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..errors import MTLError
-from .base import DATASETS, Task
+from ..tasks import Classification
+from .base import DATASETS
 from .files import FileDataConfig, FileDataModule, ImageFiles, corrupt
 
 ATTRIBUTES = (
@@ -41,8 +42,8 @@ class CelebADataModule(FileDataModule):
     source = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Align&Cropped images, Anno/, Eval/)"
     downloadable = True
 
-    def describe(self) -> list[Task]:
-        return [Task(a, 2) for a in ATTRIBUTES]
+    def describe(self) -> list[Classification]:
+        return [Classification(a, 2) for a in ATTRIBUTES]
 
     def expected(self) -> list[str]:
         return ["img_align_celeba/", "list_attr_celeba.txt", "list_eval_partition.txt"]

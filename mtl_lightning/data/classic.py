@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ..errors import MTLError
-from .base import DATASETS, LabelledTensors, Task
+from ..tasks import Classification
+from .base import DATASETS, LabelledTensors
 from .files import FileDataConfig, FileDataModule, corrupt, missing, square_resize
 
 Arrays = dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (uint8 images N x 3 x H x W, int labels N)
@@ -172,8 +173,8 @@ class ClassicDataModule(FileDataModule):
             raise MTLError(f"data.domains={list(cfg.domains)} must be distinct names from {sorted(SOURCES)}.")
         super().__init__(cfg, seed)
 
-    def describe(self) -> list[Task]:
-        return [Task(d, 10) for d in self.cfg.domains]
+    def describe(self) -> list[Classification]:
+        return [Classification(d, 10) for d in self.cfg.domains]
 
     def expected(self) -> list[str]:
         return [f"{SOURCES[d].subdir}/{f}" for d in self.cfg.domains for f in SOURCES[d].files]

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MTLError
-from .base import DATASETS, DataConfig, LabelledTensors, MixtureDataModule, Task
+from ..tasks import Classification
+from .base import DATASETS, DataConfig, LabelledTensors, MixtureDataModule
 
 
 @dataclass
@@ -41,9 +42,9 @@ class DigitsDataModule(MixtureDataModule):
         self.kind, self.img_size = cfg.mode, cfg.img_size
         super().__init__(cfg, seed)
 
-    def describe(self) -> list[Task]:
+    def describe(self) -> list[Classification]:
         names = ("left", "right") if self.kind == "mtl" else ("clean", "shifted")
-        return [Task(n, 10) for n in names]
+        return [Classification(n, 10) for n in names]
 
     def load(self) -> dict[str, LabelledTensors]:
         from sklearn.datasets import load_digits

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import DATASETS, Task, holdout
+from ..tasks import Classification
+from .base import DATASETS, holdout
 from .files import FileDataConfig, FileDataModule, ImageFiles, corrupt
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
@@ -35,8 +36,8 @@ class DomainNetDataModule(FileDataModule):
     subdir = "domainnet"
     source = "http://ai.bu.edu/M3SDA/ (each domain's zip, 'cleaned' version, and its <domain>_train/test.txt)"
 
-    def describe(self) -> list[Task]:
-        return [Task(d, NUM_CLASSES) for d in DOMAINS]
+    def describe(self) -> list[Classification]:
+        return [Classification(d, NUM_CLASSES) for d in DOMAINS]
 
     def _domains(self) -> list[str]:  # only the chosen ones are read
         return [self.all_tasks[i].name for i in self.keep]

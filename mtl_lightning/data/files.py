@@ -131,18 +131,12 @@ def cached(ds: ImageFiles, cache_dir: Path, tag: str, num_workers: int = 0) -> L
     return LabelledTensors(images, ds.labels, ds.domains, rows=torch.arange(len(ds)))
 
 
-class FileDataModule(MixtureDataModule):
-    """A mixture read from files under `data.root/<subdir>`: the missing-data check, download and cache."""
+class RootedDataModule(MixtureDataModule):
+    """A mixture read from files under `data.root/<subdir>`, with the missing-data check."""
 
     subdir: str = ""
     source: str = ""  # where to get the files, for the missing-data message
     downloadable: bool = False
-
-    def __init__(self, cfg: FileDataConfig, seed: int = 0):
-        if cfg.img_size < 1:
-            raise MTLError(f"data.img_size={cfg.img_size} must be positive.")
-        self.img_size = cfg.img_size
-        super().__init__(cfg, seed)
 
     @property
     def folder(self) -> Path:
@@ -151,6 +145,27 @@ class FileDataModule(MixtureDataModule):
     def expected(self) -> list[str]:
         """The files and folders, relative to `folder`, that `load` reads."""
         raise NotImplementedError
+
+    def _absent(self) -> list[str]:
+        return [f for f in self.expected() if not (self.folder / f).exists()]
+
+    def check(self) -> None:
+        self.require()
+
+    def require(self) -> None:
+        if self._absent():
+            root = Path(self.cfg.root).expanduser()
+            raise missing(self.cfg.name, root, self.folder, self.expected(), self.source, self.downloadable)
+
+
+class FileDataModule(RootedDataModule):
+    """A mixture of image files: square images of `data.img_size`, torchvision's downloaders, the decoded cache."""
+
+    def __init__(self, cfg: FileDataConfig, seed: int = 0):
+        if cfg.img_size < 1:
+            raise MTLError(f"data.img_size={cfg.img_size} must be positive.")
+        self.img_size = cfg.img_size
+        super().__init__(cfg, seed)
 
     def fetch(self) -> None:
         raise NotImplementedError
@@ -161,17 +176,9 @@ class FileDataModule(MixtureDataModule):
                 raise MTLError(f"data={self.cfg.name} has no downloader. Get the files from {self.source}.")
             download_with(self.fetch, self.cfg.name, self.source)
 
-    def _absent(self) -> list[str]:
-        return [f for f in self.expected() if not (self.folder / f).exists()]
-
     def check(self) -> None:
         self.prepare_data()
         self.require()
-
-    def require(self) -> None:
-        if self._absent():
-            root = Path(self.cfg.root).expanduser()
-            raise missing(self.cfg.name, root, self.folder, self.expected(), self.source, self.downloadable)
 
     def maybe_cache(self, ds: ImageFiles, tag: str):
         if not self.cfg.cache:

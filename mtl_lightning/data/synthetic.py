@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MTLError
-from .base import DATASETS, DataConfig, LabelledTensors, MixtureDataModule, Task
+from ..tasks import Classification
+from .base import DATASETS, DataConfig, LabelledTensors, MixtureDataModule
 
 
 @dataclass
@@ -55,9 +56,9 @@ class SyntheticDataModule(MixtureDataModule):
         self.kind, self.img_size, self.in_chans = cfg.mode, cfg.img_size, cfg.channels
         super().__init__(cfg, seed)
 
-    def describe(self) -> list[Task]:
+    def describe(self) -> list[Classification]:
         prefix = "task" if self.kind == "mtl" else "domain"
-        return [Task(f"{prefix}{k}", self.cfg.num_classes) for k in range(self.cfg.num_tasks)]
+        return [Classification(f"{prefix}{k}", self.cfg.num_classes) for k in range(self.cfg.num_tasks)]
 
     def load(self) -> dict[str, LabelledTensors]:
         c = self.cfg

@@ -15,9 +15,10 @@ class ForkMerge(Weighting):
     """ForkMerge (Jiang et al., NeurIPS 2023, arXiv:2301.12618): the branch task weightings of one fork-merge run.
 
     Every branch trains a copy of the model with its own task-weight vector; every `interval_*` the copies are
-    merged with coefficients chosen on the target tasks' validation accuracy (`mtl_lightning.forkmerge.ForkMerge`,
-    the Callback that holds the branches, added by `train()` for this weighting). This module only knows the
-    weight vectors and which branch is training (`current`): the loss is sum_k w_{current,k} L_k.
+    merged with coefficients chosen on the target tasks' validation score, `criterion`
+    (`mtl_lightning.forkmerge.ForkMerge`, the Callback that holds the branches, added by `train()` for this
+    weighting). This module only knows the weight vectors and which branch is training (`current`): the loss is
+    sum_k w_{current,k} L_k.
 
     Branches, by default (Algorithm 1): target-only (w = 1/|T| on each target) and target + aux_weight x
     auxiliary (aux_weight/|A| on each auxiliary task). `per_auxiliary=true` (Algorithm 2): target-only plus one
@@ -38,6 +39,7 @@ class ForkMerge(Weighting):
         grid: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
         search: str = "auto"  # auto (grid for 2 branches, greedy for more) | grid | greedy
         val_batches: int | None = None  # validation batches per candidate merge (None: the whole split)
+        criterion: str = "auto"  # primary: targets' primary metric | delta_m: targets' Δm% | auto: delta_m with a base
         offload: bool = False  # keep the branch copies and their optimiser state on the CPU
 
     def __init__(self, tasks, cfg: Config):
@@ -66,6 +68,8 @@ class ForkMerge(Weighting):
             raise MTLError("weighting.branches must give at least two branches to merge.")
         if not cfg.grid or any(not 0 <= a <= 1 for a in cfg.grid):
             raise MTLError(f"weighting.grid={list(cfg.grid)} must be merge coefficients within [0, 1].")
+        if cfg.criterion not in ("auto", "primary", "delta_m"):
+            raise MTLError(f"Unknown weighting.criterion={cfg.criterion!r}. Valid choices: auto, primary, delta_m.")
         if cfg.search not in ("auto", "grid", "greedy"):
             raise MTLError(f"Unknown weighting.search={cfg.search!r}. Valid choices: auto, grid, greedy.")
         if cfg.search == "grid" and len(vectors) != 2:

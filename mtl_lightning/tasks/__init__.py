@@ -1,0 +1,18 @@
+"""Tasks: a head, a loss and metrics each. Datamodules describe their tasks with these classes."""
+
+from .base import DenseHead, Task
+from .classification import Classification
+from .delta_m import delta_m, read_base
+from .dense import Depth, Normal, PixelRegression, Segmentation
+
+__all__ = [
+    "Classification",
+    "DenseHead",
+    "Depth",
+    "Normal",
+    "PixelRegression",
+    "Segmentation",
+    "Task",
+    "delta_m",
+    "read_base",
+]

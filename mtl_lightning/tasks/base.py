@@ -1,0 +1,103 @@
+"""A task is a head, a loss and its metrics.
+
+The LightningModule drives any list of tasks through this interface: it builds each task's head on the shared
+features, asks each task for its masked mean loss (the weightings see one loss per task), and feeds each task's
+torchmetrics `Metric`s at evaluation (so they sync under DDP). A task names its metrics with their direction
+(higher or lower is better) and its primary metric, which ForkMerge's merge criterion, Δm% and a search can use.
+
+The shared features are either pooled, (B, D), when every task is image-level, or a spatial map, (B, C, h, w),
+when any task is dense: `spatial` tells a head which it gets. Dense heads upsample their output to the label size.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Task:
+    """Base class. Subclasses set `metrics` ({name: higher_is_better}), `primary`, `dense`, and implement the rest."""
+
+    kind: ClassVar[str]
+    dense: ClassVar[bool] = False
+    metrics: ClassVar[dict[str, bool]]  # metric name -> higher is better
+    primary: ClassVar[str]
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def head(self, channels: int, spatial: bool, reduction: int) -> nn.Module:
+        """The task's head on shared features of `channels` channels, `reduction` times smaller than the image when
+        `spatial`; called as head(z, size) with the label size."""
+        raise NotImplementedError
+
+    def loss(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean loss over the labelled samples/pixels, number of samples with any label for this task)."""
+        raise NotImplementedError
+
+    def make_metrics(self) -> nn.ModuleDict:
+        """Fresh torchmetrics `Metric`s, one per name of `metrics`."""
+        raise NotImplementedError
+
+    def update(self, metrics: nn.ModuleDict, pred: Tensor, target: Tensor) -> None:
+        """Feed one batch to `metrics`, leaving out what is unlabelled."""
+        raise NotImplementedError
+
+    def key(self, stage: str, metric: str) -> str:
+        """The logged name of a metric: `<stage>/<task>/<metric>`."""
+        return f"{stage}/{self.name}/{metric}"
+
+    # Augmentation of dense targets (random scale-crop and flip, applied by the datamodule to whole batches)
+    def crop_resize(self, target: Tensor, box: tuple[int, int, int, int], size, scale: float) -> Tensor:
+        top, left, h, w = box
+        crop = target[..., top : top + h, left : left + w].float()
+        out = F.interpolate(crop[None] if crop.ndim == 3 else crop[None, None], size=size, mode="nearest")
+        return out.view(*target.shape[:-2], *size).to(target.dtype)
+
+    def hflip(self, target: Tensor) -> Tensor:
+        return target.flip(-1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.name))
+
+
+class DenseHead(nn.Module):
+    """A light per-task decoder: 3x3 conv + GELU, then a 1x1 conv to `reduction`^2 sub-pixels per output channel,
+    rearranged to full resolution (pixel shuffle: a learned upsampling, sharper than interpolating a coarse map);
+    bilinearly resized where the label size is not a multiple of the feature map's.
+
+    `normalize` makes the output unit vectors along channels (surface normals, as MTAN's and LibMTL's heads do).
+    """
+
+    def __init__(self, channels: int, out_channels: int, reduction: int, normalize: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.out = nn.Conv2d(channels, out_channels * reduction**2, 1)
+        self.shuffle = nn.PixelShuffle(reduction)
+        self.normalize = normalize
+
+    def forward(self, z: Tensor, size) -> Tensor:
+        y = self.shuffle(self.out(F.gelu(self.conv(z))))
+        if tuple(y.shape[-2:]) != tuple(size):
+            y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return F.normalize(y, dim=1) if self.normalize else y
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean of `values` over `mask` (0 when nothing is labelled), and the samples with any labelled pixel."""
+    n = mask.sum()
+    loss = (values * mask).sum() / n.clamp(min=1)
+    return loss, mask.flatten(1).any(1).sum()
+
+
+def as_long(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.long else t.long()

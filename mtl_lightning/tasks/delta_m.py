@@ -1,0 +1,62 @@
+"""Δm%, the standard multi-task score (Maninis et al., CVPR 2019, arXiv:1904.08918), as LibMTL and ForkMerge compute it:
+
+    Δm = 1/T Σ_t 1/|M_t| Σ_{m in M_t} ± (M_{t,m} - B_{t,m}) / B_{t,m} × 100,
+
++ where higher is better and - where lower is better, against base results B (single-task baselines). Positive is
+better than the baselines. Metrics are named as logged without the stage: `acc/left`, `seg/miou`, `depth/abs_err`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ..errors import MTLError
+from .base import Task
+
+
+def metric_names(task: Task) -> list[str]:
+    return [task.key("", m).lstrip("/") for m in task.metrics]
+
+
+def delta_m(results: Mapping[str, float], base: Mapping[str, float], tasks: Sequence[Task]) -> float:
+    """Δm% of `results` against `base` over `tasks` (every metric of every task needs a base value)."""
+    per_task = []
+    for t in tasks:
+        terms = []
+        for m, higher in t.metrics.items():
+            name = t.key("", m).lstrip("/")
+            b, r = base[name], results[name]
+            terms.append((1 if higher else -1) * (r - b) / b)
+        per_task.append(sum(terms) / len(terms))
+    return 100.0 * sum(per_task) / len(per_task)
+
+
+def check_base(base: Mapping[str, float], tasks: Sequence[Task], source: str) -> None:
+    missing = [n for t in tasks for n in metric_names(t) if n not in base]
+    zero = [n for t in tasks for n in metric_names(t) if base.get(n) == 0]
+    if missing or zero:
+        what = f"no value for {missing}" if missing else f"a zero (Δm divides by it) for {zero}"
+        raise MTLError(
+            f"delta_m: the base results from {source} have {what}. Δm needs a non-zero base value for every metric "
+            f"of every task: {[n for t in tasks for n in metric_names(t)]}."
+        )
+
+
+def read_base(numbers: Mapping[str, float], runs: Sequence[str], stage: str) -> dict[str, float]:
+    """Base results: the `<stage>/...` metrics of single-task runs (their `metrics.json`), then the given numbers."""
+    base: dict[str, float] = {}
+    for run in runs:
+        path = Path(run).expanduser() / "metrics.json"
+        if not path.is_file():
+            raise MTLError(
+                f"delta_m.runs names {run}, which holds no metrics.json: give the run directory of a finished "
+                "single-task run (train() writes metrics.json there when it ends)."
+            )
+        prefix = f"{stage}/"
+        for k, v in json.loads(path.read_text()).items():
+            if k.startswith(prefix) and isinstance(v, int | float):
+                base[k[len(prefix) :]] = float(v)
+    base.update({k: float(v) for k, v in numbers.items()})
+    return base
