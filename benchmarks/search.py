@@ -43,7 +43,7 @@ def main() -> None:
         r = run_search("synthetic_mdl", rest, scfg)
         wall.append(time.perf_counter() - t0)
         mean = r.get("final_weights_mean", [float("nan")])[0]
-        rows.append((name, r["best_acc"], r["best_weights"][0], mean, r["compute_trial_epochs"]))
+        rows.append((name, r["best_value"], r["best_weights"][0], mean, r["compute_trial_epochs"]))
     print("| search | best rank-split acc_mean | best trial's p (optimum 1) | population mean p | trial-epochs |")
     print("|---|---|---|---|---|")
     for name, acc, w0, mean, c in rows[:3]:

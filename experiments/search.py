@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"\nsearch: {scfg.name}, results in {out['search_dir']}")
     print(f"best trial: {out['best_trial']}")
-    print(f"best validation (rank split) mean accuracy: {out['best_acc']:.4f}")
+    metric = "val/acc_mean" if scfg.name == "grid" else scfg.metric
+    print(f"best validation (rank split) {metric}: {out['best_value']:.4f}")
     print(f"best weights: {[round(w, 4) for w in out['best_weights']]}")
     if "final_weights_mean" in out:
         start, end = ([round(w, 4) for w in out[k]] for k in ("initial_weights_mean", "final_weights_mean"))

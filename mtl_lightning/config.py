@@ -36,12 +36,14 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: str = "adamw"  # adamw | adam | sgd
     lr: float = 1e-3
     weight_decay: float = 0.05  # not applied to biases and norm weights
     momentum: float = 0.9  # sgd only
-    scheduler: str = "cosine"  # cosine | constant
-    warmup: float = 0.1  # fraction of the total steps with a linear warm-up
+    scheduler: str = "cosine"  # cosine | step | constant
+    warmup: float = 0.1  # cosine: fraction of the total steps with a linear warm-up
+    step_epochs: int = 100  # step: multiply the lr by gamma every step_epochs epochs
+    gamma: float = 0.5
 
 
 @dataclass
@@ -64,7 +66,9 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    monitor: str = "val/acc_mean"  # best.ckpt is best by it (maximised or minimised by the metric's direction)
+    # best.ckpt is best by it (maximised or minimised by its direction); auto: val/delta_m with base results, else
+    # val/acc_mean with classification tasks, else the first task's primary metric
+    monitor: str = "auto"
     every_n_steps: int | None = None  # also refresh last.ckpt every N steps (mid-epoch resume)
 
 
@@ -162,6 +166,8 @@ def compose(exp: str, overrides: Sequence[str] = (), config_dir: Path = CONFIG_D
     weighting_cls = WEIGHTINGS.get(chosen("weighting", "uniform"))
     schema = OmegaConf.structured(Config(data=data_cls.Config(), weighting=weighting_cls.Config()))
     OmegaConf.set_struct(schema, True)
+    for free in (schema.model.kwargs, schema.delta_m.base):  # open-ended maps: any key is valid there
+        OmegaConf.set_struct(free, False)
     cfg = _merge(schema, delta, f"experiment file {path}")
     cfg = _merge(cfg, cli, "the command line")
     cfg.exp = exp

@@ -316,16 +316,22 @@ class MultiTaskModule(L.LightningModule):
         groups = param_groups(self, c.weight_decay)
         if c.name == "adamw":
             opt = torch.optim.AdamW(groups, lr=c.lr)
+        elif c.name == "adam":  # L2-regularised Adam, as the NYUv2 references (weight_decay is then an L2 penalty)
+            opt = torch.optim.Adam(groups, lr=c.lr)
         elif c.name == "sgd":
             opt = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum)
         else:
-            raise MTLError(f"Unknown optim.name={c.name!r}. Valid choices: adamw, sgd.")
+            raise MTLError(f"Unknown optim.name={c.name!r}. Valid choices: adam, adamw, sgd.")
         if c.scheduler == "constant":
             return opt
-        if c.scheduler != "cosine":
-            raise MTLError(f"Unknown optim.scheduler={c.scheduler!r}. Valid choices: cosine, constant.")
         total = int(self.trainer.estimated_stepping_batches)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, c.warmup))
+        if c.scheduler == "cosine":
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, c.warmup))
+        elif c.scheduler == "step":  # x gamma every step_epochs epochs, as MTAN/LibMTL/ForkMerge on NYUv2
+            every = c.step_epochs * max(1, total // max(1, self.trainer.max_epochs))
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=every, gamma=c.gamma)
+        else:
+            raise MTLError(f"Unknown optim.scheduler={c.scheduler!r}. Valid choices: cosine, step, constant.")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -350,6 +356,16 @@ def metric_directions(tasks: Sequence[Task], stage: str = "val", delta: bool = F
     if delta:
         out[f"{stage}/delta_m"] = True
     return out
+
+
+def default_monitor(tasks: Sequence[Task], delta: bool) -> str:
+    """`checkpoint.monitor=auto`: val/delta_m with base results, else val/acc_mean with classification tasks, else
+    the first task's primary metric (so a single-task baseline of any task has one)."""
+    if delta:
+        return "val/delta_m"
+    if any(isinstance(t, Classification) for t in tasks):
+        return "val/acc_mean"
+    return tasks[0].key("val", tasks[0].primary)
 
 
 def higher_is_better(metric: str, tasks: Sequence[Task], delta: bool, key: str) -> bool:

@@ -1,6 +1,6 @@
 """Searching scalarization weights with Ray Tune: PBT, PB2 and grid sweeps (Royer et al., arXiv:2310.08910).
 
-Every trial is `train()` (a Lightning Trainer) reporting `val/acc_mean` and a checkpoint to Tune after each epoch
+Every trial is `train()` (a Lightning Trainer) reporting `search.metric` and a checkpoint to Tune after each epoch
 through Ray's Lightning callback. The population is ranked on a held-out part of the training set
 (`data.train_fraction`, 0.7 as in the paper), never on the test split.
 
@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from .config import compose
 from .data import create_datamodule
 from .errors import MTLError
+from .model import default_monitor, higher_is_better
 from .train import train
 
 
@@ -60,6 +61,7 @@ class SearchConfig:
     reuse_actors: bool = True  # pbt/pb2: an exploit restarts the trial in its live worker, not a new process
     resume: bool = False  # continue an interrupted search (Tuner.restore)
     retrain: bool = False  # retrain on the whole training split with the best weights, evaluate on test
+    metric: str = "auto"  # what ranks the trials, in its direction: any val metric; auto as checkpoint.monitor
     seed: int = 0
 
 
@@ -92,7 +94,11 @@ def compose_search(exp: str, overrides: list[str]) -> tuple[SearchConfig, list[s
     if not 0 < scfg.train_fraction < 1:
         raise MTLError(f"search.train_fraction={scfg.train_fraction} must be within (0, 1): the rest ranks trials.")
     cfg = compose(exp, rest)  # fail now, not inside a trial, on a bad training override
-    tasks = [t.name for t in create_datamodule(cfg.data).tasks]
+    dm_tasks, has_delta = create_datamodule(cfg.data).tasks, bool(cfg.delta_m.runs or cfg.delta_m.base)
+    if scfg.metric == "auto":
+        scfg.metric = default_monitor(dm_tasks, has_delta)
+    higher_is_better(scfg.metric, dm_tasks, has_delta, "search.metric")  # a clear error for an unknown metric
+    tasks = [t.name for t in dm_tasks]
     if scfg.name == "grid" and len(tasks) != 2:
         raise MTLError(
             f"search=grid sweeps p over two tasks (p, 1-p); data has {len(tasks)} tasks {tasks}: use data.tasks=[a,b] "
@@ -135,7 +141,8 @@ class WeightSchedule(Callback):
         self.schedule = state["schedule"]
 
 
-def _report_callback():
+def _report_callback(metric: str, sign: float):
+    """Reports every val metric, and `score` = sign x `metric` (Tune maximises it), after each training epoch."""
     from ray.tune.integration.pytorch_lightning import TuneReportCheckpointCallback
 
     class Report(TuneReportCheckpointCallback):
@@ -147,7 +154,7 @@ def _report_callback():
             m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             return {
                 **m,
-                "acc": m["val/acc_mean"],
+                "score": sign * m[metric],
                 "step": trainer.global_step,
                 "weights": _weights(trainer.lightning_module),
             }
@@ -190,7 +197,7 @@ def trial(config: dict) -> None:
             shutil.copy(Path(d) / "trial.ckpt", local)
         over.append(f"resume={local}")
     cfg = compose(config["exp"], over)
-    callbacks = [WeightSchedule(), _report_callback()]
+    callbacks = [WeightSchedule(), _report_callback(config["metric"], config["sign"])]
     if lr is not None:
         callbacks.insert(0, ApplyLearningRate(lr))
     # Tune's per-epoch checkpoint is the trial's restore point: best/last.ckpt beside it would double the disk used,
@@ -247,8 +254,12 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig) -> dict:
     random.seed(scfg.seed)  # Tune samples the initial population and PBT explores with these generators
     np.random.seed(scfg.seed)
     cfg = compose(exp, overrides)
-    tasks = [t.name for t in create_datamodule(cfg.data).tasks]
+    dm = create_datamodule(cfg.data)
+    tasks = [t.name for t in dm.tasks]
     K = len(tasks)
+    has_delta = bool(cfg.delta_m.runs or cfg.delta_m.base)
+    if scfg.metric == "auto":
+        scfg.metric = default_monitor(dm.tasks, has_delta)
     storage = Path(scfg.storage_path or Path(cfg.out_dir) / "search").expanduser().resolve()
     name = f"{exp}-{scfg.name}" + (f"-{scfg.name_suffix}" if scfg.name_suffix else "")
     base = {
@@ -256,6 +267,8 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig) -> dict:
         "overrides": [*overrides, f"data.train_fraction={scfg.train_fraction}", "trainer.enable_progress_bar=false"],
         "num_tasks": K,
         "search": name,
+        "metric": scfg.metric,
+        "sign": 1.0 if higher_is_better(scfg.metric, dm.tasks, has_delta, "search.metric") else -1.0,
     }
     gpus = scfg.gpus_per_trial if scfg.gpus_per_trial >= 0 else float(torch.cuda.is_available())
     if not ray.is_initialized():
@@ -347,7 +360,7 @@ def _pbt_space(scfg, cfg, tasks, base):
     search_alg = None if points is None else BasicVariantGenerator(points_to_evaluate=points)
     n, reuse = scfg.population, scfg.reuse_actors  # reuse: no new process (and no re-import of torch) per exploit
     tc = tune.TuneConfig(
-        metric="acc", mode="max", scheduler=sched, num_samples=n, search_alg=search_alg, reuse_actors=reuse
+        metric="score", mode="max", scheduler=sched, num_samples=n, search_alg=search_alg, reuse_actors=reuse
     )
     return space, tc
 
@@ -363,7 +376,7 @@ def _grid_space(scfg, cfg, tasks, base):
     variants = [["mix", p] for p in scfg.grid] + ([["single", t] for t in tasks] if scfg.baselines else [])
     space = {**base, "variant": tune.grid_search(variants), "capacity": tune.grid_search(caps)}
     space["extra"] = tune.sample_from(lambda spec: _grid_overrides(spec.config))
-    return space, tune.TuneConfig(metric="acc", mode="max")
+    return space, tune.TuneConfig(metric="score", mode="max")
 
 
 def _grid_overrides(config: dict) -> list[str]:
@@ -375,11 +388,11 @@ def _grid_overrides(config: dict) -> list[str]:
 
 
 def _final_metrics(result) -> dict:
-    return {k: v for k, v in (result.metrics or {}).items() if k.startswith("val/") or k == "acc"}
+    return {k: v for k, v in (result.metrics or {}).items() if k.startswith("val/") or k == "score"}
 
 
 def _pbt_report(results, scfg, tasks, path: Path) -> dict:
-    best = results.get_best_result(metric="acc", mode="max", scope="last")
+    best = results.get_best_result(metric="score", mode="max", scope="last")
     with best.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "trial.ckpt", map_location="cpu", weights_only=False)
     schedule = state["callbacks"]["WeightSchedule"]["schedule"]
@@ -395,7 +408,7 @@ def _pbt_report(results, scfg, tasks, path: Path) -> dict:
     final_mean = [sum(w[k] for w in last) / len(last) for k in range(len(tasks))]
     return {
         "best_trial": Path(best.path).name,
-        "best_acc": float(best.metrics["acc"]),
+        "best_value": float(best.metrics[scfg.metric]),
         "best_weights": schedule[-1][1:],
         "schedule": schedule,
         "initial_weights_mean": initial_mean,
@@ -433,7 +446,7 @@ def _grid_report(results, scfg, tasks, path: Path) -> dict:
             continue
         (kind, value), (depth, width) = r.config["variant"], r.config["capacity"]
         row = {"kind": kind, "p": value if kind == "mix" else "", "task": value if kind == "single" else ""}
-        row.update({"depth": depth, "width": width, "acc_mean": r.metrics.get("acc")})
+        row.update({"depth": depth, "width": width, "acc_mean": r.metrics.get("val/acc_mean")})
         for t in tasks:
             row[f"acc/{t}"] = r.metrics.get(f"val/acc/{t}", "")
         rows.append(row)
@@ -448,7 +461,7 @@ def _grid_report(results, scfg, tasks, path: Path) -> dict:
         "table": str(path / "grid.csv"),
         "best_trial": f"p={best['p']}, depth {best['depth']}, width {best['width']}",
         "best_p": best["p"],
-        "best_acc": best["acc_mean"],
+        "best_value": best["acc_mean"],
         "best_weights": [best["p"], 1 - best["p"]],
     }
 

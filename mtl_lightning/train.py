@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import AtomicCheckpointIO, LastCheckpoint
@@ -19,7 +20,7 @@ from .config import save_config
 from .data import create_datamodule
 from .errors import MTLError
 from .forkmerge import ForkMerge
-from .model import MultiTaskModule, higher_is_better
+from .model import MultiTaskModule, default_monitor, higher_is_better
 from .tasks import read_base
 from .tasks.delta_m import check_base
 from .weighting import create_weighting
@@ -134,7 +135,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
     dm.check()
     weighting.check(str(cfg.trainer.precision), distributed=False)  # again with the world size in setup()
     bases = delta_bases(cfg, dm.tasks)
-    maximise = higher_is_better(cfg.checkpoint.monitor, dm.tasks, bool(bases), "checkpoint.monitor")
+    monitor = cfg.checkpoint.monitor
+    if monitor == "auto":
+        monitor = default_monitor(dm.tasks, bool(bases))
+    maximise = higher_is_better(monitor, dm.tasks, bool(bases), "checkpoint.monitor")
     run_dir, ckpt = resolve_run(cfg)
     save_config(cfg, run_dir / "config.yaml")
     model = MultiTaskModule(
@@ -160,7 +164,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
         ModelCheckpoint(
             ckpt_dir,
             filename="best",
-            monitor=cfg.checkpoint.monitor,
+            monitor=monitor,
             mode="max" if maximise else "min",
             save_top_k=1,
             enable_version_counter=False,
@@ -210,12 +214,24 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
 
 
 def delta_bases(cfg: DictConfig, tasks) -> dict[str, dict[str, float]]:
-    """Per stage, the base results Δm% compares against; {} when none are configured."""
+    """Per stage, the base results Δm% compares against; {} when none are configured. Validation must be covered;
+    test/delta_m is left out, with a warning, when the base runs were not evaluated on the test split."""
     if not cfg.delta_m.runs and not cfg.delta_m.base:
         return {}
-    bases = {s: read_base(cfg.delta_m.base, cfg.delta_m.runs, s) for s in ("val", "test")}
-    for stage, base in bases.items():
-        check_base(base, tasks, f"delta_m.runs={list(cfg.delta_m.runs)} / delta_m.base ({stage} split)")
+    bases = {}
+    for stage in ("val", "test"):
+        base = read_base(cfg.delta_m.base, cfg.delta_m.runs, stage)
+        source = f"delta_m.runs={list(cfg.delta_m.runs)} / delta_m.base ({stage} split)"
+        try:
+            left = check_base(base, tasks, source)
+        except MTLError:
+            if stage == "val":
+                raise
+            rank_zero_warn(f"No test/delta_m: the base results have no test-split values for every task ({source}).")
+            continue
+        if left:
+            rank_zero_warn(f"{stage}/delta_m leaves out {left}: the base results give no value for them.")
+        bases[stage] = base
     return bases
 
 

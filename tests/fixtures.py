@@ -92,10 +92,91 @@ def write_domainnet(root: Path, domains=DOMAINS, train: int = 12, test: int = 8,
     return {"train": train * len(domains), "test": test * len(domains)}
 
 
+# Known values the dense fixtures encode, which the tests decode back.
+DEPTH_M = 1.25  # every valid depth pixel, in metres (Taskonomy: 1.25 x 512 = 640 in 1/512 m units)
+NORMAL = (0.0, 0.0, 1.0)  # NYUv2 fixtures: every valid normal points along the camera axis
+
+
+def nyuv2_label(h=288, w=384) -> np.ndarray:
+    """The fixtures' class map: 13 vertical stripes of classes 0..12, pixel (0, 0) unlabelled (-1)."""
+    label = np.broadcast_to((np.arange(w) * 13 // w)[None], (h, w)).astype(np.float64).copy()
+    label[0, 0] = -1
+    return label
+
+
+def write_nyuv2(root: Path, train: int = 5, val: int = 3, seed: int = 5) -> dict:
+    """MTAN's preprocessed layout: {train,val}/{image,label,depth,normal}/<i>.npy at 288x384. Depth is DEPTH_M except
+    pixel (0, 1) (0 = no measurement); normals are NORMAL except pixel (0, 2) (zero vector = none)."""
+    rng, folder = np.random.default_rng(seed), Path(root) / "nyuv2"
+    label = nyuv2_label()
+    depth = np.full((288, 384, 1), DEPTH_M, dtype=np.float32)
+    depth[0, 1] = 0
+    normal = np.broadcast_to(np.asarray(NORMAL, dtype=np.float32), (288, 384, 3)).copy()
+    normal[0, 2] = 0
+    for split, n in (("train", train), ("val", val)):
+        for kind in ("image", "label", "depth", "normal"):
+            (folder / split / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            image = rng.random((288, 384, 3)).astype(np.float32) * 0.5
+            image[..., 0] += label / 24  # the class map shows in the red channel, so a model can learn it
+            np.save(folder / split / "image" / f"{i}.npy", image)
+            np.save(folder / split / "label" / f"{i}.npy", label)
+            np.save(folder / split / "depth" / f"{i}.npy", depth)
+            np.save(folder / split / "normal" / f"{i}.npy", normal)
+    return {"train": train, "test": val}
+
+
+TASKONOMY_BUILDINGS = {"train": ["allensville", "beechwood"], "val": ["coffeen"], "test": ["darden"]}
+
+
+def _png(path: Path, a: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path)
+
+
+def write_taskonomy(root: Path, views: int = 2, size: int = 32, seed: int = 6, split: str = "tiny") -> dict:
+    """The per-building PNG layout with the split list. Known values: segment_semantic (i + j) % 17 + 1 with pixel
+    (0, 0) = 0 (unlabelled); depth 640 (= DEPTH_M m) with pixel (0, 1) = 65535 (no geometry); normal RGB (0, 255,
+    128); keypoints2d 150 and edge_texture 1788 (both 1.0 once standardised)."""
+    rng, folder = np.random.default_rng(seed), Path(root) / "taskonomy"
+    i, j = np.indices((size, size))
+    seg = ((i + j) % 17 + 1).astype(np.uint8)
+    seg[0, 0] = 0
+    depth = np.full((size, size), round(DEPTH_M * 512), dtype=np.uint16)
+    depth[0, 1] = 65535
+    normal = np.zeros((size, size, 3), dtype=np.uint8)
+    normal[..., 1], normal[..., 2] = 255, 128
+    labels = {
+        "segment_semantic": seg,
+        "depth_zbuffer": depth,
+        "normal": normal,
+        "keypoints2d": np.full((size, size), 150, dtype=np.uint16),
+        "edge_texture": np.full((size, size), 1788, dtype=np.uint16),
+    }
+    rows = ["id,train,val,test"]
+    for split_name, buildings in TASKONOMY_BUILDINGS.items():
+        for b in buildings:
+            rows.append(f"{b}," + ",".join("1" if s == split_name else "0" for s in ("train", "val", "test")))
+            for v in range(views):
+                stem = f"point_{v}_view_{v % 3}"
+                rgb = rng.integers(0, 200, (size, size, 3), dtype=np.uint8)
+                rgb[..., 0] = seg * 12  # the classes show in the red channel
+                _png(folder / "rgb" / b / f"{stem}_domain_rgb.png", rgb)
+                for task, a in labels.items():
+                    _png(folder / task / b / f"{stem}_domain_{task}.png", a)
+    (folder / f"train_val_test_{split}.csv").write_text("\n".join(rows) + "\n")
+    n = {s: views * len(b) for s, b in TASKONOMY_BUILDINGS.items()}
+    return n
+
+
 WRITERS = {  # data.name -> writers of the files it reads
     "cifar10": [write_cifar10],
     "svhn": [write_svhn],
     "cifar_stl": [write_cifar10, write_stl10],
     "celeba": [write_celeba],
     "domainnet": [write_domainnet],
+    "nyuv2": [write_nyuv2],
+    "taskonomy": [write_taskonomy],
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import celeba, classic, digits, domainnet, shapes, synthetic  # noqa: F401  (registers the mixtures)
+from . import celeba, classic, digits, domainnet, nyuv2, shapes, synthetic, taskonomy  # noqa: F401  (registers the mixtures)
 from .base import DATASETS, DataConfig, LabelledTensors, MixtureDataModule, MixtureSampler, Task
 
 

@@ -54,7 +54,10 @@ class DenseFiles(Dataset, Split):
     """A dense split read from files on access: `load(item, tasks)` -> (image, [target per task index in tasks])."""
 
     def __init__(self, items: Sequence, load: Callable, tasks: list[int]):
-        self.items, self.load, self.tasks = np.asarray(items, dtype=object), load, tasks
+        self.items = np.empty(len(items), dtype=object)  # one entry per sample, whatever an item is (int, tuple)
+        for i, item in enumerate(items):
+            self.items[i] = item
+        self.load, self.tasks = load, tasks
         self.domains = torch.zeros(len(self.items), dtype=torch.long)
 
     def __len__(self) -> int:

@@ -37,7 +37,7 @@ class ShapesConfig(DenseConfig):
     train_size: int = 2000
     val_size: int = 400
     test_size: int = 400
-    batch_size: int = 64
+    batch_size: int = 32  # small batches: at this size the number of steps, not of samples, limits learning
     eval_batch_size: int = 256
 
 

@@ -71,18 +71,19 @@ class Task:
 
 
 class DenseHead(nn.Module):
-    """A light per-task decoder: 3x3 conv + GELU, then a 1x1 conv to `reduction`^2 sub-pixels per output channel,
-    rearranged to full resolution (pixel shuffle: a learned upsampling, sharper than interpolating a coarse map);
-    bilinearly resized where the label size is not a multiple of the feature map's.
+    """A light per-task decoder: 3x3 conv (at most 256 channels) + GELU, then a 1x1 conv to r^2 sub-pixels per output
+    channel, rearranged to r times the resolution (pixel shuffle, r = min(reduction, 4): a learned upsampling, sharper
+    than interpolating a coarse map), then bilinearly resized to the label size where that is still larger.
 
     `normalize` makes the output unit vectors along channels (surface normals, as MTAN's and LibMTL's heads do).
     """
 
     def __init__(self, channels: int, out_channels: int, reduction: int, normalize: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.out = nn.Conv2d(channels, out_channels * reduction**2, 1)
-        self.shuffle = nn.PixelShuffle(reduction)
+        hidden, r = min(channels, 256), min(reduction, 4)
+        self.conv = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.out = nn.Conv2d(hidden, out_channels * r**2, 1)
+        self.shuffle = nn.PixelShuffle(r)
         self.normalize = normalize
 
     def forward(self, z: Tensor, size) -> Tensor:

@@ -21,27 +21,32 @@ def metric_names(task: Task) -> list[str]:
 
 
 def delta_m(results: Mapping[str, float], base: Mapping[str, float], tasks: Sequence[Task]) -> float:
-    """Δm% of `results` against `base` over `tasks` (every metric of every task needs a base value)."""
+    """Δm% of `results` against `base` over `tasks`, each task's term averaged over its metrics that `base` has
+    (all of them with single-task runs; papers often publish only some, e.g. ForkMerge's NYUv2 table)."""
     per_task = []
     for t in tasks:
         terms = []
         for m, higher in t.metrics.items():
             name = t.key("", m).lstrip("/")
-            b, r = base[name], results[name]
-            terms.append((1 if higher else -1) * (r - b) / b)
+            if name in base:
+                b, r = base[name], results[name]
+                terms.append((1 if higher else -1) * (r - b) / b)
         per_task.append(sum(terms) / len(terms))
     return 100.0 * sum(per_task) / len(per_task)
 
 
-def check_base(base: Mapping[str, float], tasks: Sequence[Task], source: str) -> None:
-    missing = [n for t in tasks for n in metric_names(t) if n not in base]
-    zero = [n for t in tasks for n in metric_names(t) if base.get(n) == 0]
-    if missing or zero:
-        what = f"no value for {missing}" if missing else f"a zero (Δm divides by it) for {zero}"
+def check_base(base: Mapping[str, float], tasks: Sequence[Task], source: str) -> list[str]:
+    """Refuse a base without any value for some task, or with a zero; return the metrics Δm leaves out."""
+    names = [n for t in tasks for n in metric_names(t)]
+    bare = [t.name for t in tasks if not any(n in base for n in metric_names(t))]
+    zero = [n for n in names if base.get(n) == 0]
+    if bare or zero:
+        what = f"no value for any metric of task(s) {bare}" if bare else f"a zero (Δm divides by it) for {zero}"
         raise MTLError(
-            f"delta_m: the base results from {source} have {what}. Δm needs a non-zero base value for every metric "
-            f"of every task: {[n for t in tasks for n in metric_names(t)]}."
+            f"delta_m: the base results from {source} have {what}. Δm needs a non-zero base value for at least one "
+            f"metric of every task, by name: {names}."
         )
+    return [n for n in names if n not in base]
 
 
 def read_base(numbers: Mapping[str, float], runs: Sequence[str], stage: str) -> dict[str, float]:

@@ -1,0 +1,339 @@
+"""Dense prediction: task losses and metrics on known answers, Δm%, the NYUv2 and Taskonomy loaders on fixtures in
+their official formats (known values decoded back, bad input refused clearly), augmentation, the embedded shapes
+scenes, and learning, every weighting, ForkMerge and Δm on them."""
+
+import csv
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures import DEPTH_M, NORMAL, nyuv2_label, write_nyuv2, write_taskonomy
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
+
+from experiments.run import main, run
+from mtl_lightning.config import compose
+from mtl_lightning.data import create_datamodule
+from mtl_lightning.data.base import holdout
+from mtl_lightning.data.dense import DenseTensors, scale_crop_flip
+from mtl_lightning.data.shapes import edges, render
+from mtl_lightning.errors import MTLError
+from mtl_lightning.model import compute_metrics
+from mtl_lightning.tasks import Classification, Depth, Normal, Segmentation, delta_m
+from mtl_lightning.weighting import WEIGHTINGS
+from mtl_lightning.weighting.gradient import GradientWeighting
+
+
+# -- tasks: losses and metrics ------------------------------------------------------------------------------
+def one_hot_logits(labels: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(labels.clamp(min=0), k).permute(2, 0, 1).float()[None] * 10
+
+
+def test_segmentation_metrics_known_answer():
+    target = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, -1], [2, 2, 2, 2]])
+    pred = torch.tensor([[0, 0, 1, 0], [0, 1, 1, 1], [2, 2, 2, 0], [2, 2, 1, 2]])
+    t = Segmentation("seg", 3)
+    m = t.make_metrics()
+    t.update(m, one_hot_logits(pred, 3), target[None])
+    got = compute_metrics([t], [m])
+    # by hand over the 15 labelled pixels: 12 right; IoU 3/5, 3/6, 6/7 (the ignored pixel's prediction never counts)
+    assert got["seg/pix_acc"] == pytest.approx(12 / 15)
+    assert got["seg/miou"] == pytest.approx((3 / 5 + 3 / 6 + 6 / 7) / 3)
+    # the loss ignores the unlabelled pixel: changing its prediction changes nothing
+    other = pred.clone()
+    other[2, 3] = 1
+    a, n = t.loss(one_hot_logits(pred, 3), target[None])
+    b, _ = t.loss(one_hot_logits(other, 3), target[None])
+    assert a == b and n == 1
+
+
+def test_depth_metrics_and_loss_mask_missing_depth():
+    t = Depth("depth")
+    target = torch.tensor([[[[1.0, 2.0], [0.0, 4.0]]]])  # 0 = no measurement
+    pred = torch.tensor([[[[1.5, 1.0], [9.0, 4.0]]]])
+    m = t.make_metrics()
+    t.update(m, pred, target)
+    got = compute_metrics([t], [m])
+    assert got["depth/abs_err"] == pytest.approx(0.5)  # (0.5 + 1 + 0) / 3 valid pixels
+    assert got["depth/rel_err"] == pytest.approx((0.5 / 1 + 1 / 2 + 0) / 3)
+    assert t.loss(pred, target)[0] == pytest.approx(0.5)
+
+
+def test_normal_angles_0_90_180():
+    t = Normal("normal")
+    target = torch.tensor([[0.0, 0, 1], [0, 0, 1], [0, 0, 1], [0, 0, 0]]).T.reshape(1, 3, 2, 2)  # last: no normal
+    pred = torch.tensor([[0.0, 0, 1], [1, 0, 0], [0, 0, -1], [1, 0, 0]]).T.reshape(1, 3, 2, 2)
+    m = t.make_metrics()
+    t.update(m, pred, target)
+    got = compute_metrics([t], [m])
+    assert got["normal/angle_mean"] == pytest.approx(90.0, abs=1e-4)
+    assert got["normal/angle_median"] == pytest.approx(90.0, abs=0.01)
+    for k in ("within_11_25", "within_22_5", "within_30"):
+        assert got[f"normal/{k}"] == pytest.approx(1 / 3)
+    assert t.loss(pred, target)[0] == pytest.approx((0 + 1 + 2) / 3)  # 1 - cos over the 3 valid pixels
+
+
+def test_delta_m_on_a_hand_made_table():
+    tasks = [Classification("a", 2), Depth("depth")]
+    base = {"acc/a": 0.5, "depth/abs_err": 2.0, "depth/rel_err": 0.4}
+    better = {"acc/a": 0.6, "depth/abs_err": 1.0, "depth/rel_err": 0.5}
+    # a: +(0.6 - 0.5)/0.5 = +0.2; depth: mean(-(1 - 2)/2, -(0.5 - 0.4)/0.4) = mean(0.5, -0.25) = 0.125
+    assert delta_m(better, base, tasks) == pytest.approx(100 * (0.2 + 0.125) / 2)
+    assert delta_m(base, base, tasks) == 0
+    worse_depth = {**base, "depth/abs_err": 3.0}  # lower is better: a larger error counts against
+    assert delta_m(worse_depth, base, tasks) == pytest.approx(100 * (0 + (-0.5 + 0) / 2) / 2)
+
+
+# -- NYUv2 --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def nyuv2_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_nyuv2(root)
+    return root
+
+
+def nyuv2(root, *overrides):
+    dm = create_datamodule(compose("nyuv2_mtl", [f"data.root={root}", *overrides]).data)
+    dm.check()
+    dm.setup()
+    return dm
+
+
+def test_nyuv2_decodes_known_values_and_splits(nyuv2_root):
+    dm = nyuv2(nyuv2_root)
+    assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [4, 1, 3]  # 0.8 of 5 train; the 3 `val` test
+    image, (label, depth, normal) = dm.splits["test"][0]
+    assert image.shape == (3, 288, 384) and image.dtype == torch.float32
+    assert (
+        label.dtype == torch.long and label[0, 0] == -1 and torch.equal(label, torch.from_numpy(nyuv2_label()).long())
+    )
+    assert depth.shape == (1, 288, 384) and depth[0, 0, 1] == 0 and depth[0, 5, 5] == pytest.approx(DEPTH_M)
+    assert torch.equal(normal[:, 0, 2], torch.zeros(3)) and normal[:, 3, 3].tolist() == list(NORMAL)
+    only = nyuv2(nyuv2_root, "data.tasks=[depth]")
+    assert [t.name for t in only.tasks] == ["depth"] and len(only.splits["test"][0][1]) == 1
+
+
+def test_forkmerge_validation_split_of_nyuv2_is_636_159():
+    ds = DenseTensors(torch.zeros(795, 1, 1, 1), [torch.zeros(795)])
+    train, val = holdout(ds, compose("nyuv2_mtl").data.train_fraction, 0)
+    assert (len(train), len(val)) == (636, 159)
+
+
+def test_nyuv2_missing_data_is_one_clear_paragraph(tmp_path, capsys):
+    assert main(["exp=nyuv2_mtl", f"data.root={tmp_path}", "trainer.enable_progress_bar=false"]) == 2
+    err = capsys.readouterr().err
+    assert "nyuv2" in err and "lorenmt/mtan" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "kind, array, message",
+    [
+        ("depth", np.zeros((288, 384), dtype=np.float32), "shape (288, 384)"),
+        ("image", np.zeros((288, 384, 3), dtype=np.uint8), "dtype uint8"),
+    ],
+)
+def test_nyuv2_wrong_shape_or_dtype_names_the_file(tmp_path, kind, array, message):
+    write_nyuv2(tmp_path, train=3, val=2)
+    np.save(tmp_path / "nyuv2" / "train" / kind / "1.npy", array)
+    with pytest.raises(MTLError, match=rf"train/{kind}/1\.npy.*{re.escape(message)}"):
+        nyuv2(tmp_path)
+
+
+def test_nyuv2_bad_values_and_missing_files_name_the_file(tmp_path):
+    write_nyuv2(tmp_path, train=3, val=2)
+    label = nyuv2_label()
+    label[4, 4] = 13
+    np.save(tmp_path / "nyuv2" / "val" / "label" / "0.npy", label)
+    depth = np.full((288, 384, 1), np.nan, dtype=np.float32)
+    np.save(tmp_path / "nyuv2" / "val" / "depth" / "1.npy", depth)
+    dm = nyuv2(tmp_path)
+    with pytest.raises(MTLError, match=r"val/label/0\.npy holds the class id 13"):
+        dm.splits["test"][0]
+    with pytest.raises(MTLError, match=r"val/depth/1\.npy holds NaN"):
+        dm.splits["test"][1]
+    (tmp_path / "nyuv2" / "train" / "normal" / "2.npy").unlink()
+    with pytest.raises(MTLError, match=r"train/normal must hold 0\.npy \.\. 2\.npy.*differs at \[2\]"):
+        nyuv2(tmp_path)
+
+
+# -- Taskonomy ----------------------------------------------------------------------------------------------
+def taskonomy(root, *overrides):
+    dm = create_datamodule(compose("taskonomy_mtl", [f"data.root={root}", "data.img_size=32", *overrides]).data)
+    dm.check()
+    dm.setup()
+    return dm
+
+
+def test_taskonomy_decodes_each_encoding(tmp_path):
+    n = write_taskonomy(tmp_path)
+    dm = taskonomy(tmp_path)
+    assert {s: len(dm.splits[s]) for s in ("train", "val", "test")} == n  # the official split list's buildings
+    image, (seg, depth, normal, keypoints, edge) = dm.splits["train"][0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+    assert seg[0, 0] == -1 and seg[0, 1] == (0 + 1) % 17 and seg.max() == 16  # 0 unlabelled, c -> c - 1
+    assert depth[0, 0, 1] == 0 and depth[0, 3, 3] == pytest.approx(DEPTH_M)  # 65535 -> none; 640 / 512 m
+    want = torch.tensor([-1.0, 1.0, 128 / 255 * 2 - 1])
+    assert torch.allclose(normal[:, 3, 3], want, atol=1e-6)
+    assert torch.equal(normal[:, 0, 1], torch.zeros(3))  # no depth there: no normal
+    assert torch.allclose(keypoints, torch.ones_like(keypoints)) and torch.allclose(edge, torch.ones_like(edge))
+    small = taskonomy(tmp_path, "data.img_size=16", "data.tasks=[depth_zbuffer]")
+    (d,) = small.splits["val"][0][1]
+    assert d.shape == (1, 16, 16) and set(d.unique().tolist()) <= {0.0, DEPTH_M}  # nearest: no mixed values
+
+
+def test_taskonomy_refuses_wrong_bit_depth_and_missing_buildings(tmp_path):
+    write_taskonomy(tmp_path)
+    path = tmp_path / "taskonomy" / "depth_zbuffer" / "coffeen" / "point_0_view_0_domain_depth_zbuffer.png"
+    Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(path)
+    dm = taskonomy(tmp_path)
+    with pytest.raises(MTLError, match=r"point_0_view_0_domain_depth_zbuffer\.png is a PNG of mode 'L'.*16-bit"):
+        dm.splits["val"][0]
+    csv = tmp_path / "taskonomy" / "train_val_test_tiny.csv"
+    csv.write_text(csv.read_text() + "emmaus,1,0,0\n")
+    with pytest.raises(MTLError, match=r"Building 'emmaus' is in .*holds no \*_domain_rgb\.png"):
+        taskonomy(tmp_path)
+
+
+def test_taskonomy_missing_task_folder_is_named(tmp_path):
+    write_taskonomy(tmp_path)
+    shutil.rmtree(tmp_path / "taskonomy" / "keypoints2d")
+    with pytest.raises(MTLError, match=r"keypoints2d/"):
+        taskonomy(tmp_path)
+    taskonomy(tmp_path, "data.tasks=[segment_semantic,normal]")  # a task not chosen is not needed
+
+
+# -- augmentation -------------------------------------------------------------------------------------------
+def test_scale_crop_divides_depth_and_flip_turns_normals():
+    tasks = [Segmentation("seg", 3), Depth("depth"), Normal("normal")]
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(8, 3, 1, 1)
+    seg = torch.arange(4).repeat(8, 4, 1)  # columns 0..3
+    depth = torch.full((8, 1, 4, 4), 2.0)
+    normal = torch.tensor([0.6, 0.0, 0.8]).view(1, 3, 1, 1).repeat(8, 1, 4, 4)
+    batch = (x, [seg, depth, normal])
+    out_x, (out_seg, out_depth, out_normal) = scale_crop_flip(batch, tasks, [2.0], torch.Generator())
+    assert torch.all(out_depth == 1.0)  # zoomed in x2: everything looks twice as near
+    flipped = out_normal[:, 0, 0, 0] < 0
+    assert 0 < flipped.sum() < 8  # some samples flipped, some not
+    x_part = out_normal[:, 0]
+    assert torch.allclose(x_part[flipped], torch.tensor(-0.6)) and torch.allclose(x_part[~flipped], torch.tensor(0.6))
+    assert torch.all(out_seg[flipped].diff(dim=-1) <= 0) and torch.all(out_seg[~flipped].diff(dim=-1) >= 0)
+    again = scale_crop_flip(batch, tasks, [2.0], torch.Generator())
+    assert torch.equal(again[0], out_x)  # the generator alone decides
+
+
+# -- the embedded shapes scenes -----------------------------------------------------------------------------
+def test_shapes_labels_are_exact_geometry():
+    images, classes, depth, normals, surfaces = render(20, 24, torch.Generator().manual_seed(0))
+    assert torch.allclose(normals.norm(dim=1), torch.ones(1))
+    floor, wall = classes == 0, classes == 1
+    assert torch.all(normals.permute(0, 2, 3, 1)[floor] == torch.tensor([0.0, -1.0, 0.0]))
+    assert torch.all(normals.permute(0, 2, 3, 1)[wall] == torch.tensor([0.0, 0.0, -1.0]))
+    for i in range(20):  # the back wall is the plane z = const: one depth per scene
+        z = depth[i, 0][wall[i]]
+        assert torch.allclose(z, z[0].expand_as(z))
+    e = edges(surfaces)
+    assert torch.all(e[:, :, :-1][classes[:, :, 1:] != classes[:, :, :-1]] == 1)  # class boundaries are edges
+    assert images.dtype == torch.uint8 and images.float().std() > 20  # textured and shaded, not flat
+
+
+def test_shapes_dense_learns_every_task_above_trivial(make_cfg):
+    m = run(make_cfg("shapes_dense", "data.train_size=1200", "data.batch_size=16", "trainer.max_epochs=5"))
+    dm = create_datamodule(compose("shapes_dense").data)
+    dm.setup()
+    _, (seg, depth, normal, edge) = dm.splits["val"][:]
+    _, (_, train_depth, _, _) = dm.splits["train"][:]
+    majority = torch.bincount(seg.flatten()).max() / seg.numel()
+    mean_depth_err = (depth - train_depth.mean()).abs().mean()
+    wall_angle = torch.rad2deg(torch.acos(normal[:, 2].neg().clamp(-1, 1))).mean()  # everything predicted as wall
+    edge_majority_miou = (1 - edge.float().mean()) / 2  # all "no edge": IoU of one class, 0 for the other
+    assert m["val/semantic/pix_acc"] > majority + 0.15 and m["val/semantic/miou"] > 0.4
+    assert m["val/depth/abs_err"] < 0.6 * mean_depth_err
+    assert m["val/normal/angle_mean"] < 0.7 * wall_angle
+    assert m["val/edges/miou"] > edge_majority_miou + 0.05
+
+
+TINY = [
+    "data.train_size=32",
+    "data.val_size=16",
+    "data.test_size=16",
+    "data.batch_size=16",
+    "data.img_size=16",
+    "model.depth=1",
+    "model.width=32",
+    "trainer.max_steps=1",
+    "test=false",
+]
+
+
+def method_cases():
+    for name in WEIGHTINGS.names():
+        cls = WEIGHTINGS.get(name)
+        if issubclass(cls, GradientWeighting):
+            yield from ((name, f"weighting.mode={mode}") for mode in ("param", "rep"))
+        else:
+            yield name, "weighting.target=[semantic]" if name == "forkmerge" else None
+
+
+@pytest.mark.parametrize("name, extra", list(method_cases()))
+def test_every_weighting_trains_a_dense_step(make_cfg, name, extra):
+    over = [*TINY, f"weighting={name}", *([extra] if extra else [])]
+    if name == "fixed":
+        over.append("weighting.weights=[1,1,1,1]")
+    cfg = make_cfg("shapes_dense", *over)
+
+    class Snapshot(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.before = [p.detach().clone() for p in pl_module.backbone.parameters()]
+
+        def on_train_end(self, trainer, pl_module):
+            self.moved = sum((p - b).abs().sum().item() for p, b in zip(pl_module.backbone.parameters(), self.before))
+
+    snap = Snapshot()
+    m = run(cfg, callbacks=[snap])
+    assert snap.moved > 0  # the shared backbone got a gradient through the dense heads
+    assert all(math.isfinite(v) for k, v in m.items() if k.startswith("val/"))
+
+
+# -- Δm from single-task runs, as a monitor; ForkMerge on dense tasks ----------------------------------------
+def test_delta_m_against_single_task_runs(make_cfg, tmp_path):
+    base = run(make_cfg("shapes_dense", *TINY, "trainer.max_steps=4", "data.tasks=[depth]", "run_name=base"))
+    saved = json.loads((tmp_path / "runs" / "shapes_dense" / "base" / "metrics.json").read_text())
+    assert saved["val/depth/abs_err"] == base["val/depth/abs_err"]
+    runs = f"delta_m.runs=[{base['run_dir']}]"
+    same = run(make_cfg("shapes_dense", *TINY, "trainer.max_steps=4", "data.tasks=[depth]", runs))
+    assert same["val/delta_m"] == 0.0  # the same training against itself
+    other = run(
+        make_cfg("shapes_dense", *TINY, "data.tasks=[depth]", runs, "checkpoint.monitor=val/delta_m", "test=true")
+    )
+    want = -50 * sum(
+        (other[f"val/depth/{k}"] - base[f"val/depth/{k}"]) / base[f"val/depth/{k}"] for k in ("abs_err", "rel_err")
+    )
+    assert other["val/delta_m"] == pytest.approx(want, rel=1e-4)
+    assert "test/delta_m" not in other  # the base run was not tested: no test-split base
+    with pytest.raises(MTLError, match=r"checkpoint.monitor='val/delta_m' is not a logged metric.*delta_m.runs"):
+        run(make_cfg("shapes_dense", *TINY, "checkpoint.monitor=val/delta_m"))
+
+
+def test_forkmerge_on_dense_tasks_merges_by_delta_m(make_cfg):
+    """The multi-task form (every task a target, one branch per task plus joint) merging by Δm against given base
+    numbers: each merge's score is the merged model's val/delta_m on the whole validation split."""
+    base = "delta_m.base={semantic/miou: 0.3, depth/abs_err: 1.5, normal/angle_mean: 30, edges/miou: 0.45}"
+    over = [
+        *TINY,
+        "trainer.max_steps=-1",
+        "trainer.max_epochs=2",
+        "weighting=forkmerge",
+        "weighting.target=[semantic,depth,normal,edges]",
+        "weighting.branches=[[1,1,1,1],[1,0,0,0],[0,1,0,0],[0,0,1,0],[0,0,0,1]]",
+        base,
+    ]
+    m = run(make_cfg("shapes_dense", *over))
+    rows = list(csv.DictReader(open(next(Path(m["run_dir"]).glob("csv/version_0/metrics.csv")))))
+    merged = [float(r["forkmerge/val/merged"]) for r in rows if r.get("forkmerge/val/merged")]
+    val = [float(r["val/delta_m"]) for r in rows if r.get("val/delta_m")]
+    assert len(merged) == 2 and merged == pytest.approx(val[:2], abs=1e-4)
