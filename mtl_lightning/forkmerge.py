@@ -37,7 +37,7 @@ def merge_score(module, loader, targets: list[int], max_batches: int | None, cri
     tasks = [module.tasks[k] for k in targets]
     if criterion == "delta_m":
         return delta_m(results, module.delta_base["val"], tasks)
-    signed = [(1 if t.metrics[t.primary] else -1) * results[t.key("", t.primary).lstrip("/")] for t in tasks]
+    signed = [(1 if t.metrics[t.primary] else -1) * results[t.metric_name(t.primary)] for t in tasks]
     return sum(signed) / len(signed)
 
 

@@ -343,7 +343,7 @@ def compute_metrics(tasks: Sequence[Task], metrics: Sequence[nn.ModuleDict]) -> 
         for name, metric in m.items():
             v = metric.compute()
             values.update(v if isinstance(v, dict) else {name: v})
-        out.update({t.key("", k).lstrip("/"): float(v) for k, v in values.items()})
+        out.update({t.metric_name(k): float(v) for k, v in values.items()})
     return out
 
 

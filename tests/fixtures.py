@@ -177,6 +177,5 @@ WRITERS = {  # data.name -> writers of the files it reads
     "cifar_stl": [write_cifar10, write_stl10],
     "celeba": [write_celeba],
     "domainnet": [write_domainnet],
-    "nyuv2": [write_nyuv2],
-    "taskonomy": [write_taskonomy],
 }
+DENSE_WRITERS = {"nyuv2": [write_nyuv2], "taskonomy": [write_taskonomy]}  # their own tests: tests/test_dense.py

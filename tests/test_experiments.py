@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from fixtures import WRITERS
+from fixtures import DENSE_WRITERS, WRITERS
 
 from experiments.run import run
 from mtl_lightning.config import compose, list_experiments
@@ -21,7 +21,7 @@ LIGHTER = {exp: ["model.backbone=resnet18"] for exp in ("nyuv2_mtl", "nyuv2_fork
 @pytest.mark.parametrize("exp", list_experiments())
 def test_experiment_smoke(exp, make_cfg, tmp_path):
     data = []  # real datasets train on a tiny fixture in their official format
-    for write in WRITERS.get(compose(exp).data.name, []):
+    for write in {**WRITERS, **DENSE_WRITERS}.get(compose(exp).data.name, []):
         write(tmp_path / "data")
         data = [f"data.root={tmp_path / 'data'}"]
     # tests never download: pretrained backbones (the papers' settings) train from scratch here

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
 from experiments.search import main
+from mtl_lightning.errors import MTLError
 from mtl_lightning.search import ApplyLearningRate, compose_search, run_search
 from mtl_lightning.train import train
 
@@ -199,3 +200,21 @@ def test_bad_search_config(argv, message, tmp_path, capsys):
     assert main(["exp=synthetic_mtl", f"out_dir={tmp_path}", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_search_ranks_by_a_lower_is_better_dense_metric(local_ray, tmp_path):
+    over = ["data.train_size=64", "data.val_size=32", "data.batch_size=16", "data.img_size=16", "model.depth=1"]
+    over += ["model.width=32", "trainer.max_epochs=2", f"out_dir={tmp_path}", "logger=csv"]
+    scfg, rest = compose_search(
+        "shapes_dense", ["search=pbt", "search.population=2", "search.metric=val/depth/abs_err", *over]
+    )
+    out = run_search("shapes_dense", rest, scfg)
+    finals = []
+    for progress in (tmp_path / "search" / "shapes_dense-pbt").glob("trial_*/progress.csv"):
+        rows = list(csv.DictReader(open(progress)))
+        for r in rows:  # Tune maximises the score: minus the error
+            assert float(r["score"]) == pytest.approx(-float(r["val/depth/abs_err"]))
+        finals.append(float(rows[-1]["val/depth/abs_err"]))
+    assert len(finals) == 2 and out["best_value"] == pytest.approx(min(finals))
+    with pytest.raises(MTLError, match=r"search.metric='val/acc_mean' is not a logged metric.*val/depth/abs_err"):
+        compose_search("shapes_dense", ["search=pbt", "search.metric=val/acc_mean"])

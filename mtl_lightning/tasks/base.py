@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -46,9 +45,13 @@ class Task:
         """Feed one batch to `metrics`, leaving out what is unlabelled."""
         raise NotImplementedError
 
+    def metric_name(self, metric: str) -> str:
+        """A metric's name without the stage (`<task>/<metric>`), as Δm% base results and merge scores name it."""
+        return f"{self.name}/{metric}"
+
     def key(self, stage: str, metric: str) -> str:
         """The logged name of a metric: `<stage>/<task>/<metric>`."""
-        return f"{stage}/{self.name}/{metric}"
+        return f"{stage}/{self.metric_name(metric)}"
 
     # Augmentation of dense targets (random scale-crop and flip, applied by the datamodule to whole batches)
     def crop_resize(self, target: Tensor, box: tuple[int, int, int, int], size, scale: float) -> Tensor:
@@ -62,12 +65,6 @@ class Task:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
-
-    def __eq__(self, other) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, self.name))
 
 
 class DenseHead(nn.Module):
@@ -98,7 +95,3 @@ def masked_mean(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     n = mask.sum()
     loss = (values * mask).sum() / n.clamp(min=1)
     return loss, mask.flatten(1).any(1).sum()
-
-
-def as_long(t: Tensor) -> Tensor:
-    return t if t.dtype == torch.long else t.long()

@@ -53,8 +53,8 @@ class Classification(Task):
         if mask.any():  # an MDL batch may hold no sample of this domain
             metrics["acc"].update(pred[mask], target[mask])
 
-    def key(self, stage: str, metric: str) -> str:
-        return f"{stage}/{metric}/{self.name}"
+    def metric_name(self, metric: str) -> str:
+        return f"{metric}/{self.name}"
 
     def __repr__(self) -> str:
         return f"Classification({self.name!r}, {self.num_classes})"

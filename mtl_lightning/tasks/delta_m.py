@@ -16,10 +16,6 @@ from ..errors import MTLError
 from .base import Task
 
 
-def metric_names(task: Task) -> list[str]:
-    return [task.key("", m).lstrip("/") for m in task.metrics]
-
-
 def delta_m(results: Mapping[str, float], base: Mapping[str, float], tasks: Sequence[Task]) -> float:
     """Δm% of `results` against `base` over `tasks`, each task's term averaged over its metrics that `base` has
     (all of them with single-task runs; papers often publish only some, e.g. ForkMerge's NYUv2 table)."""
@@ -27,7 +23,7 @@ def delta_m(results: Mapping[str, float], base: Mapping[str, float], tasks: Sequ
     for t in tasks:
         terms = []
         for m, higher in t.metrics.items():
-            name = t.key("", m).lstrip("/")
+            name = t.metric_name(m)
             if name in base:
                 b, r = base[name], results[name]
                 terms.append((1 if higher else -1) * (r - b) / b)
@@ -37,8 +33,8 @@ def delta_m(results: Mapping[str, float], base: Mapping[str, float], tasks: Sequ
 
 def check_base(base: Mapping[str, float], tasks: Sequence[Task], source: str) -> list[str]:
     """Refuse a base without any value for some task, or with a zero; return the metrics Δm leaves out."""
-    names = [n for t in tasks for n in metric_names(t)]
-    bare = [t.name for t in tasks if not any(n in base for n in metric_names(t))]
+    names = [t.metric_name(m) for t in tasks for m in t.metrics]
+    bare = [t.name for t in tasks if not any(t.metric_name(m) in base for m in t.metrics)]
     zero = [n for n in names if base.get(n) == 0]
     if bare or zero:
         what = f"no value for any metric of task(s) {bare}" if bare else f"a zero (Δm divides by it) for {zero}"

@@ -1,0 +1,105 @@
+"""Dense prediction costs, in one process run (ratios side by side):
+
+1. Loaders: training images/s of the NYUv2 and Taskonomy DataModules on fixtures in their official formats
+   (NYUv2 288x384 .npy arrays; Taskonomy 512x512 PNGs of the five tasks, resized to 256), 0 and 2 workers.
+2. A dense step against a classification step on the same backbone and batch: the shapes scenes' four dense heads
+   vs four linear heads (the synthetic mixture at the same image size), for a ViT and a ResNet.
+3. Gradient methods on dense tasks: per-step time and peak memory against uniform, `rep` and `param` mode, for 3
+   and 5 Taskonomy tasks (fixtures at 64x64).
+Time and memory as in benchmarks/methods.py (CPU: peak resident set; GPU: peak allocated). Usage:
+    python benchmarks/dense.py [--steps 5] [--warmup 2] [--parts loaders steps methods]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from fixtures import write_nyuv2, write_taskonomy  # noqa: E402
+from methods import low_level_malloc, timed_run  # noqa: E402
+
+from mtl_lightning.config import compose  # noqa: E402
+from mtl_lightning.data import create_datamodule  # noqa: E402
+
+VIT = ["model.depth=4", "model.width=128", "model.patch_size=4"]
+METHODS = ["pcgrad", "cagrad", "mgda", "imtl_g", "upgrad", "nash_mtl", "graddrop", "gradnorm"]
+
+
+def loader_rate(exp: str, root: Path, workers: int, *over: str) -> float:
+    dm = create_datamodule(compose(exp, [f"data.root={root}", f"data.num_workers={workers}", *over]).data)
+    dm.setup()
+    n, t0 = 0, time.perf_counter()
+    for x, _ in dm.train_dataloader():
+        n += len(x)
+    return n / (time.perf_counter() - t0)
+
+
+def loaders(root: Path) -> None:
+    write_nyuv2(root, train=64, val=1)
+    write_taskonomy(root, views=16, size=512)  # 2 train buildings x 16 views
+    print("| loader | 0 workers img/s | 2 workers img/s |\n|---|---|---|")
+    for exp, over in (("nyuv2_mtl", ["data.batch_size=8"]), ("taskonomy_mtl", ["data.batch_size=8"])):
+        rates = [loader_rate(exp, root, w, *over) for w in (0, 2)]
+        print(f"| {exp} | {rates[0]:.0f} | {rates[1]:.0f} |", flush=True)
+
+
+def steps(a) -> None:
+    common = ["data.batch_size=32", "data.train_size=512", "model.pretrained=false"]
+    rows = [
+        ("ViT depth 4, width 128, /4", VIT),
+        ("ResNet-18 (features_only, /32)", ["model.backbone=resnet18"]),
+    ]
+    print("| backbone | classification step | dense step | time | peak memory |\n|---|---|---|---|---|")
+    for label, model in rows:
+        cls = timed_run("synthetic_mtl", [*common, *model, "data.num_tasks=4", "data.img_size=32"], a.warmup, a.steps)
+        dense = timed_run("shapes_dense", [*common, *model, "data.img_size=32"], a.warmup, a.steps)
+        print(
+            f"| {label} | {cls[0] * 1000:.0f} ms, {cls[1]:.0f} MiB | {dense[0] * 1000:.0f} ms, {dense[1]:.0f} MiB "
+            f"| {dense[0] / cls[0]:.2f}× | {dense[1] / max(cls[1], 1):.2f}× |",
+            flush=True,
+        )
+
+
+def methods(a, root: Path) -> None:
+    write_taskonomy(root, views=16, size=64)
+    five = "segment_semantic,depth_zbuffer,normal,keypoints2d,edge_texture"
+    sets = {3: "data.tasks=[segment_semantic,depth_zbuffer,normal]", 5: f"data.tasks=[{five}]"}
+    common = [f"data.root={root}", "data.img_size=64", "data.batch_size=16", *VIT]
+    print("| method | mode | K=3 time, mem | K=5 time, mem |\n|---|---|---|---|")
+    timed_run("taskonomy_mtl", [*common, sets[3], "weighting=pcgrad"], a.warmup, a.steps)  # warm-up, discarded
+    ref = {k: timed_run("taskonomy_mtl", [*common, s], a.warmup, a.steps) for k, s in sets.items()}
+    print("| uniform | loss | " + " | ".join(f"{t * 1000:.0f} ms, {m:.0f} MiB" for t, m in ref.values()) + " |")
+    for mode in ("rep", "param"):
+        for name in METHODS:
+            cells = []
+            for k, s in sets.items():
+                t, m = timed_run(
+                    "taskonomy_mtl", [*common, s, f"weighting={name}", f"weighting.mode={mode}"], a.warmup, a.steps
+                )
+                cells.append(f"{t / ref[k][0]:.2f}×, {m / max(ref[k][1], 1):.2f}×")
+            print(f"| {name} | {mode} | " + " | ".join(cells) + " |", flush=True)
+
+
+def main() -> None:
+    low_level_malloc()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--parts", nargs="+", default=["loaders", "steps", "methods"])
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        if "loaders" in a.parts:
+            loaders(Path(d) / "loaders")
+        if "steps" in a.parts:
+            steps(a)
+        if "methods" in a.parts:
+            methods(a, Path(d) / "methods")
+
+
+if __name__ == "__main__":
+    main()
