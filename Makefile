@@ -23,6 +23,7 @@ bench:  ## benchmarks; results go to BENCHMARKS.md by hand, with the command
 	$(PY) benchmarks/methods.py
 	$(PY) benchmarks/forkmerge.py
 	$(PY) benchmarks/search.py
+	$(PY) benchmarks/dense.py
 
 # A fresh clone has no stamp: install once (pip is quick when the packages are already there).
 .installed: pyproject.toml

@@ -27,6 +27,7 @@ from mtl_lightning.config import compose  # noqa: E402
 from mtl_lightning.data import create_datamodule  # noqa: E402
 
 VIT = ["model.depth=4", "model.width=128", "model.patch_size=4"]
+NOT_VIT = ["model.depth=null", "model.width=null", "model.num_heads=null", "model.patch_size=null"]
 METHODS = ["pcgrad", "cagrad", "mgda", "imtl_g", "upgrad", "nash_mtl", "graddrop", "gradnorm"]
 
 
@@ -52,7 +53,7 @@ def steps(a) -> None:
     common = ["data.batch_size=32", "data.train_size=512", "model.pretrained=false"]
     rows = [
         ("ViT depth 4, width 128, /4", VIT),
-        ("ResNet-18 (features_only, /32)", ["model.backbone=resnet18"]),
+        ("ResNet-18 (features_only, /32)", ["model.backbone=resnet18", *NOT_VIT]),
     ]
     print("| backbone | classification step | dense step | time | peak memory |\n|---|---|---|---|---|")
     for label, model in rows:
