@@ -47,7 +47,7 @@ class LastCheckpoint(Checkpoint):
         self.path, self.every_n_steps, self._saved_step = Path(dirpath) / "last.ckpt", every_n_steps, -1
 
     def _save(self, trainer) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full state, said so (Lightning logs otherwise)
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

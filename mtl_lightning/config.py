@@ -162,22 +162,40 @@ def compose(exp: str, overrides: Sequence[str] = (), config_dir: Path = CONFIG_D
                 return str(v)
         return default
 
-    data_cls = DATASETS.get(chosen("data", "digits"))
-    weighting_cls = WEIGHTINGS.get(chosen("weighting", "uniform"))
-    schema = OmegaConf.structured(Config(data=data_cls.Config(), weighting=weighting_cls.Config()))
-    OmegaConf.set_struct(schema, True)
-    for free in (schema.model.kwargs, schema.delta_m.base):  # open-ended maps: any key is valid there
-        OmegaConf.set_struct(free, False)
+    schema = _schema(chosen("data", "digits"), chosen("weighting", "uniform"))
     cfg = _merge(schema, delta, f"experiment file {path}")
     cfg = _merge(cfg, cli, "the command line")
     cfg.exp = exp
     return cfg
 
 
+def _schema(data: str, weighting: str) -> DictConfig:
+    """The typed base with the `data` and `weighting` sections of the named mixture and method (struct mode)."""
+    schema = OmegaConf.structured(
+        Config(data=DATASETS.get(data).Config(), weighting=WEIGHTINGS.get(weighting).Config())
+    )
+    OmegaConf.set_struct(schema, True)
+    for free in (schema.model.kwargs, schema.delta_m.base):  # open-ended maps: any key is valid there
+        OmegaConf.set_struct(free, False)
+    return schema
+
+
+def with_weighting(cfg: DictConfig, weighting: dict, **changes) -> DictConfig:
+    """`cfg` with its weighting replaced by `weighting` (a dict with `name`) and top-level `changes` applied."""
+    rest = OmegaConf.to_container(cfg, resolve=True)
+    rest.update(weighting=weighting, **changes)
+    return _merge(_schema(cfg.data.name, weighting["name"]), OmegaConf.create(rest), "a derived run")
+
+
 def save_config(cfg: DictConfig, path: Path) -> None:
     """Write the resolved config atomically (a crash never leaves a half-written file)."""
+    write_atomic(path, OmegaConf.to_yaml(cfg))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".yaml")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
     with os.fdopen(fd, "w") as f:
-        f.write(OmegaConf.to_yaml(cfg))
+        f.write(text)
     os.replace(tmp, path)

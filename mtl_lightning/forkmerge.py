@@ -1,10 +1,10 @@
 """ForkMerge's branches as a Lightning Callback (Jiang et al., NeurIPS 2023, arXiv:2301.12618).
 
-The callback holds one copy of the trainable parameters per branch, plus each branch's own optimiser state, and the
-merged parameters that the LightningModule holds between steps (so validation, checkpoints and the final model are
-always the merged model). Every training step, `MultiTaskModule` trains each branch one step on the same batch:
-`enter(b)` points the module's parameters and the optimiser's state at branch b, the module steps with that
-branch's task weights (`weighting=forkmerge`), `leave(b)` keeps the result. One scheduler drives the shared
+The callback holds one copy of the trainable parameters and BatchNorm statistics per branch, plus each branch's own
+optimiser state, and the merged parameters that the LightningModule holds between steps (so validation, checkpoints
+and the final model are always the merged model). Every training step, `MultiTaskModule` trains each branch one step
+on the same batch: `enter(b)` points the module's parameters and the optimiser's state at branch b, the module steps
+with that branch's task weights (`weighting=forkmerge`), `leave(b)` keeps the result. One scheduler drives the shared
 learning rate, so a branch's schedule is what a plain run's would be. Every merge interval, `merge` scores merges of
 the branches by the target tasks' primary metric (or Δm%) on the validation split (never the test split), picks
 the best, and starts every branch from it. Because every branch sees the same batches and keeps its own optimiser
@@ -13,7 +13,8 @@ target-only branch reproduces target-only training parameter for parameter.
 
 Deviations from the reference, by design: a branch merges its end-of-round weights (the reference reloads each
 branch's best-validation weights of the round); MDL branches weight domain losses (the reference changes the
-sampling probabilities); every shared entry is averaged, heads included, since every branch has every head.
+sampling probabilities); every shared entry is averaged, heads and BatchNorm statistics included, since every
+branch has every head.
 """
 
 from __future__ import annotations
@@ -23,22 +24,27 @@ from collections import defaultdict
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from .errors import MTLError
 from .tasks import delta_m
 
 
-def merge_score(module, loader, targets: list[int], max_batches: int | None, criterion: str) -> float:
-    """How good the module's current parameters are for the target tasks on `loader` (higher is better).
+def target_score(results: dict[str, float], tasks, criterion: str, base: dict[str, float] | None) -> float:
+    """How good `results` (metrics named as `Task.metric_name`) are for the target `tasks`, higher is better.
 
-    `primary`: the mean over targets of each target's primary metric, negated where lower is better (classification:
-    mean target accuracy, as the reference code on DomainNet). `delta_m`: Δm% of the targets against the base
-    results of `delta_m.*` (as the reference code on NYUv2).
+    `primary`: the mean of the targets' primary metrics, negated where lower is better (classification: the mean
+    target accuracy, as the reference code on DomainNet). `delta_m`: the targets' Δm% against `base` (as the
+    reference code on NYUv2).
     """
-    results = module.evaluate(loader, targets, max_batches)
-    tasks = [module.tasks[k] for k in targets]
     if criterion == "delta_m":
-        return delta_m(results, module.delta_base["val"], tasks)
+        return delta_m(results, base, tasks)
     signed = [(1 if t.metrics[t.primary] else -1) * results[t.metric_name(t.primary)] for t in tasks]
     return sum(signed) / len(signed)
+
+
+def merge_score(module, loader, targets: list[int], max_batches: int | None, criterion: str) -> float:
+    """`target_score` of the module's current parameters on `loader` (its first `max_batches` batches)."""
+    results = module.evaluate(loader, targets, max_batches)
+    return target_score(results, [module.tasks[k] for k in targets], criterion, module.delta_base.get("val"))
 
 
 def grid_search(score, num_branches: int, grid: list[float]) -> list[float]:
@@ -91,7 +97,12 @@ class ForkMerge(Callback):
         self.criterion = "primary"  # or delta_m: set by train() from weighting.criterion and the base results
 
     def _params(self, module) -> list[Tensor]:
-        return [p for p in module.parameters() if p.requires_grad]
+        """What a branch owns and a merge averages: the trainable parameters, then the floating-point buffers of the
+        backbone and heads (BatchNorm's running statistics, as the reference merges the whole state dict; integer
+        counters such as num_batches_tracked stay the module's)."""
+        params = [p for p in module.parameters() if p.requires_grad]
+        buffers = [b for part in (module.backbone, module.heads) for b in part.buffers() if b.is_floating_point()]
+        return params + buffers
 
     def _store(self, t: Tensor) -> Tensor:
         return t.detach().to("cpu", copy=True) if self.cfg.offload else t.detach().clone()
@@ -104,6 +115,12 @@ class ForkMerge(Callback):
         self.merged = [p.data for p in params]  # the module's (possibly restored) parameters: the merged model
         if self.branches is None:
             self.branches = [[self._store(p) for p in params] for _ in range(self.B)]
+        elif any(len(br) != len(params) for br in self.branches):
+            raise MTLError(
+                f"The ForkMerge branches in this checkpoint hold {len(self.branches[0])} tensors, the model "
+                f"{len(params)}: it was written by a version that merged parameters only (BatchNorm statistics are "
+                "now merged too). Start a new run; it cannot be resumed."
+            )
         else:  # restored from a checkpoint
             self.branches = [
                 [t.to("cpu" if c.offload else p.device) for t, p in zip(br, params)] for br in self.branches

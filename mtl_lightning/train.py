@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,10 +15,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import AtomicCheckpointIO, LastCheckpoint
-from .config import save_config
+from .config import save_config, with_weighting, write_atomic
 from .data import create_datamodule
 from .errors import MTLError
-from .forkmerge import ForkMerge
+from .forkmerge import ForkMerge, target_score
 from .model import MultiTaskModule, default_monitor, higher_is_better
 from .tasks import read_base
 from .tasks.delta_m import check_base
@@ -128,6 +127,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
     `save_checkpoints=False` writes no best/last.ckpt: a search trial's checkpoints are the ones it reports to Tune.
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    for key in ("max_epochs", "max_steps"):
+        value = cfg.trainer[key]
+        if value < -1 or (key == "max_epochs" and value == 0):
+            raise MTLError(f"trainer.{key}={value} must be a positive number, or -1 for no limit.")
     dm = create_datamodule(cfg.data, cfg.seed)
     weighting = create_weighting([t.name for t in dm.tasks], cfg.weighting)
     if cfg.data.mixing == "sample":
@@ -141,6 +144,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
     maximise = higher_is_better(monitor, dm.tasks, bool(bases), "checkpoint.monitor")
     run_dir, ckpt = resolve_run(cfg)
     save_config(cfg, run_dir / "config.yaml")
+    if getattr(weighting, "needs_ranking", False):  # ForkMerge's top-k branches: rank the auxiliaries first
+        weighting.use_ranking(rank_auxiliaries(cfg, weighting, dm.tasks, run_dir, bases))
     model = MultiTaskModule(
         dm.tasks,
         dm.in_chans,
@@ -203,7 +208,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
             metrics.update(results)
     out = {k: float(v) for k, v in metrics.items()}
     if trainer.is_global_zero:  # the base results a later Δm% reads (delta_m.runs=[this run_dir])
-        write_json(out, run_dir / "metrics.json")
+        write_atomic(run_dir / "metrics.json", json.dumps(out, indent=1, sort_keys=True))
     out["run_dir"] = str(run_dir)
     if "wandb" in str(cfg.logger):  # end the W&B run: a next train() in this process (a notebook, a search's
         import wandb  # retraining) then starts its own
@@ -235,6 +240,42 @@ def delta_bases(cfg: DictConfig, tasks) -> dict[str, dict[str, float]]:
     return bases
 
 
+def rank_auxiliaries(cfg: DictConfig, weighting, tasks, run_dir: Path, bases) -> list[int]:
+    """ForkMerge's pruning phase, as the reference code runs it: train the targets with each auxiliary task alone
+    for `weighting.pruning_epochs`, from the same initial weights (same seed), and rank the auxiliaries by the
+    targets' validation score. The runs live in `<run_dir>/pruning/`; `pruning.json` keeps the scores, so a resumed
+    run does not prune again."""
+    path = run_dir / "pruning.json"
+    names = [t.name for t in tasks]
+    if path.exists():
+        return [names.index(n) for n in json.loads(path.read_text())["ranking"]]
+    c = cfg.weighting
+    criterion = forkmerge_criterion(c.criterion, bool(bases))
+    targets = [tasks[k] for k in weighting.targets]
+    scores = {}
+    for k in weighting.aux:
+        w = [0.0] * len(tasks)
+        for t in weighting.targets:
+            w[t] = 1.0 / len(weighting.targets)
+        w[k] = c.aux_weight
+        sub = with_weighting(
+            cfg,
+            {"name": "fixed", "weights": w, "normalize": False},
+            out_dir=str(run_dir / "pruning"),
+            run_name=names[k],
+            resume=None,
+            test=False,
+            logger="csv",
+        )
+        sub.trainer.max_epochs, sub.trainer.max_steps = c.pruning_epochs, -1
+        m = train(sub, save_checkpoints=False)
+        results = {key[4:]: v for key, v in m.items() if key.startswith("val/")}
+        scores[names[k]] = target_score(results, targets, criterion, bases.get("val"))
+    ranking = sorted(weighting.aux, key=lambda k: -scores[names[k]])
+    write_atomic(path, json.dumps({"scores": scores, "ranking": [names[k] for k in ranking]}, indent=1))
+    return ranking
+
+
 def forkmerge_criterion(criterion: str, has_base: bool) -> str:
     if criterion == "delta_m" and not has_base:
         raise MTLError(
@@ -242,10 +283,3 @@ def forkmerge_criterion(criterion: str, has_base: bool) -> str:
             "(single-task run directories) or delta_m.base (numbers by metric), or use weighting.criterion=primary."
         )
     return criterion if criterion != "auto" else ("delta_m" if has_base else "primary")
-
-
-def write_json(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)

@@ -58,3 +58,17 @@ def test_cli_list(capsys):
     assert main(["--list"]) == 0
     assert "digits_mtl" in capsys.readouterr().out
     assert main(["exp=digits_mtl", "exp=digits_mdl"]) == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.batch_size=0", "data.batch_size=0 must be at least 1"),
+        ("trainer.max_epochs=-3", "trainer.max_epochs=-3 must be a positive number, or -1"),
+        ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
+    ],
+)
+def test_bad_numbers_are_clear_errors(override, message, tmp_path, capsys):
+    assert main(["exp=digits_mtl", f"out_dir={tmp_path}", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -305,7 +305,8 @@ def test_delta_m_against_single_task_runs(make_cfg, tmp_path):
     saved = json.loads((tmp_path / "runs" / "shapes_dense" / "base" / "metrics.json").read_text())
     assert saved["val/depth/abs_err"] == base["val/depth/abs_err"]
     runs = f"delta_m.runs=[{base['run_dir']}]"
-    same = run(make_cfg("shapes_dense", *TINY, "trainer.max_steps=4", "data.tasks=[depth]", runs))
+    numbers = "delta_m.base={depth/abs_err: 123.0}"  # a run's own value wins over a given number
+    same = run(make_cfg("shapes_dense", *TINY, "trainer.max_steps=4", "data.tasks=[depth]", runs, numbers))
     assert same["val/delta_m"] == 0.0  # the same training against itself
     other = run(
         make_cfg("shapes_dense", *TINY, "data.tasks=[depth]", runs, "checkpoint.monitor=val/delta_m", "test=true")

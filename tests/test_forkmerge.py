@@ -1,5 +1,8 @@
 """ForkMerge: exactness against plain training, the merge search, negative transfer, mid-round resume."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -171,3 +174,62 @@ def test_offloaded_branches_give_the_same_result(make_cfg, tmp_path):
     a, b = model_params(final(on)), model_params(final(off))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert all(t.device.type == "cpu" for br in final(on)["callbacks"]["ForkMerge"]["branches"] for t in br)
+
+
+def test_merge_averages_batchnorm_statistics(make_cfg, monkeypatch):
+    """Each branch keeps its own BatchNorm running statistics, and the merge averages them with the same Λ as the
+    parameters (the reference merges the whole state dict)."""
+    from mtl_lightning.forkmerge import ForkMerge
+
+    seen = []
+    original = ForkMerge.merge
+
+    def spy(self, module):
+        seen.append([[t.clone() for t in br] for br in self.branches])  # the branches just before the merge
+        original(self, module)
+        names = [n for n, _ in module.named_parameters()] + [
+            n for n, b in module.named_buffers() if b.is_floating_point() and n.startswith(("backbone.", "heads."))
+        ]
+        seen[-1].append(dict(zip(names, [t.clone() for t in self.merged])))
+
+    monkeypatch.setattr(ForkMerge, "merge", spy)
+    resnet = ["model.backbone=resnet18", "model.depth=null", "model.width=null", "model.num_heads=null"]
+    resnet.append("model.patch_size=null")
+    m = run(make_cfg("digits_forkmerge", *BASE, "trainer.max_epochs=1", "weighting.grid=[0.5]", *resnet))
+    b0, b1, merged = seen[-1]
+    names = list(merged)
+    stats = [i for i, n in enumerate(names) if n.endswith("running_mean")]
+    assert stats and any(not torch.allclose(b0[i], b1[i]) for i in stats)  # the branches' statistics differ
+    for i, n in enumerate(names):
+        assert torch.allclose(merged[n], 0.5 * b0[i] + 0.5 * b1[i], atol=1e-6), n
+    ckpt = final(m)["state_dict"]
+    assert torch.allclose(ckpt[names[stats[0]]], merged[names[stats[0]]].cpu())  # the model holds the merge
+
+
+def test_topk_branches_have_the_reference_weights():
+    cls = WEIGHTINGS.get("forkmerge")
+    tasks = ["t", "a", "b", "c"]
+    w = cls(tasks, cls.Config(target=["t"], topk=[0, 1, 3], pruning_epochs=2))
+    w.use_ranking([3, 1, 2])  # c ranked best, then a, then b
+    # branch k: the target (weight 1) + the k best auxiliaries sharing aux_weight = 1 (1/k each, as on DomainNet)
+    want = torch.tensor([[1, 0, 0, 0], [1, 0, 0, 1], [1, 1 / 3, 1 / 3, 1 / 3]])
+    assert torch.allclose(w.branch_weights, want)
+    equal = cls(tasks, cls.Config(target=["t"], topk=[0, 2], pruning_epochs=2, aux_split=False))
+    equal.use_ranking([2, 1, 3])
+    assert equal.branch_weights.tolist() == [[1, 0, 0, 0], [1, 1, 1, 0]]  # NYUv2: equal loss weights
+    with pytest.raises(MTLError, match="set weighting.pruning_epochs"):
+        cls(tasks, cls.Config(target=["t"], topk=[0, 1]))
+    with pytest.raises(MTLError, match=r"weighting.topk=\[0, 4\] must be distinct counts"):
+        cls(tasks, cls.Config(target=["t"], topk=[0, 4], pruning_epochs=1))
+
+
+def test_pruning_ranks_a_helpful_auxiliary_above_a_noise_auxiliary(make_cfg):
+    over = ["data.num_tasks=3", "data.label_noise=[0,0,1.0]", "data.relatedness=0.9", "data.train_size=1000"]
+    over += ["weighting=forkmerge", "weighting.target=[task0]", "weighting.topk=[0,1]", "weighting.pruning_epochs=3"]
+    over.append("weighting.aux_weight=3")  # a strong auxiliary, so the noise one hurts clearly (4 of 4 seeds tried)
+    m = run(make_cfg("synthetic_mtl", *over, "trainer.max_epochs=1", "test=false"))
+    pruned = json.loads((Path(m["run_dir"]) / "pruning.json").read_text())
+    assert pruned["ranking"] == ["task1", "task2"] and pruned["scores"]["task1"] > pruned["scores"]["task2"]
+    weights = final(m)["state_dict"]["weighting.branch_weights"]
+    assert weights.tolist() == [[1, 0, 0], [1, 3, 0]]  # the top-1 branch took the clean auxiliary
+    assert sorted(p.name for p in (Path(m["run_dir"]) / "pruning" / "synthetic_mtl").iterdir()) == ["task1", "task2"]

@@ -54,6 +54,7 @@ def test_non_conflicting_gradients_left_alone():
     assert torch.allclose(combine(make("upgrad", "ab"), J)[0], J.mean(0), atol=1e-4)  # inside the dual cone
     assert torch.allclose(combine(make("graddrop", "ab"), J)[0], J.sum(0))  # signs agree: nothing dropped
     assert torch.allclose(combine(make("cagrad", "ab", c=0.0), J)[0], J.mean(0), atol=1e-4)  # c = 0: average
+    assert torch.allclose(combine(make("dualproj", "ab"), J)[0], J.mean(0), atol=1e-4)  # the mean conflicts with none
 
 
 def test_pcgrad_projects_conflicting_pair():
@@ -69,6 +70,45 @@ def test_mgda_min_norm_point_of_two_vectors():
     assert torch.allclose(g, torch.tensor([0.4, 0.8]), atol=1e-3) and torch.allclose(
         w, torch.tensor([0.2, 0.8]), atol=1e-3
     )
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_mgda_is_the_exact_min_norm_point(seed):
+    """KKT conditions of min w^T G w on the simplex, which certify the optimum without another solver: with
+    v = w^T G w, every (G w)_k >= v, with equality where w_k > 0. Gramians of 5 tasks, two strongly conflicting."""
+    gen = torch.Generator().manual_seed(seed)
+    J = torch.randn(5, 40, generator=gen, dtype=torch.float64)
+    J[1] = -0.9 * J[0] + 0.3 * torch.randn(40, generator=gen, dtype=torch.float64)
+    G = J @ J.T
+    w = make("mgda", "abcde").combine(J.float(), G.float())[1].double()
+    assert torch.all(w >= 0) and w.sum() == pytest.approx(1.0, abs=1e-6)
+    Gw, v = G @ w, w @ G @ w
+    scale = G.diagonal().max()
+    assert torch.all(Gw >= v - 1e-5 * scale)
+    assert torch.all((Gw - v)[w > 1e-6].abs() <= 1e-5 * scale)
+    loose = make("mgda", "abcde", solver="frank_wolfe", epsilon=1e-3, max_iters=100).combine(J.float(), G.float())[1]
+    assert (loose.double() @ G @ loose.double()) >= v - 1e-9  # Frank-Wolfe can only stop at or above the minimum
+
+
+def test_cagrad_rescale_as_libmtl():
+    J = torch.tensor([[1.0, 0.2, 0.0], [-0.5, 1.0, 0.3], [0.1, -0.4, 1.0]])
+    c = 0.4
+    g0 = combine(make("cagrad", c=c, rescale=0), J)[0]
+    assert torch.allclose(combine(make("cagrad", c=c), J)[0], g0 / (1 + c**2), atol=1e-6)  # LibMTL's default
+    assert torch.allclose(combine(make("cagrad", c=c, rescale=2), J)[0], g0 / (1 + c), atol=1e-6)
+    with pytest.raises(MTLError, match="weighting.rescale=3"):
+        make("cagrad", rescale=3)
+
+
+def test_config_aligned_mtl_fairgrad_known_answers():
+    J = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # orthogonal, norms 1 and 2
+    # ConFIG: the direction at equal angles to both, (1, 1)/sqrt2, times the sum of the projections on it (3/sqrt2)
+    assert torch.allclose(combine(make("config", "ab"), J)[0], torch.tensor([1.5, 1.5]), atol=1e-5)
+    # Aligned-MTL: both rows rescaled to sqrt of the smallest eigenvalue of G (1), then averaged
+    assert torch.allclose(combine(make("aligned_mtl", "ab"), J)[0], torch.tensor([0.5, 0.5]), atol=1e-5)
+    # FairGrad with alpha = 1 is the Nash bargaining solution: G w = 1/w, w_k = 1/|g_k|, so g = (1, 1)
+    g, w = combine(make("fairgrad", "ab", alpha=1.0), J)
+    assert torch.allclose(w, torch.tensor([1.0, 0.5]), atol=1e-3) and torch.allclose(g, torch.ones(2), atol=1e-3)
 
 
 def test_imtl_g_equal_projections():

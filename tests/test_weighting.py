@@ -75,7 +75,7 @@ def test_fixed_rejects_bad_weights(weights, expected):
 
 def test_unknown_weighting_lists_choices():
     with pytest.raises(
-        MTLError, match="Did you mean 'pcgrad'.*Valid choices: cagrad, dwa, famo, fixed, forkmerge, gls, graddrop"
+        MTLError, match="Did you mean 'pcgrad'.*Valid choices: aligned_mtl, cagrad, config, dualproj, dwa, fairgrad"
     ):
         create_weighting(TASKS, type("C", (), {"name": "pcgradd"})())
 
@@ -83,6 +83,7 @@ def test_unknown_weighting_lists_choices():
 def test_registry_holds_every_method_of_the_papers():
     loss_level = {"uniform", "fixed", "uncertainty", "imtl_l", "dwa", "rlw", "gls", "famo"}
     gradient = {"pcgrad", "cagrad", "graddrop", "mgda", "mgda_ub", "imtl_g", "nash_mtl", "upgrad", "gradnorm"}
+    gradient |= {"aligned_mtl", "config", "dualproj", "fairgrad"}  # torchjd's further published aggregators
     assert set(LOSS_LEVEL) == loss_level and set(WEIGHTINGS.names()) == loss_level | gradient | {"forkmerge"}
 
 

@@ -185,6 +185,11 @@ class MixtureDataModule(L.LightningDataModule):
                 f"data.mixing=sample draws batches from a mixture of domains, but data={cfg.name} is multi-task "
                 "(every sample has every label): use data.mixing=loss."
             )
+        for key in ("batch_size", "eval_batch_size"):
+            if getattr(cfg, key) < 1:
+                raise MTLError(f"data.{key}={getattr(cfg, key)} must be at least 1.")
+        if cfg.num_workers < 0:
+            raise MTLError(f"data.num_workers={cfg.num_workers} must be >= 0 (0 loads in the training process).")
         if not 0.0 < cfg.train_fraction <= 1.0:
             raise MTLError(f"data.train_fraction={cfg.train_fraction} must be within (0, 1].")
         self.all_tasks = self.describe()

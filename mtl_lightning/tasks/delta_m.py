@@ -46,8 +46,9 @@ def check_base(base: Mapping[str, float], tasks: Sequence[Task], source: str) ->
 
 
 def read_base(numbers: Mapping[str, float], runs: Sequence[str], stage: str) -> dict[str, float]:
-    """Base results: the `<stage>/...` metrics of single-task runs (their `metrics.json`), then the given numbers."""
-    base: dict[str, float] = {}
+    """Base results: the given numbers, overridden by the `<stage>/...` metrics of single-task runs (their
+    `metrics.json`): one's own baselines win over an experiment's published ones."""
+    base = {k: float(v) for k, v in numbers.items()}
     for run in runs:
         path = Path(run).expanduser() / "metrics.json"
         if not path.is_file():
@@ -59,5 +60,4 @@ def read_base(numbers: Mapping[str, float], runs: Sequence[str], stage: str) -> 
         for k, v in json.loads(path.read_text()).items():
             if k.startswith(prefix) and isinstance(v, int | float):
                 base[k[len(prefix) :]] = float(v)
-    base.update({k: float(v) for k, v in numbers.items()})
     return base

@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from . import (  # noqa: F401  (registers the methods)
+    aligned_mtl,
     cagrad,
+    config_agg,
+    dualproj,
     dwa,
+    fairgrad,
     famo,
     fixed,
     forkmerge,

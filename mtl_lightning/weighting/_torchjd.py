@@ -61,6 +61,23 @@ def set_nash_state(weighting, state: dict) -> None:
         weighting._init_optim_problem()
 
 
+def aligned_mtl(scale_mode: str):
+    return _check(lambda: A.AlignedMTLWeighting(scale_mode=scale_mode))
+
+
+def dual_proj():
+    return _check(A.DualProjWeighting)
+
+
+def fair_grad(alpha: float):
+    return _check(lambda: A.FairGradWeighting(alpha=alpha))
+
+
+def config():
+    """ConFIG's aggregator: it works on J itself (unit-normalised rows), not only on the Gramian."""
+    return _check(A.ConFIG)
+
+
 def graddrop(leak: list[float] | None):
     return _check(lambda: A.GradDrop(leak=None if leak is None else torch.tensor(leak)))
 

@@ -22,7 +22,11 @@ class ForkMerge(Weighting):
 
     Branches, by default (Algorithm 1): target-only (w = 1/|T| on each target) and target + aux_weight x
     auxiliary (aux_weight/|A| on each auxiliary task). `per_auxiliary=true` (Algorithm 2): target-only plus one
-    branch per auxiliary task. `branches` gives the weight vectors explicitly (one weight per task, in task order).
+    branch per auxiliary task. `topk` (the reference code's branches): branch k = the targets + the k best
+    auxiliary tasks, ranked by a pruning phase (`pruning_epochs` of target + one auxiliary each, from the initial
+    weights, scored on validation by `criterion`; `train()` runs it). `aux_split`: the chosen auxiliaries share
+    aux_weight (aux_weight/k each, as the reference's DomainNet sampling probabilities) or each get it (false: the
+    equal loss weights of its NYUv2 branches). `branches` gives the weight vectors explicitly.
     """
 
     forks = True
@@ -33,6 +37,9 @@ class ForkMerge(Weighting):
         target: list[str] = field(default_factory=list)  # the target task(s); every other task is auxiliary
         aux_weight: float = 1.0  # lambda in L_tgt + lambda L_aux
         per_auxiliary: bool = False  # Algorithm 2's branches: target-only + one per auxiliary task
+        topk: list[int] | None = None  # the reference's nested branches: targets + the k best auxiliaries, per k
+        pruning_epochs: int = 0  # epochs of target + each auxiliary alone that rank the auxiliaries for topk
+        aux_split: bool = True  # chosen auxiliaries share aux_weight (true) or each get aux_weight (false)
         branches: list[list[float]] | None = None  # explicit weight vectors, one per branch
         interval_steps: int | None = None  # merge every this many steps ...
         interval_epochs: int | None = 1  # ... or epochs (used when interval_steps is not set)
@@ -48,22 +55,24 @@ class ForkMerge(Weighting):
         if not cfg.target or bad or len(set(cfg.target)) != len(cfg.target):
             raise MTLError(f"weighting.target={list(cfg.target)} must name one or more distinct tasks of {self.tasks}.")
         self.targets = [self.tasks.index(t) for t in cfg.target]
-        aux = [k for k in range(len(self.tasks)) if k not in self.targets]
+        self.aux = [k for k in range(len(self.tasks)) if k not in self.targets]
         if cfg.branches is not None:
             vectors = [check_weights(b, self.tasks, f"weighting.branches[{i}]") for i, b in enumerate(cfg.branches)]
         else:
-            if not aux:
+            if not self.aux:
                 raise MTLError(f"weighting.target={list(cfg.target)} leaves no auxiliary task among {self.tasks}.")
             if not cfg.aux_weight >= 0:
                 raise MTLError(f"weighting.aux_weight={cfg.aux_weight} must be >= 0.")
-            base = torch.zeros(len(self.tasks))
-            base[self.targets] = 1.0 / len(self.targets)
-            groups = [[k] for k in aux] if cfg.per_auxiliary else [aux]
-            vectors = [base]
-            for g in groups:
-                v = base.clone()
-                v[g] = cfg.aux_weight / len(g)
-                vectors.append(v)
+            if cfg.topk is not None:
+                A = len(self.aux)
+                if len(set(cfg.topk)) != len(cfg.topk) or any(not 0 <= k <= A for k in cfg.topk):
+                    raise MTLError(f"weighting.topk={list(cfg.topk)} must be distinct counts of auxiliaries in 0..{A}.")
+                if self.needs_ranking and cfg.pruning_epochs < 1:
+                    raise MTLError(
+                        f"weighting.topk={list(cfg.topk)} picks the best k of {A} auxiliary tasks, which a pruning "
+                        "phase ranks: set weighting.pruning_epochs (the reference uses 10 on NYUv2)."
+                    )
+            vectors = self._vectors(self.aux)
         if len(vectors) < 2:
             raise MTLError("weighting.branches must give at least two branches to merge.")
         if not cfg.grid or any(not 0 <= a <= 1 for a in cfg.grid):
@@ -82,6 +91,31 @@ class ForkMerge(Weighting):
     @property
     def num_branches(self) -> int:
         return len(self.branch_weights)
+
+    @property
+    def needs_ranking(self) -> bool:
+        """Whether the branches depend on the order of the auxiliaries (top-k for some 0 < k < all)."""
+        return self.cfg.topk is not None and any(0 < k < len(self.aux) for k in self.cfg.topk)
+
+    def _vectors(self, ranking: list[int]) -> list[Tensor]:
+        cfg = self.cfg
+        base = torch.zeros(len(self.tasks))
+        base[self.targets] = 1.0 / len(self.targets)
+        if cfg.topk is not None:
+            groups = [ranking[:k] for k in cfg.topk]
+        else:
+            groups = [[]] + ([[k] for k in ranking] if cfg.per_auxiliary else [ranking])
+        vectors = []
+        for g in groups:
+            v = base.clone()
+            if g:
+                v[g] = cfg.aux_weight / (len(g) if cfg.aux_split else 1)
+            vectors.append(v)
+        return vectors
+
+    def use_ranking(self, ranking: list[int]) -> None:
+        """Rebuild the top-k branches from the auxiliary tasks ranked best first (the pruning phase's result)."""
+        self.branch_weights = torch.stack(self._vectors(ranking))
 
     def weights(self, losses: Tensor) -> Tensor:
         return self.branch_weights[self.current].to(losses)
