@@ -11,10 +11,11 @@ the best, and starts every branch from it. Because every branch sees the same ba
 state (as the reference code does: optimiser state is neither forked nor merged), a grid that always picks the
 target-only branch reproduces target-only training parameter for parameter.
 
-Deviations from the reference, by design: a branch merges its end-of-round weights (the reference reloads each
-branch's best-validation weights of the round); MDL branches weight domain losses (the reference changes the
-sampling probabilities); every shared entry is averaged, heads and BatchNorm statistics included, since every
-branch has every head.
+Best of round (`weighting.best_of_round`, on by default as the reference): at every epoch end inside a round each
+branch is scored on validation and its best weights of the round are kept; the merge then combines each branch's
+best weights of the round, not its last. Deviation from the reference, by design: MDL branches weight domain
+losses (the reference changes the sampling probabilities); every shared entry is averaged, heads and BatchNorm
+statistics included, since every branch has every head.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class ForkMerge(Callback):
         self.states: list[dict | None] = [None] * self.B  # each branch's optimiser state (param -> dict)
         self.saved_states: list[dict | None] = [None] * self.B  # from a checkpoint, bound on first use
         self.history: list[dict] = []  # one entry per merge: step, lambdas, scores
+        self.best: list[tuple[float, list[Tensor]] | None] = [None] * self.B  # each branch's best of this round
         self.interval = 0
         self.criterion = "primary"  # or delta_m: set by train() from weighting.criterion and the base results
 
@@ -122,19 +124,21 @@ class ForkMerge(Callback):
                 "now merged too). Start a new run; it cannot be resumed."
             )
         else:  # restored from a checkpoint
-            self.branches = [
-                [t.to("cpu" if c.offload else p.device) for t, p in zip(br, params)] for br in self.branches
-            ]
+            where = ["cpu" if c.offload else p.device for p in params]
+            self.branches = [[t.to(d) for t, d in zip(br, where)] for br in self.branches]
+            self.best = [None if b is None else (b[0], [t.to(d) for t, d in zip(b[1], where)]) for b in self.best]
 
     def state_dict(self) -> dict:
         return {
             "branches": self.branches,
             "states": [self._state_to_save(b) for b in range(self.B)],
             "history": self.history,
+            "best": self.best,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.branches, self.saved_states, self.history = state["branches"], state["states"], state["history"]
+        self.best = state.get("best", [None] * self.B)
         self.states = [None] * self.B
 
     # -- called by MultiTaskModule ------------------------------------------------------------------------
@@ -168,11 +172,35 @@ class ForkMerge(Callback):
         for p, m in zip(self._params(module), self.merged):
             p.data = m
 
+    def _branch_score(self, module, b: int) -> float:
+        """Branch b's current weights scored on validation (the module is left pointing at them)."""
+        for p, t in zip(self._params(module), self.branches[b]):
+            p.data = t.to(p.device)
+        loader = module.trainer.datamodule.val_dataloader()
+        return merge_score(module, loader, self.weighting.targets, self.cfg.val_batches, self.criterion)
+
+    def track(self, module) -> None:
+        """Inside a round: keep each branch's weights when they score better than its best of the round so far."""
+        for b in range(self.B):
+            s = self._branch_score(module, b)
+            if self.best[b] is None or s > self.best[b][0]:
+                self.best[b] = (s, [t.clone() for t in self.branches[b]])
+        for p, m in zip(self._params(module), self.merged):
+            p.data = m
+
     def merge(self, module) -> None:
         params = self._params(module)
         loader = module.trainer.datamodule.val_dataloader()
         targets = self.weighting.targets
         cache: dict[tuple, float] = {}
+        for b in range(self.B):  # each branch's own score; with best_of_round, its best weights of the round
+            s = self._branch_score(module, b)
+            if self.cfg.best_of_round and self.best[b] is not None and self.best[b][0] > s:
+                s = self.best[b][0]
+                for t, kept in zip(self.branches[b], self.best[b][1]):
+                    t.copy_(kept)
+            cache[tuple(1.0 if j == b else 0.0 for j in range(self.B))] = s
+        self.best = [None] * self.B
 
         def combine(lam):
             out = []
@@ -225,6 +253,10 @@ class ForkMerge(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._opt = pl_module.optimizers().optimizer
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.cfg.best_of_round and pl_module.global_step % self.interval:  # inside a round (not at a merge)
+            self.track(pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.interval and pl_module.global_step % self.interval:  # the budget ended mid-round: merge it too

@@ -16,6 +16,7 @@ from mtl_lightning.data import create_datamodule
 # The same family, smaller, where the paper's backbone would dominate the suite's CPU time (a dilated ResNet-50 at
 # NYUv2's 288x384: ~30 s a step here); the config's other keys (output stride, optimiser, schedule) still apply.
 LIGHTER = {exp: ["model.backbone=resnet18"] for exp in ("nyuv2_mtl", "nyuv2_forkmerge")}
+LIGHTER["nyuv2_forkmerge"] += ["weighting.pruning_epochs=1", "weighting.topk=[0,1]"]  # pruning runs, 1 epoch each
 
 
 @pytest.mark.parametrize("exp", list_experiments())

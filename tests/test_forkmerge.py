@@ -233,3 +233,31 @@ def test_pruning_ranks_a_helpful_auxiliary_above_a_noise_auxiliary(make_cfg):
     weights = final(m)["state_dict"]["weighting.branch_weights"]
     assert weights.tolist() == [[1, 0, 0], [1, 3, 0]]  # the top-1 branch took the clean auxiliary
     assert sorted(p.name for p in (Path(m["run_dir"]) / "pruning" / "synthetic_mtl").iterdir()) == ["task1", "task2"]
+
+
+def test_merge_takes_each_branch_best_weights_of_the_round(make_cfg, monkeypatch):
+    """Best of round, as the reference: scored at the epoch end inside a round, branch 0 was best then and branch 1
+    at the round's end; the merge combines branch 0's earlier weights with branch 1's last ones."""
+    import mtl_lightning.forkmerge as fm
+
+    scores = iter([0.9, 0.1, 0.5, 0.6])  # track: b0, b1 (epoch 1); merge: b0, b1 at the round's end (epoch 2)
+    monkeypatch.setattr(fm, "merge_score", lambda *a: next(scores, 0.0))
+    snaps = {}
+    track, merge = fm.ForkMerge.track, fm.ForkMerge.merge
+
+    def spy_track(self, module):
+        snaps["epoch1"] = [[t.clone() for t in br] for br in self.branches]
+        track(self, module)
+
+    def spy_merge(self, module):
+        snaps["end"] = [[t.clone() for t in br] for br in self.branches]
+        merge(self, module)
+        snaps["merged"] = [t.clone() for t in self.merged]
+
+    monkeypatch.setattr(fm.ForkMerge, "track", spy_track)
+    monkeypatch.setattr(fm.ForkMerge, "merge", spy_merge)
+    run(make_cfg("digits_forkmerge", *BASE, "weighting.interval_epochs=2", "weighting.grid=[0.5]"))
+    b0, b1 = snaps["epoch1"][0], snaps["end"][1]
+    assert not all(torch.equal(a, b) for a, b in zip(snaps["epoch1"][0], snaps["end"][0]))  # branch 0 moved on
+    for m, x, y in zip(snaps["merged"], b0, b1):
+        assert torch.allclose(m, 0.5 * x + 0.5 * y, atol=1e-6)

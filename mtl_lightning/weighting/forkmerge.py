@@ -48,6 +48,9 @@ class ForkMerge(Weighting):
         val_batches: int | None = None  # validation batches per candidate merge (None: the whole split)
         criterion: str = "auto"  # primary: targets' primary metric | delta_m: targets' Δm% | auto: delta_m with a base
         offload: bool = False  # keep the branch copies and their optimiser state on the CPU
+        best_of_round: bool = (
+            True  # merge each branch's best-validation weights of the round (epoch ends), as the reference
+        )
 
     def __init__(self, tasks, cfg: Config):
         super().__init__(tasks, cfg)
