@@ -340,28 +340,18 @@ def test_forkmerge_on_dense_tasks_merges_by_delta_m(make_cfg):
     assert len(merged) == 2 and merged == pytest.approx(val[:2], abs=1e-4)
 
 
-class Crash(Callback):
-    def __init__(self, at_step):
-        self.at_step = at_step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("simulated crash")
-
-
 def test_augmented_dense_run_resumes_exactly(make_cfg, tmp_path):
     """MTAN's augmentation draws from (seed, epoch, batch): a run resumed mid-epoch trains on the same crops."""
     over = [*TINY, "data.train_size=64", "trainer.max_steps=-1", "trainer.max_epochs=3", "checkpoint.every_n_steps=5"]
     over.append("data.augment=true")  # 4 steps an epoch; last.ckpt at step 5 is mid-epoch
+    from test_train import Crash, last_weights
+
     full = run(make_cfg("shapes_dense", *over, out_dir=tmp_path / "a"))
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(make_cfg("shapes_dense", *over, out_dir=tmp_path / "b"), callbacks=[Crash(7)])
     resumed = run(make_cfg("shapes_dense", *over, "resume=last", out_dir=tmp_path / "b"))
     plain = run(make_cfg("shapes_dense", *over[:-1], out_dir=tmp_path / "c"))
 
-    def weights(m):
-        return torch.load(f"{m['run_dir']}/checkpoints/last.ckpt", weights_only=False)["state_dict"]
-
-    a, b, c = weights(full), weights(resumed), weights(plain)
+    a, b, c = last_weights(full), last_weights(resumed), last_weights(plain)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)  # augmentation did change the training
