@@ -15,6 +15,7 @@ import lightning as L
 import timm
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from .errors import MTLError, NonFiniteLossError
 from .tasks import Classification, Task, delta_m
@@ -219,15 +220,21 @@ class MultiTaskModule(L.LightningModule):
 
     def _forkmerge_step(self, batch) -> Tensor:
         """One step of every ForkMerge branch on this batch (manual optimisation; see mtl_lightning/forkmerge.py)."""
-        x, y = batch
         opt = self.optimizers()
         shown = []
-        for b in range(self.weighting.num_branches):
+        nb = self.weighting.num_branches
+        for b in range(nb):
             self.fork.enter(b, self, opt.optimizer)
             self._reseed()  # every branch draws the randomness a plain run would at this step
-            losses, _ = self.task_losses(self(x), y)
+            if self.mixing == "sample":  # each branch drew its own batch (BranchBatchSampler): its slice, plain mean
+                x, y = tree_map(lambda t, b=b: t.chunk(nb)[b], batch)
+                losses, counts = self.task_losses(self(x), y)
+                loss = (counts / counts.sum() * losses).sum()
+            else:
+                x, y = batch
+                losses, _ = self.task_losses(self(x), y)
+                loss, _ = self.weighting(losses)
             self._check_finite(losses)
-            loss, _ = self.weighting(losses)
             opt.zero_grad()
             self.manual_backward(loss)
             if self.clip_val:
@@ -255,6 +262,9 @@ class MultiTaskModule(L.LightningModule):
             self._stepped_batch = None
             with torch.no_grad():
                 self.weighting.update(self.task_losses(self(batch[0]), batch[1])[0])
+
+    def on_train_epoch_start(self) -> None:
+        self.weighting.on_train_epoch_start(self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
         self.weighting.on_train_epoch_end()

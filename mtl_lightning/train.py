@@ -133,7 +133,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
             raise MTLError(f"trainer.{key}={value} must be a positive number, or -1 for no limit.")
     dm = create_datamodule(cfg.data, cfg.seed)
     weighting = create_weighting([t.name for t in dm.tasks], cfg.weighting)
-    if cfg.data.mixing == "sample":
+    forks = getattr(weighting, "forks", False)
+    if cfg.data.mixing == "sample" and not forks:  # ForkMerge's branches sample with their own weights (below)
         dm.probs = weighting.mixture_probs()
     dm.check()
     weighting.check(str(cfg.trainer.precision), distributed=False)  # again with the world size in setup()
@@ -146,6 +147,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
     save_config(cfg, run_dir / "config.yaml")
     if getattr(weighting, "needs_ranking", False):  # ForkMerge's top-k branches: rank the auxiliaries first
         weighting.use_ranking(rank_auxiliaries(cfg, weighting, dm.tasks, run_dir, bases))
+    if forks and cfg.data.mixing == "sample":
+        dm.branch_probs = weighting.branch_probs()
     model = MultiTaskModule(
         dm.tasks,
         dm.in_chans,
@@ -159,7 +162,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
         delta_base=bases,
     )
     clip = cfg.trainer.gradient_clip_val
-    if getattr(weighting, "forks", False):  # ForkMerge: the callback holds the branches, the module steps them
+    if forks:  # ForkMerge: the callback holds the branches, the module steps them
         fork = ForkMerge(weighting)
         fork.criterion = forkmerge_criterion(cfg.weighting.criterion, bool(bases))
         model.fork, model.clip_val, model.automatic_optimization, clip = fork, clip, False, None

@@ -84,14 +84,17 @@ def test_merges_are_logged_and_use_validation(make_cfg):
     assert "forkmerge/lambda/1" in header and "forkmerge/val/merged" in header
 
 
-def test_mid_round_resume_matches_uninterrupted(make_cfg, tmp_path):
+@pytest.mark.parametrize("exp", ["digits_forkmerge", "digits_mdl"])
+def test_mid_round_resume_matches_uninterrupted(exp, make_cfg, tmp_path):
     from test_train import Crash
 
     args = [*BASE, *FM, "weighting.interval_steps=6", "checkpoint.every_n_steps=4"]  # crash at 9: mid-round
-    full = run(make_cfg("digits_forkmerge", *args, out_dir=tmp_path / "a"))
+    if exp == "digits_mdl":  # each branch samples its own batches
+        args = [*MDL, *FM, "checkpoint.every_n_steps=4", "data.train_size=320"]
+    full = run(make_cfg(exp, *args, out_dir=tmp_path / "a"))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(make_cfg("digits_forkmerge", *args, out_dir=tmp_path / "b"), callbacks=[Crash(9)])
-    resumed = run(make_cfg("digits_forkmerge", *args, "resume=last", out_dir=tmp_path / "b"))
+        run(make_cfg(exp, *args, out_dir=tmp_path / "b"), callbacks=[Crash(9)])
+    resumed = run(make_cfg(exp, *args, "resume=last", out_dir=tmp_path / "b"))
     a, b = final(full), final(resumed)
     for k, v in model_params(a).items():
         assert torch.allclose(v, b["state_dict"][k], atol=1e-6), k
@@ -123,8 +126,50 @@ def test_branches_of_algorithms_1_and_2():
     assert two.branch_weights.tolist() == [[1, 0, 0], [1, 0.25, 0.25]]
     per = cls(["t", "a", "b"], cls.Config(target=["t"], per_auxiliary=True))
     assert per.branch_weights.tolist() == [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
-    with pytest.raises(MTLError, match="data.mixing=sample"):
-        two.mixture_probs()
+    assert torch.allclose(two.branch_probs(), torch.tensor([[1, 0, 0], [1 / 1.5, 0.25 / 1.5, 0.25 / 1.5]]))
+
+
+def test_each_branch_draws_whole_batches_from_its_own_probabilities():
+    from mtl_lightning.data.base import BranchBatchSampler
+
+    domains = torch.arange(3).repeat_interleave(50)
+    probs = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    s = BranchBatchSampler(domains, probs, batch_size=8, num_batches=3000, seed=1)
+    idx = s.batches(0)  # (steps, branches, batch)
+    d = domains[idx]
+    assert (d == d[..., :1]).all()  # one domain per branch batch
+    for b in range(3):
+        freq = torch.bincount(d[:, b, 0], minlength=3).float() / len(d)
+        assert torch.allclose(freq, probs[b], atol=0.03)  # chosen with the branch's probabilities; p = 0 never
+    assert not torch.equal(idx[:, 1], idx[:, 2])  # the branches draw independent streams
+    s.resume(0, 5)
+    assert list(s)[0] == idx[5].flatten().tolist() and torch.equal(s.batches(0), idx)  # resumable, deterministic
+    s.set_epoch(1)
+    assert not torch.equal(s.batches(1), idx)
+
+
+MDL = [*BASE, "weighting=forkmerge", "weighting.target=[clean]", "weighting.interval_steps=6", "data.mixing=sample"]
+
+
+class BranchDomains:
+    """Record the domains in each branch's slice of every training batch."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        labels = batch[1].chunk(2)
+        self.seen.append([sorted({int(c) for c in (lab >= 0).float().argmax(1)}) for lab in labels])
+
+
+def test_mdl_branches_sample_their_own_domains(make_cfg):
+    from lightning.pytorch.callbacks import Callback
+
+    rec = type("Rec", (BranchDomains, Callback), {})()
+    run(make_cfg("digits_mdl", *MDL, *FM), callbacks=[rec])
+    assert len(rec.seen) == 2 * (1280 // 64)  # epochs x the split's size over one branch's batch size
+    assert all(b0 == [0] for b0, _ in rec.seen)  # the target-only branch only ever sees the target domain
+    assert all(len(b1) == 1 for _, b1 in rec.seen) and {b1[0] for _, b1 in rec.seen} == {0, 1}  # the joint: both
 
 
 def _target_acc(make_cfg, tmp_path, tag, *overrides):

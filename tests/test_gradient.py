@@ -18,6 +18,8 @@ GRADIENT = [n for n in WEIGHTINGS.names() if getattr(WEIGHTINGS.get(n), "gradien
 
 def make(name, tasks=("a", "b", "c"), **kw):
     cls = WEIGHTINGS.get(name)
+    if cls.auxiliary:
+        kw.setdefault("target", "a")
     return cls(list(tasks), cls.Config(**kw))
 
 
@@ -33,11 +35,20 @@ def test_properties(name):
     g, w = combine(make(name), J)
     assert g.shape == (50,) and w.shape == (3,) and torch.isfinite(g).all() and torch.isfinite(w).all()
     perm = torch.tensor([2, 0, 1])  # permuting the tasks permutes the weights and leaves the update alone
-    g2, w2 = combine(make(name), J[perm])
+    g2, w2 = combine(make(name, tasks=["c", "a", "b"]), J[perm])
     assert torch.allclose(g2, g, atol=1e-4) and torch.allclose(w2, w[perm], atol=1e-4)
-    # interchangeable tasks (orthogonal gradients of equal norm, G = 4 I) are treated alike
-    q = torch.linalg.qr(torch.randn(50, 50, generator=torch.Generator().manual_seed(2)))[0]
+    # interchangeable tasks (orthogonal gradients of equal norm, G = 4 I) are treated alike (the auxiliaries, for
+    # methods that serve a target)
+    # (disjoint copies of one vector: also alike coordinate by coordinate, for Excess-MTL's per-coordinate scaling)
+    x = torch.randn(16, generator=torch.Generator().manual_seed(2))
+    q = torch.zeros(3, 50)
+    for k in range(3):
+        q[k, 16 * k : 16 * (k + 1)] = x / x.norm()
     g3, w3 = combine(make(name), 2 * q[:3])
+    if make(name).auxiliary:
+        w3 = w3[1:]
+        assert torch.allclose(w3, w3[0].expand(2), atol=1e-3)
+        return
     if make(name).stochastic:  # random per step (GradDrop's signs): alike in expectation
         torch.manual_seed(0)
         w3 = torch.stack([make(name).combine(2 * q[:3], 4 * torch.eye(3))[1] for _ in range(300)]).mean(0)
@@ -109,6 +120,82 @@ def test_config_aligned_mtl_fairgrad_known_answers():
     # FairGrad with alpha = 1 is the Nash bargaining solution: G w = 1/w, w_k = 1/|g_k|, so g = (1, 1)
     g, w = combine(make("fairgrad", "ab", alpha=1.0), J)
     assert torch.allclose(w, torch.tensor([1.0, 0.5]), atol=1e-3) and torch.allclose(g, torch.ones(2), atol=1e-3)
+
+
+def test_gradvac_raises_cosines_to_their_running_target():
+    J = torch.tensor([[1.0, 0.0], [-0.6, 0.8]])  # cos = -0.6
+    m = make("gradvac", "ab", beta=0.5)
+    # first step: the targets start at 0, so each gradient is moved to be orthogonal to the other: PCGrad
+    assert torch.allclose(combine(m, J)[0], combine(make("pcgrad", "ab"), J)[0], atol=1e-5)
+    # the targets moved to 0.5 x (-0.6) = -0.3; the next step corrects each gradient to cosine -0.3 exactly
+    w = combine(m, J)[1]
+    g1 = J[0] + (w[1] - 1) * J[1]  # w = column sums of the corrections: the corrected g1 is g1 + (w_2 - 1) g2
+    assert torch.nn.functional.cosine_similarity(g1, J[1], dim=0) == pytest.approx(-0.3, abs=1e-4)
+
+
+def test_sdmgrad_without_preference_reaches_the_min_norm_point():
+    J = torch.randn(3, 20, generator=torch.Generator().manual_seed(3))
+    mgda = combine(make("mgda"), J)[1]
+    m = make("sdmgrad", lambda_=0.0, n_iter=2000, lr=1.0)
+    assert torch.allclose(combine(m, J)[1], mgda, atol=1e-3)
+    # lambda pulls the weights toward uniform: (w + lambda / K) / (1 + lambda)
+    far = combine(make("sdmgrad", lambda_=100.0), J)[1]
+    assert torch.allclose(far, torch.full((3,), 1 / 3), atol=0.01)
+
+
+def test_excess_mtl_moves_weight_to_the_task_whose_excess_risk_stays():
+    J = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]])
+    m = make("excess_mtl", "ab", robust_step_size=1.0)
+    assert torch.allclose(combine(m, J)[1], torch.full((2,), 0.5), atol=1e-6)  # the first step is the baseline
+    shrunk = J * torch.tensor([[1.0], [0.1]])  # task b's gradient (its excess risk) shrinks, task a's does not
+    w = [combine(m, shrunk)[1] for _ in range(3)][-1]
+    assert w[0] > 0.6 and w.sum() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_gcs_drops_auxiliaries_that_conflict_with_the_target():
+    J = torch.tensor([[1.0, 0.0], [1.0, 1.0], [-1.0, 1.0]])  # target a; b agrees (cos 0.71), c conflicts (-0.71)
+    assert torch.allclose(combine(make("gcs"), J)[1], torch.tensor([1.0, 1.0, 0.0]))
+    assert torch.allclose(combine(make("gcs", variant="weighted"), J)[1], torch.tensor([1.0, 0.5**0.5, 0.0]))
+    assert torch.allclose(combine(make("gcs", target="c"), J)[1], torch.tensor([0.0, 0.0, 1.0]))  # b _|_ c
+
+
+def test_ol_aux_accumulates_cosines_every_interval():
+    J = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-0.8, 0.6]])  # cosines with the target: 0.6 and -0.8
+    m = make("ol_aux", beta=0.5, interval=5)
+    weights = [combine(m, J)[1] for _ in range(10)]
+    assert torch.equal(weights[3], torch.ones(3))  # unchanged until the 5th step
+    assert torch.allclose(weights[4], torch.tensor([1.0, 1 + 5 * 0.5 * 0.6, 1 - 5 * 0.5 * 0.8]))
+    assert torch.allclose(weights[9], torch.tensor([1.0, 1 + 10 * 0.5 * 0.6, 1 - 10 * 0.5 * 0.8]))
+
+
+def test_arml_learns_the_auxiliary_combination_that_matches_the_target():
+    aux = torch.randn(2, 30, generator=torch.Generator().manual_seed(4))
+    J = torch.cat([(0.5 * aux[0] + 2.0 * aux[1])[None], aux])  # g_target = 0.5 g_b + 2 g_c
+    m = make("arml")
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    for _ in range(500):
+        opt.zero_grad()
+        m.extra_loss(torch.ones(3), J).backward()
+        opt.step()
+    assert torch.allclose(combine(m, J)[1], torch.tensor([1.0, 0.5, 2.0]), atol=1e-2)
+
+
+def test_post_train_switches_to_the_target_after_joint_epochs():
+    cls = WEIGHTINGS.get("post_train")
+    m = cls(["a", "b", "c"], cls.Config(target="b", joint_epochs=2, aux_weight=0.5))
+    losses = torch.ones(3)
+    for epoch, expected in [(0, [0.5, 1.0, 0.5]), (1, [0.5, 1.0, 0.5]), (2, [0.0, 1.0, 0.0]), (5, [0.0, 1.0, 0.0])]:
+        m.on_train_epoch_start(epoch)
+        assert m(losses)[1].tolist() == expected
+    with pytest.raises(MTLError, match="joint_epochs"):
+        cls(["a", "b"], cls.Config(target="b"))
+
+
+@pytest.mark.parametrize("name", [n for n in WEIGHTINGS.names() if WEIGHTINGS.get(n).auxiliary])
+def test_auxiliary_methods_need_a_target_task(name):
+    cls = WEIGHTINGS.get(name)
+    with pytest.raises(MTLError, match="weighting.target.*valid choices: a, b"):
+        cls(["a", "b"], cls.Config(target="x", **({"joint_epochs": 1} if name == "post_train" else {})))
 
 
 def test_imtl_g_equal_projections():
@@ -205,10 +292,19 @@ SHORT = [
 ]
 
 
-@pytest.mark.parametrize("name", [*GRADIENT, "famo"])
+def method_args(name):
+    cls = WEIGHTINGS.get(name)
+    target = ["weighting.target=left"] if cls.auxiliary else []
+    # OL-AUX's reference step (0.5) grows an aligned auxiliary's weight to ~5x the target's within 300 steps here
+    extra = {"post_train": ["weighting.joint_epochs=2"], "ol_aux": ["weighting.beta=0.05"]}.get(name, [])
+    return [f"weighting={name}", *target, *extra]
+
+
+@pytest.mark.parametrize("name", [*GRADIENT, "famo", "post_train"])
 def test_method_learns_digits(name, make_cfg):
-    m = run(make_cfg("digits_mtl", *SHORT, f"weighting={name}"))
-    assert m["val/acc/left"] > 0.3 and m["val/acc/right"] > 0.3  # chance is 0.1
+    m = run(make_cfg("digits_mtl", *SHORT, *method_args(name)))
+    # chance is 0.1; methods that serve a target (left) owe the auxiliary nothing (Post-train forgets it)
+    assert m["val/acc/left"] > 0.3 and (m["val/acc/right"] > 0.3 or WEIGHTINGS.get(name).auxiliary)
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "graddrop", "mgda_ub"])
@@ -219,14 +315,14 @@ def test_bf16_autocast_matches_fp32(name, make_cfg, tmp_path):
     assert math.isfinite(bf16["val/loss/left"]) and abs(bf16["val/loss/left"] - fp32["val/loss/left"]) < 0.05
 
 
-STATEFUL = ["nash_mtl", "gradnorm", "famo"]
+STATEFUL = ["nash_mtl", "gradnorm", "famo", "gradvac", "sdmgrad", "excess_mtl", "ol_aux", "arml"]
 
 
 @pytest.mark.parametrize("name", [*GRADIENT, "famo"])
 def test_method_resumes_exactly(name, make_cfg, tmp_path):
     from test_train import RESUME, Crash, last_weights
 
-    args = [*RESUME, f"weighting={name}"]
+    args = [*RESUME, *method_args(name)]
     full = run(make_cfg("digits_mtl", *args, out_dir=tmp_path / "a"))
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(make_cfg("digits_mtl", *args, out_dir=tmp_path / "b"), callbacks=[Crash(17)])

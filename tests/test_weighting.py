@@ -15,6 +15,10 @@ def make(name, tasks=TASKS, **kw):
         kw.setdefault("weights", [1.0] * len(tasks))
     if name == "forkmerge":
         kw.setdefault("target", [tasks[0]])
+    if cls.auxiliary:
+        kw.setdefault("target", tasks[0])
+    if name == "post_train":
+        kw.setdefault("joint_epochs", 1)
     return cls(tasks, cls.Config(**kw))
 
 
@@ -75,15 +79,16 @@ def test_fixed_rejects_bad_weights(weights, expected):
 
 def test_unknown_weighting_lists_choices():
     with pytest.raises(
-        MTLError, match="Did you mean 'pcgrad'.*Valid choices: aligned_mtl, cagrad, config, dualproj, dwa, fairgrad"
+        MTLError, match="Did you mean 'pcgrad'.*Valid choices: aligned_mtl, arml, cagrad, config, dualproj, dwa, exc"
     ):
         create_weighting(TASKS, type("C", (), {"name": "pcgradd"})())
 
 
 def test_registry_holds_every_method_of_the_papers():
-    loss_level = {"uniform", "fixed", "uncertainty", "imtl_l", "dwa", "rlw", "gls", "famo"}
+    loss_level = {"uniform", "fixed", "uncertainty", "imtl_l", "dwa", "rlw", "gls", "famo", "post_train"}
     gradient = {"pcgrad", "cagrad", "graddrop", "mgda", "mgda_ub", "imtl_g", "nash_mtl", "upgrad", "gradnorm"}
-    gradient |= {"aligned_mtl", "config", "dualproj", "fairgrad"}  # torchjd's further published aggregators
+    gradient |= {"aligned_mtl", "config", "dualproj", "fairgrad", "gradvac", "sdmgrad", "excess_mtl"}  # torchjd's
+    gradient |= {"gcs", "ol_aux", "arml"}  # the auxiliary-task baselines of ForkMerge's tables (and post_train)
     assert set(LOSS_LEVEL) == loss_level and set(WEIGHTINGS.names()) == loss_level | gradient | {"forkmerge"}
 
 
@@ -141,7 +146,7 @@ def test_rlw_is_reproducible_from_the_seed():
     assert torch.equal(a, w(torch.ones(3))[1]) and not torch.equal(a, w(torch.ones(3))[1])
 
 
-@pytest.mark.parametrize("name", [n for n in WEIGHTINGS.names() if n not in ("uniform", "fixed")])
+@pytest.mark.parametrize("name", [n for n in WEIGHTINGS.names() if n not in ("uniform", "fixed", "forkmerge")])
 def test_loss_level_methods_reject_sample_mixing(name):
     with pytest.raises(MTLError, match="data.mixing=loss"):
         make(name).mixture_probs()

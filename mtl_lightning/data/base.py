@@ -130,7 +130,8 @@ class MixtureSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_samples // self.world_size
 
-    def _stream(self, pool: Tensor, n: int, g: torch.Generator) -> Tensor:
+    @staticmethod
+    def _stream(pool: Tensor, n: int, g: torch.Generator) -> Tensor:
         reps = -(-n // len(pool))
         return torch.cat([pool[torch.randperm(len(pool), generator=g)] for _ in range(reps)])[:n]
 
@@ -152,6 +153,51 @@ class MixtureSampler(Sampler[int]):
         if self._resume[0] == self.epoch:
             idx = idx[self._resume[1] :]
         return iter(idx.tolist())
+
+
+class BranchBatchSampler(Sampler[list[int]]):
+    """ForkMerge on a domain mixture, as its reference code samples: each branch draws its own batches.
+
+    For every step and every branch b, one domain d is drawn with branch b's probabilities probs[b] and a whole
+    batch is taken from d's own shuffled stream (per branch: the branches see independent data). A step's batch is
+    the branches' batches concatenated, branch 0 first; the module splits it. Deterministic in (seed, epoch),
+    resumable at a batch; a domain with probability 0 in a branch is never drawn for it.
+    """
+
+    def __init__(self, domains: Tensor, probs: Tensor, batch_size: int, num_batches: int, seed: int):
+        self.domains, self.probs, self.batch_size = domains, probs, batch_size
+        self.num_batches, self.seed = num_batches, seed
+        self.epoch, self._resume = 0, (-1, 0)
+        self.sampler = self  # Lightning calls set_epoch on `loader.batch_sampler.sampler`, not on the batch sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume(self, epoch: int, skip: int) -> None:
+        """Skip the first `skip` batches of `epoch`."""
+        self._resume = (epoch, skip)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def batches(self, epoch: int) -> Tensor:
+        """(num_batches, branches, batch_size) sample indices of `epoch`."""
+        n, B = self.num_batches, self.batch_size
+        out = torch.empty(n, len(self.probs), B, dtype=torch.long)
+        for b, p in enumerate(self.probs):
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1009 + b)
+            draw = torch.multinomial(p.double(), n, replacement=True, generator=g)
+            for d in range(len(p)):
+                slots = (draw == d).nonzero().squeeze(1)
+                if len(slots):
+                    pool = (self.domains == d).nonzero().squeeze(1)
+                    out[slots, b] = MixtureSampler._stream(pool, len(slots) * B, g).view(len(slots), B)
+        return out
+
+    def __iter__(self):
+        out = self.batches(self.epoch)
+        start = self._resume[1] if self._resume[0] == self.epoch else 0
+        return iter(out[start:].flatten(1).tolist())
 
 
 @dataclass
@@ -203,8 +249,9 @@ class MixtureDataModule(L.LightningDataModule):
         self.keep = [names.index(t) for t in chosen]
         self.tasks = [self.all_tasks[i] for i in self.keep]
         self.probs: Tensor | None = None  # set by the runner for data.mixing=sample
+        self.branch_probs: Tensor | None = None  # ForkMerge with data.mixing=sample: one row per branch
         self.splits: dict[str, LabelledTensors] | None = None
-        self._sampler: MixtureSampler | None = None
+        self._sampler: MixtureSampler | BranchBatchSampler | None = None
         self._consumed = (0, 0)  # (epoch, training batches consumed in it): what a mid-epoch resume skips
 
     # -- to implement -------------------------------------------------------------------------------------
@@ -236,14 +283,16 @@ class MixtureDataModule(L.LightningDataModule):
                 splits = {k: v.select(self.keep, self.kind == "mdl") for k, v in splits.items()}
             self.splits = splits
 
-    def _loader(self, split: str, batch_size: int, sampler=None) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, sampler=None, batch_sampler=None) -> DataLoader:
         ds = self.splits[split]
         w = self.cfg.num_workers
+        if batch_sampler is not None:
+            batching = {"batch_sampler": batch_sampler}
+        else:
+            batching = {"batch_size": batch_size, "sampler": sampler}
         return DataLoader(
             ds,
-            batch_size=batch_size,
-            sampler=sampler,
-            shuffle=False,
+            **batching,
             num_workers=w,
             persistent_workers=w > 0,
             pin_memory=torch.cuda.is_available(),
@@ -259,8 +308,15 @@ class MixtureDataModule(L.LightningDataModule):
                 raise MTLError(f"Domains {empty} have a positive sampling probability but no training samples.")
         t = self.trainer
         rank, world = (t.global_rank, t.world_size) if t is not None else (0, 1)
-        self._sampler = MixtureSampler(ds.domains, probs, self.cfg.epoch_size, self.seed, rank, world)
         epoch, batches = self._consumed
+        if self.branch_probs is not None:
+            if world > 1:
+                raise MTLError("ForkMerge with data.mixing=sample (per-branch batches) runs on one device.")
+            n = -(-(self.cfg.epoch_size or len(ds)) // self.cfg.batch_size)  # as many steps as the plain loader
+            self._sampler = BranchBatchSampler(ds.domains, self.branch_probs, self.cfg.batch_size, n, self.seed)
+            self._sampler.resume(epoch, batches)
+            return self._loader("train", 0, batch_sampler=self._sampler)
+        self._sampler = MixtureSampler(ds.domains, probs, self.cfg.epoch_size, self.seed, rank, world)
         self._sampler.resume(epoch, batches * self.cfg.batch_size)
         return self._loader("train", self.cfg.batch_size, self._sampler)
 

@@ -78,6 +78,46 @@ def config():
     return _check(A.ConFIG)
 
 
+def gradvac(beta: float):
+    return _check(lambda: A.GradVacWeighting(beta=beta))
+
+
+def sdmgrad(lr: float, momentum: float, n_iter: int, lambda_: float):
+    return _check(lambda: A.SDMGradWeighting(lr=lr, momentum=momentum, n_iter=n_iter, lambda_=lambda_))
+
+
+def excess_mtl(robust_step_size: float, n_warmup_steps: int):
+    return _check(lambda: A.ExcessMTLWeighting(robust_step_size, n_warmup_steps))
+
+
+# torchjd's stateful weightings keep their state in buffers that start as None, and a step counter. We hold them
+# outside the module tree (a None buffer is not in a fresh model's state_dict, so strict loading would refuse
+# the saved one) and carry their state through our own `get_extra_state`.
+def stateful_state(weighting) -> dict:
+    state = {k: v.detach().clone() for k, v in weighting._buffers.items() if v is not None}
+    if hasattr(weighting, "_n_steps"):
+        state["_n_steps"] = torch.tensor(weighting._n_steps)
+    return state
+
+
+def stateful_weights(weighting, stat: Tensor, pending: dict | None) -> Tensor:
+    """`weights`, first restoring a checkpointed state: torchjd builds its state for the input's shape, dtype and
+    device, and resets it when they change, so it is built for this input and then overwritten."""
+    x = stat.double()
+    if pending:
+        if isinstance(weighting, A.GradVacWeighting):
+            weighting._ensure_state(x.shape[0], x.dtype)
+        else:
+            weighting._ensure_state(x)
+        for k, v in pending.items():
+            if k == "_n_steps":
+                weighting._n_steps = int(v)
+            else:
+                cur = getattr(weighting, k)
+                setattr(weighting, k, v.to(device=x.device if cur is None else cur.device, dtype=x.dtype))
+    return weighting(x).to(torch.float32)
+
+
 def graddrop(leak: list[float] | None):
     return _check(lambda: A.GradDrop(leak=None if leak is None else torch.tensor(leak)))
 

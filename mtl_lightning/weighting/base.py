@@ -22,6 +22,7 @@ from ..errors import MTLError
 class Weighting(nn.Module):
     name: ClassVar[str]
     stochastic: ClassVar[bool] = False  # draws random weights each step (RLW)
+    auxiliary: ClassVar[bool] = False  # serves one `target` task with the others (GCS, OL-AUX, ARML, Post-train)
 
     @dataclass
     class Config:
@@ -53,6 +54,9 @@ class Weighting(nn.Module):
 
     def check(self, precision: str, distributed: bool) -> None:
         """Called at start-up with the Trainer's precision and whether it runs on several processes."""
+
+    def on_train_epoch_start(self, epoch: int) -> None:
+        """Called by the LightningModule at the start of every training epoch, with its index (Post-train)."""
 
     def on_train_epoch_end(self) -> None:
         """Called by the LightningModule at the end of every training epoch (DWA keeps epoch loss averages)."""

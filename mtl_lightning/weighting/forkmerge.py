@@ -123,6 +123,10 @@ class ForkMerge(Weighting):
     def weights(self, losses: Tensor) -> Tensor:
         return self.branch_weights[self.current].to(losses)
 
+    def branch_probs(self) -> Tensor:
+        """Each branch's domain sampling probabilities (its weights, normalised) for `data.mixing=sample`."""
+        return self.branch_weights / self.branch_weights.sum(1, keepdim=True)
+
     def check(self, precision: str, distributed: bool) -> None:
         if str(precision).startswith("16"):
             raise MTLError(
