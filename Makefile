@@ -22,6 +22,7 @@ bench:  ## benchmarks; results go to BENCHMARKS.md by hand, with the command
 	$(PY) benchmarks/datasets.py
 	$(PY) benchmarks/methods.py
 	$(PY) benchmarks/forkmerge.py
+	$(PY) benchmarks/forkmerge.py --whole
 	$(PY) benchmarks/search.py
 	$(PY) benchmarks/dense.py
 

@@ -7,7 +7,8 @@ before each configuration through /proc/self/clear_refs), minus the resident set
 set follows the live tensors, the script re-executes itself with glibc returning every allocation over 64 KiB to
 the system on free (MALLOC_MMAP_THRESHOLD_). Ratios are against uniform at the same K, measured in the same
 process run after one discarded warm-up configuration. Usage:
-    python benchmarks/methods.py [--tasks 2 4 8 16 40] [--steps 5] [--warmup 2] [key=value ...]
+    python benchmarks/methods.py [--tasks 2 4 8 16 40] [--steps 5] [--warmup 2] [--methods NAME ...] [key=value ...]
+`--methods` times only those (uniform, the reference, always). A method that refuses a mode shows "n/a".
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from mtl_lightning.config import compose
+from mtl_lightning.errors import MTLError
 from mtl_lightning.train import train
+from mtl_lightning.weighting import WEIGHTINGS
 
-LOSS_LEVEL = ["uniform", "uncertainty", "imtl_l", "dwa", "rlw", "gls", "famo"]
+LOSS_LEVEL = ["uniform", "uncertainty", "imtl_l", "dwa", "rlw", "gls", "famo", "post_train"]
 GRADIENT = ["gradnorm", "pcgrad", "cagrad", "graddrop", "mgda", "imtl_g", "nash_mtl", "upgrad"]
+GRADIENT += ["dualproj", "aligned_mtl", "fairgrad", "config", "gradvac", "sdmgrad", "excess_mtl"]
+GRADIENT += ["gcs", "ol_aux", "arml"]
 
 
 def _status(key: str) -> int:
@@ -92,6 +97,10 @@ def low_level_malloc() -> None:
 
 def measure(name: str, mode: str | None, K: int, a, overrides: list[str]) -> tuple[float, float]:
     mode_arg = [f"weighting.mode={mode}"] if mode else []
+    if WEIGHTINGS.get(name).auxiliary:
+        mode_arg.append("weighting.target=task0")
+    if name == "post_train":
+        mode_arg.append("weighting.joint_epochs=1")
     return timed_run(
         "synthetic_mtl", [f"weighting={name}", f"data.num_tasks={K}", *mode_arg, *overrides], a.warmup, a.steps
     )
@@ -103,6 +112,7 @@ def main() -> None:
     p.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8, 16, 40])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.width=256")
     a = p.parse_args()
     base = [
@@ -114,6 +124,8 @@ def main() -> None:
         *a.overrides,
     ]
     configs = [(m, None) for m in LOSS_LEVEL] + [(m, mode) for mode in ("rep", "param") for m in GRADIENT]
+    if a.methods:
+        configs = [c for c in configs if c[0] in ("uniform", *a.methods)]
     print("| method | mode | " + " | ".join(f"K={k} time, mem" for k in a.tasks) + " |")
     print("|---|---|" + "---|" * len(a.tasks))
     measure("pcgrad", "param", a.tasks[0], a, base)  # warm-up: one-off initialisation stays out of the figures
@@ -123,7 +135,11 @@ def main() -> None:
     for name, mode in configs:
         cells = []
         for K in a.tasks:
-            t, m = ref[K] if name == "uniform" else measure(name, mode, K, a, base)
+            try:
+                t, m = ref[K] if name == "uniform" else measure(name, mode, K, a, base)
+            except MTLError:  # e.g. Excess-MTL in rep mode
+                cells.append("n/a")
+                continue
             if name == "uniform":
                 cells.append(f"{t * 1000:.0f} ms, {m:.0f} MiB")
             else:

@@ -293,6 +293,7 @@ class MultiTaskModule(L.LightningModule):
             self.log(f"{stage}/delta_m", dm, prog_bar=stage == "val")
 
     @torch.no_grad()
+    @torch.no_grad()
     def evaluate(self, loader, tasks: list[int], max_batches: int | None = None) -> dict[str, float]:
         """The metrics of `tasks` (indices) on `loader`'s first `max_batches` batches, without logging: what
         ForkMerge scores candidate merges with."""

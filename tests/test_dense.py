@@ -273,15 +273,18 @@ TINY = [
 def method_cases():
     for name in WEIGHTINGS.names():
         cls = WEIGHTINGS.get(name)
+        extra = {"forkmerge": ["weighting.target=[semantic]"], "post_train": ["weighting.joint_epochs=1"]}.get(name, [])
+        extra += ["weighting.target=semantic"] if cls.auxiliary else []
         if issubclass(cls, GradientWeighting):
-            yield from ((name, f"weighting.mode={mode}") for mode in ("param", "rep"))
+            modes = ("param",) if name == "excess_mtl" else ("param", "rep")  # Excess-MTL needs fixed coordinates
+            yield from ((name, [*extra, f"weighting.mode={mode}"]) for mode in modes)
         else:
-            yield name, "weighting.target=[semantic]" if name == "forkmerge" else None
+            yield name, extra
 
 
-@pytest.mark.parametrize("name, extra", list(method_cases()))
+@pytest.mark.parametrize("name, extra", [pytest.param(n, e, id=" ".join([n, *e])) for n, e in method_cases()])
 def test_every_weighting_trains_a_dense_step(make_cfg, name, extra):
-    over = [*TINY, f"weighting={name}", *([extra] if extra else [])]
+    over = [*TINY, f"weighting={name}", *extra]
     if name == "fixed":
         over.append("weighting.weights=[1,1,1,1]")
     cfg = make_cfg("shapes_dense", *over)
