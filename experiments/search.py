@@ -4,7 +4,7 @@
     python -m experiments.search exp=digits_mtl search=grid search.capacities=[[3,32],[3,64]]
     python -m experiments.search exp=celeba_mtl search=pb2 ... resume=true      # continue an interrupted search
 
-`search.*` keys are in mtl_lightning/search.py (SearchConfig); every other key=value configures the trials as in
+`search.*` keys are in mtl_lightning/search/config.py (SearchConfig); every other key=value configures the trials as in
 `experiments.run`. With RAY_ADDRESS set, the trials run on that Ray cluster (search.storage_path must then be on
 storage every node shares). Prints a summary; outputs go to <out_dir>/search/<exp>-<search>/.
 """
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         if k.startswith("retrain/"):
             print(f"{k}: {v:.4f}")
     print(f"compute: {out['compute_trial_epochs']} trial-epochs")
+    if "steps_per_trial" in out:
+        print(f"every trial, single-task baselines included, trained {out['steps_per_trial']} optimiser steps")
     if out["failed_trials"]:
         print(f"{len(out['failed_trials'])} trial(s) failed; the first: {out['failed_trials'][0]}", file=sys.stderr)
     return 0

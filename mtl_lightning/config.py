@@ -99,6 +99,7 @@ class Config:
     resume: str | None = None  # a checkpoint path, or "last": the newest run of this experiment
     logger: str = "csv"  # comma-separated: csv, tensorboard, wandb, none
     test: bool = True  # evaluate the final model on the test split
+    grad_cos_every: int = 0  # log the task gradients' pairwise cosines every N steps (K backward passes; 0: off)
     data: Any = None
     model: ModelConfig = field(default_factory=ModelConfig)
     weighting: Any = None

@@ -111,6 +111,7 @@ class MultiTaskModule(L.LightningModule):
         seed: int = 0,
         hparams: dict | None = None,
         delta_base: dict[str, dict[str, float]] | None = None,
+        grad_cos_every: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters(hparams or {})
@@ -132,6 +133,11 @@ class MultiTaskModule(L.LightningModule):
             {stage: nn.ModuleList(t.make_metrics() for t in self.tasks) for stage in ("val", "test")}
         )
         self.delta_base = delta_base or {}  # stage -> base results for Δm% (val/delta_m, test/delta_m)
+        # Gradient conflict (Royer et al.: it barely predicts performance): pairwise cosines of the task gradients
+        # on the shared parameters every `grad_cos_every` steps, and their running sums for the run's mean.
+        self.grad_cos_every = grad_cos_every
+        K = len(self.tasks)
+        self.cos_sum, self.cos_n = torch.zeros(K, K, dtype=torch.float64), torch.zeros(K, K, dtype=torch.long)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.heads_forward(self.features(x), x.shape[-2:])
@@ -205,6 +211,8 @@ class MultiTaskModule(L.LightningModule):
         else:
             loss, w = self.weighting(losses)
             shown = loss
+        if self.grad_cos_every and self.global_step % self.grad_cos_every == 0:
+            self._log_grad_cos(losses)
         if getattr(self.weighting, "needs_post_step_losses", False):
             self._stepped_batch = batch
         self.log("train/loss", shown, prog_bar=True)
@@ -217,6 +225,48 @@ class MultiTaskModule(L.LightningModule):
             for logger in self.loggers:
                 logger.log_metrics(row, step=self.global_step)
         return loss
+
+    def _log_grad_cos(self, losses: Tensor) -> None:
+        """Pairwise cosines of the task gradients on the shared (backbone) parameters: K extra backward passes."""
+        shared = [p for p in self.backbone.parameters() if p.requires_grad]
+        rows = []
+        for k in range(len(losses)):
+            if not losses[k].requires_grad:  # a task with no sample in this batch (MDL): no gradient
+                rows.append(None)
+                continue
+            gs = torch.autograd.grad(losses[k], shared, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(shared, gs)]))
+        names = [t.name for t in self.tasks]
+        row = {}
+        for a in range(len(rows)):
+            for b in range(a + 1, len(rows)):
+                if rows[a] is None or rows[b] is None or not (rows[a].any() and rows[b].any()):
+                    continue
+                c = torch.nn.functional.cosine_similarity(rows[a].float(), rows[b].float(), dim=0).item()
+                self.cos_sum[a, b] += c
+                self.cos_n[a, b] += 1
+                row[f"train/grad_cos/{names[a]}-{names[b]}"] = c
+        for logger in self.loggers:
+            logger.log_metrics(row, step=self.global_step)
+
+    def grad_cos_means(self) -> dict[str, float]:
+        """Each task pair's mean gradient cosine over the run (`grad_cos/<a>-<b>`), and their mean (`grad_cos/mean`)."""
+        names = [t.name for t in self.tasks]
+        out = {}
+        for a, b in zip(*torch.triu_indices(len(names), len(names), 1).tolist()):
+            if self.cos_n[a, b] > 0:
+                out[f"grad_cos/{names[a]}-{names[b]}"] = float(self.cos_sum[a, b] / self.cos_n[a, b])
+        if out:
+            out["grad_cos/mean"] = sum(out.values()) / len(out)
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.grad_cos_every:
+            checkpoint["grad_cos"] = {"sum": self.cos_sum, "n": self.cos_n}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "grad_cos" in checkpoint:
+            self.cos_sum, self.cos_n = checkpoint["grad_cos"]["sum"], checkpoint["grad_cos"]["n"]
 
     def _forkmerge_step(self, batch) -> Tensor:
         """One step of every ForkMerge branch on this batch (manual optimisation; see mtl_lightning/forkmerge.py)."""

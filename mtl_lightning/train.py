@@ -138,6 +138,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
         dm.probs = weighting.mixture_probs()
     dm.check()
     weighting.check(str(cfg.trainer.precision), distributed=False)  # again with the world size in setup()
+    if cfg.grad_cos_every < 0:
+        raise MTLError(f"grad_cos_every={cfg.grad_cos_every} must be >= 0 (0: off).")
     bases = delta_bases(cfg, dm.tasks)
     monitor = cfg.checkpoint.monitor
     if monitor == "auto":
@@ -160,6 +162,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
         cfg.seed,
         hparams=OmegaConf.to_container(cfg, resolve=True),
         delta_base=bases,
+        grad_cos_every=cfg.grad_cos_every,
     )
     clip = cfg.trainer.gradient_clip_val
     if forks:  # ForkMerge: the callback holds the branches, the module steps them
@@ -210,6 +213,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
         for results in evaluate(model, datamodule=dm, verbose=False):  # none with trainer.limit_val_batches=0
             metrics.update(results)
     out = {k: float(v) for k, v in metrics.items()}
+    out.update(model.grad_cos_means())
     if trainer.is_global_zero:  # the base results a later Δm% reads (delta_m.runs=[this run_dir])
         write_atomic(run_dir / "metrics.json", json.dumps(out, indent=1, sort_keys=True))
     out["run_dir"] = str(run_dir)

@@ -105,25 +105,28 @@ def test_pb2_runs_a_population(local_ray, tmp_path, capsys):
 
 
 def test_grid_sweep_writes_table_and_plots(local_ray, tmp_path, capsys):
-    over = ["data.num_tasks=2", "data.train_size=300", "trainer.max_epochs=1", f"out_dir={tmp_path}"]
+    over = ["data.num_tasks=2", "data.sizes=[300,300]", "trainer.max_epochs=1", f"out_dir={tmp_path}"]
     over += ["logger=csv,wandb", "search.retrain=true"]
-    argv = ["exp=synthetic_mtl", "search=grid", "search.grid=[0.0,0.5,1.0]", "search.capacities=[[1,16],[2,16]]"]
+    argv = ["exp=synthetic_mdl", "search=grid", "search.grid=[0.0,0.5,1.0]", "search.capacities=[[1,16],[2,16]]"]
     assert main([*argv, *over]) == 0
     printed = capsys.readouterr()
     assert "trial(s) failed" not in printed.err
     assert "best weights" in printed.out and "retrain/test/acc_mean" in printed.out and "trial-epochs" in printed.out
-    path = tmp_path / "search" / "synthetic_mtl-grid"
+    path = tmp_path / "search" / "synthetic_mdl-grid"
     rows = list(csv.DictReader(open(path / "grid.csv")))
     assert len(rows) == (3 + 2) * 2  # 3 weightings + 2 single-task baselines, at 2 capacities
     assert {(r["depth"], r["width"]) for r in rows} == {("1", "16"), ("2", "16")}
+    # equal budgets: a single-domain baseline's epoch is half the mixture's, yet every trial trains as many steps
+    steps = {r["steps"] for r in rows}
+    assert len(steps) == 1 and f"trained {steps.pop()} optimiser steps" in printed.out
     for r in rows:
         assert 0 <= float(r["acc_mean"]) <= 1
     for png in ("grid_acc_vs_p.png", "grid_capacity.png"):
         assert (path / png).stat().st_size > 0
-    runs = list(path.glob("trial_*/synthetic_mtl/*/wandb/offline-run-*"))
+    runs = list(path.glob("trial_*/synthetic_mdl/*/wandb/offline-run-*"))
     assert len(runs) == 10  # one (offline) W&B run per trial
-    configs = list(path.glob("trial_*/synthetic_mtl/*/config.yaml"))
-    assert len(configs) == 10 and {OmegaConf.load(c).wandb.group for c in configs} == {"synthetic_mtl-grid"}
+    configs = list(path.glob("trial_*/synthetic_mdl/*/config.yaml"))
+    assert len(configs) == 10 and {OmegaConf.load(c).wandb.group for c in configs} == {"synthetic_mdl-grid"}
 
 
 def test_interrupted_search_resumes_without_redoing_trials(tmp_path):

@@ -1,0 +1,49 @@
+"""Run a study (a paper's comparison) on Ray and write its report; or rebuild a report from a study's results.
+
+    python -m experiments.study --list
+    python -m experiments.study digits_methods                         # train every cell, then write the report
+    python -m experiments.study digits_methods trainer.max_epochs=2 study.num_cpus=4
+    python -m experiments.study digits_methods resume=true             # continue: finished cells are kept
+    python -m experiments.study --report runs/studies/digits_methods   # the report again, without training
+
+Studies are YAML files in experiments/studies/ (keys: mtl_lightning/search/study.py, StudyConfig); `study.*`
+overrides change them, every other key=value configures the cells' training as in `experiments.run`. With
+RAY_ADDRESS set the cells run on that cluster. Outputs: <out_dir>/studies/<name>/ (report.md, results.csv, PNGs).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from mtl_lightning.errors import MTLError
+from mtl_lightning.search.report import write_report
+from mtl_lightning.search.study import list_studies, load_study, run_study
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    try:
+        if argv[0] == "--list":
+            for name, desc in list_studies():
+                print(f"{name:28s} {desc}")
+            return 0
+        if argv[0] == "--report":
+            if len(argv) != 2 or not (Path(argv[1]) / "meta.json").exists():
+                raise MTLError("--report takes one study folder, the one holding meta.json and cells/.")
+            print(f"report: {write_report(Path(argv[1]))}")
+            return 0
+        cfg, overrides = load_study(argv[0], argv[1:])
+        out = run_study(cfg, overrides)
+    except MTLError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    print(f"\nstudy {cfg.name}: report in {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The search's driver: Ray set-up, the Tuner, the summary."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import compose
+from ..data import create_datamodule
+from ..errors import MTLError
+from ..model import default_monitor, higher_is_better
+from ..train import train
+from .budget import budget_overrides, equal_steps
+from .config import SearchConfig
+from .grid import _grid_report, _grid_space
+from .pbt import _initial_weights_callback, _pbt_report, _pbt_space
+from .trial import trial
+
+
+class _DoubleDeleteFilter(logging.Filter):
+    """Drop Tune's traceback for deleting an already deleted checkpoint (Ray 2.60, harmless, seen with PBT).
+
+    PBT asks a donor to save, and Tune registers the checkpoint that save returns a second time; with
+    `num_to_keep` the second entry later deletes a folder the first already removed. Only that case is dropped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not ("Error handling checkpoint" in str(record.msg) and isinstance(exc, FileNotFoundError))
+
+
+def quiet_tune() -> None:
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    controller_log = logging.getLogger("ray.tune.execution.tune_controller")
+    if not any(isinstance(f, _DoubleDeleteFilter) for f in controller_log.filters):
+        controller_log.addFilter(_DoubleDeleteFilter())
+
+
+def init_ray(num_cpus: int | None) -> None:
+    """Local Ray with `num_cpus` (None: all), or the cluster at RAY_ADDRESS; nothing if Ray is already up."""
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()  # an existing cluster
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False)
+
+
+def run_search(exp: str, overrides: list[str], scfg: SearchConfig) -> dict:
+    from ray import tune
+
+    quiet_tune()
+    random.seed(scfg.seed)  # Tune samples the initial population and PBT explores with these generators
+    np.random.seed(scfg.seed)
+    cfg = compose(exp, overrides)
+    dm = create_datamodule(cfg.data)
+    tasks = [t.name for t in dm.tasks]
+    K = len(tasks)
+    has_delta = bool(cfg.delta_m.runs or cfg.delta_m.base)
+    if scfg.metric == "auto":
+        scfg.metric = default_monitor(dm.tasks, has_delta)
+    storage = Path(scfg.storage_path or Path(cfg.out_dir) / "search").expanduser().resolve()
+    name = f"{exp}-{scfg.name}" + (f"-{scfg.name_suffix}" if scfg.name_suffix else "")
+    base = {
+        "exp": exp,
+        "overrides": [*overrides, f"data.train_fraction={scfg.train_fraction}", "trainer.enable_progress_bar=false"],
+        "num_tasks": K,
+        "search": name,
+        "metric": scfg.metric,
+        "sign": 1.0 if higher_is_better(scfg.metric, dm.tasks, has_delta, "search.metric") else -1.0,
+    }
+    gpus = scfg.gpus_per_trial if scfg.gpus_per_trial >= 0 else float(torch.cuda.is_available())
+    init_ray(scfg.num_cpus)
+    trainable = tune.with_resources(trial, {"cpu": scfg.cpus_per_trial, "gpu": gpus})
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=str(storage),
+        failure_config=tune.FailureConfig(max_failures=scfg.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=4),  # PBT donors need theirs kept
+        callbacks=[_initial_weights_callback(storage / name / "initial_weights.json")],
+        verbose=0,
+    )
+    if scfg.name == "grid":  # equal budgets: the baselines train as many steps as the mixtures
+        base["steps"] = equal_steps(compose(exp, base["overrides"]))
+        base["overrides"] += budget_overrides(base["steps"])
+        param_space, tune_config = _grid_space(scfg, cfg, tasks, base)
+    else:
+        param_space, tune_config = _pbt_space(scfg, cfg, tasks, base)
+    path = storage / name
+    if scfg.resume:
+        if not tune.Tuner.can_restore(str(path)):
+            raise MTLError(f"search.resume=true found no search to continue in {path}; start it without resume.")
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    else:
+        if path.exists():
+            raise MTLError(f"{path} holds a search already: continue it with resume=true, or set search.name_suffix.")
+        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    results = tuner.fit()
+    errors = [str(r.error).splitlines()[0] for r in results if r.error]
+    if errors and len(errors) == len(results):
+        raise MTLError(f"Every trial failed; the first error: {errors[0]}. Logs: {path}")
+    out = (_grid_report if scfg.name == "grid" else _pbt_report)(results, scfg, tasks, path)
+    out["failed_trials"] = errors
+    out["compute_trial_epochs"] = sum(int(r.metrics.get("training_iteration", 0)) for r in results if r.metrics)
+    out["search_dir"] = str(path)
+    if "steps" in base:
+        out["steps_per_trial"] = base["steps"]
+    if scfg.retrain and "best_weights" in out:
+        w = out["best_weights"]
+        final = train(
+            compose(exp, [*overrides, "weighting=fixed", f"weighting.weights=[{','.join(map(str, w))}]", "test=true"])
+        )
+        out.update({f"retrain/{k}": v for k, v in final.items() if k.startswith("test/")})
+    return out

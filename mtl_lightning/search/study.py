@@ -1,0 +1,346 @@
+"""Studies: a paper's comparison as one command. Every cell (a method x a seed x a capacity ...) and every
+single-task baseline is a Ray Tune trial running the search's trial code, all for the same number of optimiser
+steps; the report (`mtl_lightning.search.report`) is rebuilt from the cells' results alone.
+
+A study is a short YAML file in `experiments/studies/` (the typed `StudyConfig` below; a mistyped key fails):
+
+    description: every weighting x 3 seeds on digits: uniform vs the optimisers
+    exp: digits_mtl
+    overrides: [trainer.max_epochs=3]
+    axes:                               # crossed; `seed` pairs the cells of the paired tests
+      weighting: [uniform, pcgrad, {name: cagrad, c: 0.2, label: cagrad-0.2}]
+      seed: [0, 1, 2]
+    baselines: true                     # single-task runs of every task, per seed (and capacity)
+    searches: [{name: pbt, population: 4}]   # search the weights, retrain them per seed: a row "pbt"
+    references: {uniform: {test/acc/left: 0.91}}   # published numbers, shown beside ours
+
+Axis keys: `weighting` (a name, or a mapping with `name`, its options and an optional `label`), `p` (the weight of
+the first task, 1 - p on the second: two tasks), `capacity` ([depth, width]), `seed`, or any config key
+(`optim.lr`, `data.tasks`, `model.kwargs.drop_rate` ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from ..config import compose, write_atomic
+from ..data import create_datamodule
+from ..errors import MTLError
+from ..model import metric_directions
+from .budget import budget_overrides, equal_steps
+
+STUDY_DIR = Path(__file__).resolve().parents[2] / "experiments" / "studies"
+SPECIAL_AXES = ("weighting", "p", "capacity", "seed")
+
+
+@dataclass
+class StudyConfig:
+    name: str = ""  # the file's name
+    description: str = ""  # one line, for --list
+    exp: str = ""
+    overrides: list[str] = field(default_factory=list)  # training overrides shared by every cell
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    baselines: bool = True  # single-task runs of every task, per seed and per value of the other context axes
+    searches: list[dict[str, Any]] = field(default_factory=list)  # search configs whose found weights become rows
+    metrics: list[str] = field(default_factory=list)  # default: every task's primary metric on test
+    compare: str | None = "uniform"  # the row every other is tested against (paired by seed)
+    references: dict[str, dict[str, float]] = field(default_factory=dict)  # row -> metric -> published number
+    reference_source: str = ""  # where the references come from
+    grad_cos_every: int = 0  # log the task gradients' pairwise cosines every N steps (the grad_cos_every key)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = -1.0  # -1: 1 with CUDA, else 0; fractions share a GPU
+    num_cpus: int | None = None  # local Ray only; None: all
+    max_failures: int = 0
+    resume: bool = False  # continue: cells with results are not trained again
+    out_dir: str | None = None  # default: <the exp's out_dir>/studies/<name>
+
+
+def study_files() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(STUDY_DIR.glob("*.yaml"))}
+
+
+def list_studies() -> list[tuple[str, str]]:
+    return [(n, str(OmegaConf.load(p).get("description", ""))) for n, p in study_files().items()]
+
+
+def load_study(name: str, overrides: list[str]) -> tuple[StudyConfig, list[str]]:
+    """The study NAME (or a YAML path), with `study.*`/`resume=` overrides applied; the rest are training overrides."""
+    files = study_files()
+    path = Path(name) if name.endswith((".yaml", ".yml")) else files.get(name)
+    if path is None or not path.exists():
+        raise MTLError(f"Unknown study {name!r}. Valid choices: {', '.join(files)} (or a path to a YAML file).")
+    mine, rest = [], []
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if key.startswith("study."):
+            mine.append(o[len("study.") :])
+        elif key == "resume":
+            mine.append(o)
+        else:
+            rest.append(o)
+    schema = OmegaConf.structured(StudyConfig)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(mine))
+        cfg = StudyConfig(**OmegaConf.to_container(merged, resolve=True))
+    except Exception as e:
+        msg = str(e).splitlines()[0]
+        raise MTLError(f"Bad study {path}: {msg}. Valid keys: {', '.join(asdict(StudyConfig()))}.") from None
+    cfg.name = cfg.name or path.stem
+    if not cfg.exp:
+        raise MTLError(f"Study {path} names no experiment: set exp (python -m experiments.run --list).")
+    return cfg, rest
+
+
+# -- cells --------------------------------------------------------------------------------------------------
+def _fmt(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
+def axis_value(key: str, value, tasks: list[str]) -> tuple[str, list[str]]:
+    """(label, overrides) of one axis value."""
+    if key == "weighting":
+        if isinstance(value, str):
+            return value, [f"weighting={value}"]
+        if not isinstance(value, dict) or "name" not in value:
+            raise MTLError(f"axes.weighting value {value!r} must be a weighting name or a mapping with `name`.")
+        opts = {k: v for k, v in value.items() if k not in ("name", "label")}
+        label = value.get("label") or value["name"] + "".join(f" {k}={_fmt(v)}" for k, v in opts.items())
+        return label, [f"weighting={value['name']}", *(f"weighting.{k}={_fmt(v)}" for k, v in opts.items())]
+    if key == "p":
+        if len(tasks) != 2:
+            raise MTLError(
+                f"axes.p sweeps the weight of the first of two tasks (1 - p on the second), but the study's "
+                f"experiment has {len(tasks)} task(s) {tasks}: set data.tasks to two of them in the study's overrides."
+            )
+        if not 0 <= float(value) <= 1:
+            raise MTLError(f"axes.p value {value} must lie within [0, 1].")
+        p = float(value)
+        return f"p={p:g}", ["weighting=fixed", f"weighting.weights=[{p},{1 - p}]"]
+    if key == "capacity":
+        if not (isinstance(value, (list, tuple)) and len(value) == 2):
+            raise MTLError(f"axes.capacity value {value!r} must be a [depth, width] pair.")
+        return f"{value[0]}x{value[1]}", [f"model.depth={value[0]}", f"model.width={value[1]}"]
+    if key == "seed":
+        return f"seed={value}", [f"seed={value}"]
+    return f"{key}={_fmt(value)}", [f"{key}={_fmt(value)}"]
+
+
+def cell_id(label: str, seed) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{label}__seed{seed}").strip("_")
+
+
+def make_cells(cfg: StudyConfig, tasks: list[str], base_seed: int) -> list[dict]:
+    """Every cell of the study: the crossed axes, then the single-task baselines per seed and context value."""
+    if not cfg.axes:
+        raise MTLError(f"Study {cfg.name} has no axes: give at least one (e.g. axes.weighting or axes.seed).")
+    for key, values in cfg.axes.items():
+        if not isinstance(values, list) or not values:
+            raise MTLError(f"axes.{key} is empty: give it a list of at least one value.")
+    seeds = cfg.axes.get("seed", [base_seed])
+    keys = [k for k in cfg.axes if k != "seed"]
+    labelled = {k: [axis_value(k, v, tasks) for v in cfg.axes[k]] for k in keys}
+    cells = []
+    for combo in itertools.product(*(labelled[k] for k in keys)) if keys else [()]:
+        row = ", ".join(lbl for lbl, _ in combo) or "default"
+        for s in seeds:
+            over = [o for _, ov in combo for o in ov] + [f"seed={s}"]
+            cells.append({"id": cell_id(row, s), "row": row, "seed": s, "overrides": over, "kind": "method"})
+    if cfg.baselines:  # per seed, and per value of the axes that change the model or the data, not the weighting
+        context = [k for k in keys if k not in ("weighting", "p", "data.tasks")]
+        for combo in itertools.product(*(labelled[k] for k in context)) if context else [()]:
+            ctx = ", ".join(lbl for lbl, _ in combo)
+            for t in tasks:
+                row = f"single-task {t}" + (f", {ctx}" if ctx else "")
+                for s in seeds:
+                    over = [o for _, ov in combo for o in ov] + ["weighting=uniform", f"data.tasks=[{t}]", f"seed={s}"]
+                    cells.append({"id": cell_id(row, s), "row": row, "seed": s, "overrides": over, "kind": "baseline"})
+    ids = [c["id"] for c in cells]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise MTLError(f"Study {cfg.name}: axis values give the same cell twice ({dup[:3]}): label them apart.")
+    return cells
+
+
+def check_cells(cfg: StudyConfig, cells: list[dict], overrides: list[str]) -> None:
+    """Compose every distinct cell config now: a mistyped axis key fails here, named, not inside a trial."""
+    seen = set()
+    for c in cells:
+        for o in c["overrides"]:
+            key = o.split("=", 1)[0]
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                compose(cfg.exp, [*cfg.overrides, *overrides, o])
+            except MTLError as e:
+                axis = next((k for k in cfg.axes if o.startswith(k) or k in SPECIAL_AXES and key.startswith(k)), key)
+                raise MTLError(
+                    f"Study {cfg.name}: axis {axis!r} gives the override {o!r}, which the experiment rejects: {e} "
+                    f"Axis keys are {', '.join(SPECIAL_AXES)} or a config key."
+                ) from None
+
+
+# -- running --------------------------------------------------------------------------------------------------
+def study_dir(cfg: StudyConfig, train_cfg) -> Path:
+    return Path(cfg.out_dir or Path(train_cfg.out_dir) / "studies" / cfg.name).expanduser().resolve()
+
+
+def _cell_results_callback(cells_dir: Path):
+    """Driver side: write each finished cell's last result to cells/<id>.json (atomically), the resume record."""
+    from ray import tune
+
+    class CellResults(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            r = trial.last_result or {}
+            cell = trial.config["cell"]
+            metrics = {k: v for k, v in r.items() if k.startswith(("val/", "test/", "grad_cos/"))}
+            record = {
+                **{k: cell[k] for k in ("id", "row", "seed", "kind", "overrides")},
+                "metrics": metrics,
+                "steps": r.get("step"),
+                "epochs": max(0, int(r.get("training_iteration") or 1) - 1),  # less the final (test) report
+                "seconds": r.get("time_total_s"),
+                "trial_dir": str(trial.local_path) if getattr(trial, "local_path", None) else None,
+            }
+            write_atomic(cells_dir / f"{cell['id']}.json", json.dumps(record, indent=1))
+
+    return CellResults()
+
+
+def run_study(cfg: StudyConfig, overrides: list[str]) -> Path:
+    """Train every cell not yet done (each a Ray Tune trial), then write the report. Returns the study's folder."""
+    from ray import tune
+
+    from .driver import init_ray, quiet_tune
+    from .report import write_report
+    from .trial import trial
+
+    train_cfg = compose(cfg.exp, [*cfg.overrides, *overrides])
+    dm = create_datamodule(train_cfg.data, train_cfg.seed)
+    tasks = [t.name for t in dm.tasks]
+    cells = make_cells(cfg, tasks, train_cfg.seed)
+    metrics = cfg.metrics or [t.key("test", t.primary) for t in dm.tasks]
+    directions = {**metric_directions(dm.tasks, "val", False), **metric_directions(dm.tasks, "test", False)}
+    bad = [m for m in metrics if m not in directions]
+    if bad:
+        raise MTLError(f"Study {cfg.name}: metrics {bad} are not logged. Valid choices: {', '.join(directions)}.")
+    for row, refs in cfg.references.items():
+        unknown = [m for m in refs if m not in metrics]
+        if unknown:
+            raise MTLError(
+                f"Study {cfg.name}: references.{row} gives {unknown}, which the study does not report. "
+                f"Reported metrics: {', '.join(metrics)}."
+            )
+    if cfg.grad_cos_every < 0:
+        raise MTLError(f"study.grad_cos_every={cfg.grad_cos_every} must be >= 0 (0: off).")
+    extra = [f"grad_cos_every={cfg.grad_cos_every}"] if cfg.grad_cos_every else []
+    check_cells(cfg, cells, [*overrides, *extra])
+    steps = equal_steps(train_cfg)
+    out = study_dir(cfg, train_cfg)
+    cells_dir = out / "cells"
+    if cells_dir.exists() and any(cells_dir.iterdir()) and not cfg.resume:
+        raise MTLError(f"{out} holds a study already: continue it with resume=true, or set study.out_dir.")
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "study": asdict(cfg),
+        "command": "python -m experiments.study " + " ".join([cfg.name, *overrides]),
+        "tasks": tasks,
+        "metrics": metrics,
+        "directions": {m: directions[m] for m in metrics},
+        "steps": steps,
+        "gpus_per_trial": None,
+        "searches": {},
+    }
+    gpus = cfg.gpus_per_trial if cfg.gpus_per_trial >= 0 else float(_cuda())
+    meta["gpus_per_trial"] = gpus
+    init_ray(cfg.num_cpus)
+    quiet_tune()
+    shared = [*cfg.overrides, *overrides, *extra, "trainer.enable_progress_bar=false"]
+    common = [*shared, *budget_overrides(steps)]
+    for spec in cfg.searches:  # search the weights first; the found weights are retrained per seed like any row
+        label, weights, record = _run_search_row(cfg, spec, shared, out)
+        meta["searches"][label] = record
+        for s in cfg.axes.get("seed", [train_cfg.seed]):
+            over = ["weighting=fixed", f"weighting.weights={_fmt(weights)}", f"seed={s}"]
+            cells.append({"id": cell_id(label, s), "row": label, "seed": s, "overrides": over, "kind": "search"})
+    write_atomic(out / "meta.json", json.dumps(meta, indent=1))
+    pending = [c for c in cells if not (cells_dir / f"{c['id']}.json").exists()]
+    if pending:
+        base = {
+            "exp": cfg.exp,
+            "overrides": common,
+            "num_tasks": len(tasks),
+            "search": cfg.name,  # the W&B group of every cell's run
+            "metric": metrics[0],
+            "sign": 1.0,
+            "final_report": True,
+        }
+        space = {**base, "cell": tune.grid_search(pending)}
+        space["extra"] = tune.sample_from(lambda spec: spec.config["cell"]["overrides"])
+        trainable = tune.with_resources(trial, {"cpu": cfg.cpus_per_trial, "gpu": gpus})
+        run_config = tune.RunConfig(
+            name=f"cells-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(out / "tune"),
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[_cell_results_callback(cells_dir)],
+            verbose=0,
+        )
+        tune.Tuner(trainable, param_space=space, run_config=run_config).fit()
+    done = [c for c in cells if (cells_dir / f"{c['id']}.json").exists()]
+    if not done:
+        raise MTLError(f"Every cell of study {cfg.name} failed; see the trials' logs in {out / 'tune'}.")
+    failed = [c["id"] for c in cells if c not in done]
+    if failed:
+        print(f"{len(failed)} cell(s) failed (rerun with resume=true to retry them): {', '.join(failed[:5])}")
+    write_report(out)
+    return out
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_search_row(cfg: StudyConfig, spec: dict, shared: list[str], out: Path) -> tuple[str, list[float], dict]:
+    """A search (PBT, PB2) whose best weights become a row; its result is kept in searches/<label>.json."""
+    from .config import compose_search
+    from .driver import run_search
+
+    spec = copy.deepcopy(spec)
+    label = spec.pop("label", spec.get("name", "search"))
+    path = out / "searches" / f"{label}.json"
+    if path.exists():
+        record = json.loads(path.read_text())
+        return label, record["best_weights"], record
+    # PBT's clock is the epoch: the search trains the experiment's epochs, its retrained rows the study's steps
+    over = [*shared, *(f"search.{k}={_fmt(v)}" for k, v in spec.items() if k != "name")]
+    over += [f"search={spec.get('name', 'pbt')}", f"search.storage_path={out / 'searches'}"]
+    over.append(f"search.name_suffix={label}")
+    if spec.get("name", "pbt") == "grid":
+        raise MTLError(f"Study {cfg.name}: searches are pbt or pb2 (a grid is an axis: axes.p).")
+    scfg, rest = compose_search(cfg.exp, over)
+    res = run_search(cfg.exp, rest, scfg)
+    record = {
+        "best_weights": list(res["best_weights"]),
+        "compute_trial_epochs": res["compute_trial_epochs"],
+        "search_dir": res["search_dir"],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(record, indent=1))
+    return label, record["best_weights"], record
+
+
+__all__ = ["StudyConfig", "list_studies", "load_study", "make_cells", "run_study"]

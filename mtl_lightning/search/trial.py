@@ -1,0 +1,112 @@
+"""Inside a trial: one `train()` reporting to Tune after every epoch, resumed from Tune's checkpoint if any. The
+search's trials and a study's cells all run this function."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+from ..config import compose
+from ..train import train
+
+
+class ApplyLearningRate(Callback):
+    """After a checkpoint restore, impose this trial's learning rate (restored with the donor's optimiser state)."""
+
+    def __init__(self, lr: float):
+        self.lr = lr
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for opt in trainer.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = self.lr
+        for cfg in trainer.lr_scheduler_configs:
+            cfg.scheduler.base_lrs = [self.lr] * len(cfg.scheduler.base_lrs)
+
+
+class WeightSchedule(Callback):
+    """The normalised weights used in every epoch, saved in the checkpoint so they follow a trial's lineage."""
+
+    def __init__(self):
+        self.schedule: list[list[float]] = []  # [epoch, w_1, ..., w_K]
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.schedule = [r for r in self.schedule if r[0] < trainer.current_epoch]
+        self.schedule.append([trainer.current_epoch, *_weights(pl_module)])
+
+    def state_dict(self) -> dict:
+        return {"schedule": self.schedule}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule = state["schedule"]
+
+
+def _report_callback(metric: str, sign: float):
+    """Reports every val metric, and `score` = sign x `metric` (Tune maximises it), after each training epoch."""
+    from ray.tune.integration.pytorch_lightning import TuneReportCheckpointCallback
+
+    class Report(TuneReportCheckpointCallback):
+        def _handle(self, trainer, pl_module):
+            if trainer.state.fn == "fit":  # one Tune iteration per training epoch, none for trainer.validate()
+                super()._handle(trainer, pl_module)
+
+        def _get_report_dict(self, trainer, pl_module):
+            m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            return {
+                **m,
+                "score": sign * m.get(metric, float("nan")),  # a study's cell may not log it (a baseline)
+                "step": trainer.global_step,
+                "weights": _weights(trainer.lightning_module),
+            }
+
+    return Report(filename="trial.ckpt", on="validation_end")
+
+
+def _config_weights(config: dict) -> list[float] | None:
+    """A PBT/PB2 trial's raw weights w0..w{K-1}; None for a grid trial (its weights come as overrides)."""
+    return [config[f"w{k}"] for k in range(config["num_tasks"])] if "w0" in config else None
+
+
+def _weights(pl_module) -> list[float]:
+    w = getattr(pl_module.weighting, "w", None)
+    return [] if w is None else w.tolist()
+
+
+def trial(config: dict) -> None:
+    """A Tune function trainable: one `train()` from the trial's config, resumed from Tune's checkpoint if any."""
+    from ray import tune
+
+    weights = _config_weights(config)
+    ctx = tune.get_context()
+    # One run directory (and W&B run) per trial, kept across the restarts PBT makes on exploit
+    run_dir = Path(ctx.get_trial_dir()) / config["exp"] / (config.get("cell", {}).get("id") or ctx.get_trial_id())
+    final = config.get("final_report", False)  # a study's cell: evaluate the final model on test and report it
+    over = list(config["overrides"]) + [f"out_dir={ctx.get_trial_dir()}", f"test={str(final).lower()}"]
+    over += [f"wandb.group={config['search']}", *config.get("extra", [])]
+    if weights is not None:
+        over += ["weighting=fixed", f"weighting.weights=[{','.join(map(str, weights))}]", "weighting.normalize=true"]
+    lr = config.get("lr")
+    if lr is not None:
+        over.append(f"optim.lr={lr}")
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:  # a study's cell is named by its id
+        over.append(f"run_name={config.get('cell', {}).get('id') or ctx.get_trial_id()}")
+    else:  # copy it out (its directory only lives inside as_directory) into the run dir, then resume from it
+        local = run_dir / "checkpoints" / "restore.ckpt"
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with ckpt.as_directory() as d:
+            shutil.copy(Path(d) / "trial.ckpt", local)
+        over.append(f"resume={local}")
+    cfg = compose(config["exp"], over)
+    callbacks = [WeightSchedule(), _report_callback(config["metric"], config["sign"])]
+    if lr is not None:
+        callbacks.insert(0, ApplyLearningRate(lr))
+    # Tune's per-epoch checkpoint is the trial's restore point: best/last.ckpt beside it would double the disk used,
+    # and Ray's sync of the trial folder can catch an atomic write's temporary file as it is renamed
+    metrics = train(cfg, callbacks, save_checkpoints=False)
+    if final:  # one more report: the final model's val and test metrics, and its gradient conflict if logged
+        keep = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/", "grad_cos/"))}
+        score = config["sign"] * keep.get(config["metric"], float("nan"))
+        tune.report({**keep, "score": score, "step": cfg.trainer.max_steps})

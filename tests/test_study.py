@@ -1,0 +1,146 @@
+"""Studies: a tiny study end to end on Ray (cells, baselines, equal steps, report, rebuild, resume), the statistics on
+hand-made tables, gradient-conflict logging, and bad study files."""
+
+import csv
+import json
+import math
+import os
+
+import pytest
+
+from experiments.run import run
+from experiments.study import main
+from mtl_lightning.errors import MTLError
+from mtl_lightning.search.report import analyse, paired_test, pearson
+from mtl_lightning.search.study import load_study, run_study
+
+ray = pytest.importorskip("ray")
+
+TINY = """
+description: two weightings x two seeds on two synthetic tasks
+exp: synthetic_mtl
+overrides: [data.num_tasks=2, data.train_size=300, data.val_size=100, data.test_size=100, trainer.max_epochs=2]
+axes:
+  weighting: [uniform, pcgrad]
+  seed: [0, 1]
+grad_cos_every: 2
+references: {uniform: {test/acc/task0: 0.5}}
+num_cpus: 2
+"""
+
+
+def write(tmp_path, text, name="tiny.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_a_tiny_study_end_to_end(tmp_path, capsys):
+    study = write(tmp_path, TINY)
+    out = tmp_path / "st"
+    args = [study, f"study.out_dir={out}", "logger=csv"]
+    try:
+        assert main(args) == 0
+        cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+        # 2 weightings x 2 seeds, and the single-task baseline of each task per seed
+        assert sorted(cells) == sorted(
+            f"{r}__seed{s}" for r in ("uniform", "pcgrad", "single-task_task0", "single-task_task1") for s in (0, 1)
+        )
+        assert len({c["steps"] for c in cells.values()}) == 1  # equal budgets, baselines included
+        rows = list(csv.DictReader(open(out / "results.csv")))
+        assert len(rows) == 8
+        for r in rows:
+            mine = ["test/acc/task0", "test/acc/task1"] if r["kind"] == "method" else [f"test/acc/{r['row'][-5:]}"]
+            assert all(0 <= float(r[m]) <= 1 for m in mine)
+            if r["kind"] == "method":
+                assert -1 <= float(r["grad_cos/mean"]) <= 1  # gradient conflict, logged every 2 steps
+        report = (out / "report.md").read_text()
+        assert f"trained {cells['uniform__seed0']['steps']} optimiser steps" in report
+        table = [line for line in report.splitlines() if line.startswith("| pcgrad")][0].split(" | ")
+        assert len(table) == 8 and all(x.strip() for x in table)  # every column of a method's row filled
+        assert "(paper 0.5)" in report and "Gradient conflict vs performance" in report
+        assert all((out / png).stat().st_size > 0 for png in ("bars.png", "pareto.png"))
+
+        before = (out / "report.md").read_bytes()  # --report rebuilds the same report from the results alone
+        assert main(["--report", str(out)]) == 0 and (out / "report.md").read_bytes() == before
+
+        with pytest.raises(MTLError, match="holds a study already"):
+            run_study(*load_study(study, [f"study.out_dir={out}"]))
+        kept = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+        (out / "cells" / "pcgrad__seed1.json").unlink()  # as if the study had been killed before this cell ended
+        assert main([*args, "resume=true"]) == 0
+        runs = sorted((out / "tune").glob("cells-*"))
+        assert len(runs) == 2 and len(list(runs[-1].glob("trial_*"))) == 1  # only the missing cell trained
+        assert all((out / "cells" / n).stat().st_mtime_ns == t for n, t in kept.items() if n != "pcgrad__seed1.json")
+        assert (out / "cells" / "pcgrad__seed1.json").exists()
+    finally:
+        ray.shutdown()
+
+
+def test_paired_test_has_the_known_p_value():
+    # differences 1, 2, 3: t = 2 / (1 / sqrt 3) with 2 degrees of freedom, whose two-sided p is 1 - t / sqrt(t^2 + 2)
+    b = [0.3, 0.1, 0.7]
+    diff, p = paired_test([x + d for x, d in zip(b, [1, 2, 3])], b)
+    t = 2 * math.sqrt(3)
+    assert diff == pytest.approx(2.0) and p == pytest.approx(1 - t / math.sqrt(t * t + 2), rel=1e-6)
+    assert math.isnan(paired_test([1.0], [0.0])[1])  # one pair: no test
+    r, lo, hi = pearson([0, 1, 2, 3, 4], [1, 3, 5, 7, 9.5])
+    assert r > 0.99 and lo < r < hi
+
+
+def test_report_statistics_on_a_hand_made_table():
+    directions = {"test/acc/a": True, "test/err/b": False}
+    meta = {"metrics": list(directions), "directions": directions, "tasks": ["a", "b"], "study": {"compare": "u"}}
+
+    def cell(row, kind, seed, **m):
+        metrics = {f"test/{k.replace('_', '/')}": v for k, v in m.items()}
+        return {"row": row, "kind": kind, "seed": seed, "metrics": metrics}
+
+    cells = [cell("single-task a", "baseline", s, acc_a=0.8) for s in (0, 1)]
+    cells += [cell("single-task b", "baseline", s, err_b=2.0) for s in (0, 1)]
+    cells += [cell("u", "method", 0, acc_a=0.8, err_b=2.0), cell("u", "method", 1, acc_a=0.8, err_b=2.0)]
+    cells += [cell("m", "method", 0, acc_a=0.88, err_b=1.8), cell("m", "method", 1, acc_a=0.84, err_b=1.9)]
+    a = analyse(meta, cells)
+    # Δm% of m: mean of (+10%, +10%) at seed 0 and (+5%, +5%) at seed 1
+    assert a["rows"]["m"]["scores"] == pytest.approx({0: 10.0, 1: 5.0})
+    assert a["rows"]["u"]["scores"] == pytest.approx({0: 0.0, 1: 0.0})
+    assert a["rows"]["m"]["stats"]["test/acc/a"][:2] == pytest.approx((0.86, 0.0283), abs=1e-4)
+    assert a["rows"]["m"]["rank"] == 1.0 and a["rows"]["u"]["rank"] == 2.0  # better on both metrics
+    assert a["tests"]["m"]["diff"] == pytest.approx(7.5)
+
+
+def test_gradient_conflict_is_logged_every_n_steps(make_cfg):
+    over = ["data.train_size=256", "data.batch_size=64", "trainer.max_steps=8", "grad_cos_every=3"]
+    m = run(make_cfg("digits_mtl", *over))
+    assert -1 <= m["grad_cos/left-right"] <= 1 and m["grad_cos/mean"] == m["grad_cos/left-right"]
+    log = next(p for p in os.scandir(os.path.join(m["run_dir"], "csv")) if p.is_dir()).path + "/metrics.csv"
+    rows = [r for r in csv.DictReader(open(log)) if r.get("train/grad_cos/left-right")]
+    assert [int(r["step"]) for r in rows] == [0, 3, 6]
+    with pytest.raises(MTLError, match="grad_cos_every"):
+        run(make_cfg("digits_mtl", "grad_cos_every=-1"))
+
+
+BAD = [
+    ("axes: {weighting: [uniform], optim.lrr: [0.1]}", "axis 'optim.lrr'.*Axis keys are weighting, p, capacity, seed"),
+    ("axes: {weighting: []}", "axes.weighting is empty"),
+    ("axes: {seed: [0]}\nreferences: {uniform: {test/acc/task9: 0.9}}", "test/acc/task9.*does not report"),
+    ("axes: {p: [0.5]}", "axes.p sweeps the weight of the first of two tasks.*3 task"),
+    ("axes: {weighting: [uniform]}\nmetrics: [val/acc/nope]", "metrics \\['val/acc/nope'\\] are not logged"),
+    ("axes: {seed: [0]}\nbaseline: true", "Bad study.*Valid keys: name, description, exp"),
+]
+
+
+@pytest.mark.parametrize("body, message", BAD)
+def test_bad_study_files_name_the_key(tmp_path, body, message):
+    path = write(tmp_path, f"exp: synthetic_mtl\noverrides: [data.num_tasks=3]\n{body}\n")
+    with pytest.raises(MTLError, match=message):
+        run_study(*load_study(path, [f"study.out_dir={tmp_path / 'st'}"]))
+
+
+def test_study_names_and_list(capsys):
+    with pytest.raises(MTLError, match="Unknown study 'nope'. Valid choices: .*digits_methods"):
+        load_study("nope", [])
+    assert main(["--list"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("digits_methods", "digits_capacity", "forkmerge_negative_transfer", "royer_celeba_methods"):
+        assert name in listed
