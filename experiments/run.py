@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mtl_lightning.config import compose, list_experiments
@@ -17,6 +18,8 @@ from mtl_lightning.train import train
 def run(cfg: DictConfig, callbacks=()) -> dict:
     """Train `cfg` and print every task's metrics on val and test; returns the metrics (and `run_dir`)."""
     metrics = train(cfg, callbacks)
+    if rank_zero_only.rank:  # a DDP worker: rank 0 prints the one report
+        return metrics
     names = [k[4:] for k in metrics if k.startswith("val/") and not k.startswith("val/loss/")]
     width = max([len(n) for n in names] + [16]) + 2
     print(f"\n{'metric':<{width}}{'val':>10}{'test':>10}")
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = compose(exps[0], [a for a in argv if not a.startswith("exp=")])
-        print(OmegaConf.to_yaml(cfg))
+        if not rank_zero_only.rank:
+            print(OmegaConf.to_yaml(cfg))
         run(cfg)
     except MTLError as e:
         print(f"\nerror: {e}", file=sys.stderr)

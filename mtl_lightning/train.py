@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import AtomicCheckpointIO, LastCheckpoint
@@ -145,8 +145,13 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
     if monitor == "auto":
         monitor = default_monitor(dm.tasks, bool(bases))
     maximise = higher_is_better(monitor, dm.tasks, bool(bases), "checkpoint.monitor")
-    run_dir, ckpt = resolve_run(cfg)
-    save_config(cfg, run_dir / "config.yaml")
+    if rank_zero_only.rank and os.environ.get("MTL_RUN_DIR"):  # a DDP worker Lightning launched: rank 0's run
+        run_dir, ckpt = Path(os.environ["MTL_RUN_DIR"]), os.environ.get("MTL_RESUME") or None
+    else:
+        run_dir, ckpt = resolve_run(cfg)
+        save_config(cfg, run_dir / "config.yaml")
+        # Lightning starts DDP workers by running this command again: they inherit these and share the run
+        os.environ["MTL_RUN_DIR"], os.environ["MTL_RESUME"] = str(run_dir), str(ckpt or "")
     if getattr(weighting, "needs_ranking", False):  # ForkMerge's top-k branches: rank the auxiliaries first
         weighting.use_ranking(rank_auxiliaries(cfg, weighting, dm.tasks, run_dir, bases))
     if forks and cfg.data.mixing == "sample":

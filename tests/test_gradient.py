@@ -357,11 +357,17 @@ def test_ddp_two_processes_match_one(name, tmp_path):
         "one": ["data.batch_size=64"],
         "other": ["data.batch_size=32"],  # a different trajectory: shows the tolerance below is discriminating
     }
+    printed = {}
     for run_name, extra in runs.items():
-        subprocess.run([sys.executable, "-m", "experiments.run", *common, *extra, f"run_name={run_name}"], check=True)
+        name = [] if run_name == "ddp" else [f"run_name={run_name}"]  # the DDP run: a timestamped directory
+        cmd = [sys.executable, "-m", "experiments.run", *common, *extra, *name]
+        printed[run_name] = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    # one run, one directory, one report: the second rank neither makes its own directory nor prints
+    dirs = {p.name for p in (tmp_path / "digits_mtl").iterdir()} - {"one", "other"}
+    assert len(dirs) == 1 and printed["ddp"].count("outputs:") == 1 and printed["ddp"].count("weighting:") == 1
     ddp, one, other = (
         torch.load(tmp_path / "digits_mtl" / r / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-        for r in runs
+        for r in [dirs.pop(), "one", "other"]
     )
 
     def dist(a, b):

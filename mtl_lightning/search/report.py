@@ -197,6 +197,8 @@ def write_report(folder: Path) -> Path:
     ordered = sorted(a["rows"], key=lambda r: (a["rows"][r]["kind"] == "baseline", a["rows"][r].get("rank", 99), r))
     for r in ordered:
         row = a["rows"][r]
+        if not any(row["stats"].values()):  # a baseline of a task the study does not report
+            continue
         cellv = []
         for m in metrics:
             s = row["stats"][m]

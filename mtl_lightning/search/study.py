@@ -155,7 +155,8 @@ def make_cells(cfg: StudyConfig, tasks: list[str], base_seed: int) -> list[dict]
         row = ", ".join(lbl for lbl, _ in combo) or "default"
         for s in seeds:
             over = [o for _, ov in combo for o in ov] + [f"seed={s}"]
-            cells.append({"id": cell_id(row, s), "row": row, "seed": s, "overrides": over, "kind": "method"})
+            cell = {"id": cell_id(row, s), "row": row, "seed": s, "overrides": over, "kind": "method"}
+            cells.append({**cell, "axes": {k: ov for k, (_, ov) in zip(keys, combo)}})
     if cfg.baselines:  # per seed, and per value of the axes that change the model or the data, not the weighting
         context = [k for k in keys if k not in ("weighting", "p", "data.tasks")]
         for combo in itertools.product(*(labelled[k] for k in context)) if context else [()]:
@@ -176,19 +177,22 @@ def check_cells(cfg: StudyConfig, cells: list[dict], overrides: list[str]) -> No
     """Compose every distinct cell config now: a mistyped axis key fails here, named, not inside a trial."""
     seen = set()
     for c in cells:
-        for o in c["overrides"]:
-            key = o.split("=", 1)[0]
-            if key in seen:
-                continue
-            seen.add(key)
-            try:
-                compose(cfg.exp, [*cfg.overrides, *overrides, o])
-            except MTLError as e:
-                axis = next((k for k in cfg.axes if o.startswith(k) or k in SPECIAL_AXES and key.startswith(k)), key)
-                raise MTLError(
-                    f"Study {cfg.name}: axis {axis!r} gives the override {o!r}, which the experiment rejects: {e} "
-                    f"Axis keys are {', '.join(SPECIAL_AXES)} or a config key."
-                ) from None
+        over = tuple(o for o in c["overrides"] if not o.startswith("seed="))
+        if over in seen:
+            continue
+        seen.add(over)
+        try:
+            compose(cfg.exp, [*cfg.overrides, *overrides, *over])
+        except MTLError as e:
+            axis = next(
+                (k for k, ov in c.get("axes", {}).items() if any(f"'{o.split('=', 1)[0]}'" in str(e) for o in ov)),
+                None,
+            )
+            where = f"axis {axis!r}" if axis else f"cell {c['row']!r}"
+            raise MTLError(
+                f"Study {cfg.name}: {where} gives a config the experiment rejects: {e} Axis keys are "
+                f"{', '.join(SPECIAL_AXES)} or a config key."
+            ) from None
 
 
 # -- running --------------------------------------------------------------------------------------------------

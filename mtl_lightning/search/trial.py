@@ -3,7 +3,10 @@ search's trials and a study's cells all run this function."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
@@ -45,12 +48,19 @@ class WeightSchedule(Callback):
 
 def _report_callback(metric: str, sign: float):
     """Reports every val metric, and `score` = sign x `metric` (Tune maximises it), after each training epoch."""
+    from ray.tune import Checkpoint
     from ray.tune.integration.pytorch_lightning import TuneReportCheckpointCallback
 
     class Report(TuneReportCheckpointCallback):
         def _handle(self, trainer, pl_module):
             if trainer.state.fn == "fit":  # one Tune iteration per training epoch, none for trainer.validate()
                 super()._handle(trainer, pl_module)
+
+        @contextmanager
+        def _get_checkpoint(self, trainer):  # as Ray's, saying weights_only=False (Lightning logs it otherwise)
+            with tempfile.TemporaryDirectory() as d:
+                trainer.save_checkpoint(os.path.join(d, self._filename), weights_only=False)
+                yield Checkpoint.from_directory(d)
 
         def _get_report_dict(self, trainer, pl_module):
             m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
