@@ -10,9 +10,10 @@ import pytest
 
 from experiments.run import run
 from experiments.study import main
+from mtl_lightning.config import compose
 from mtl_lightning.errors import MTLError
-from mtl_lightning.search.report import analyse, paired_test, pearson
-from mtl_lightning.search.study import load_study, run_study
+from mtl_lightning.search.report import analyse, paired_test, pearson, write_report
+from mtl_lightning.search.study import load_study, native_context, run_study
 
 ray = pytest.importorskip("ray")
 
@@ -107,6 +108,39 @@ def test_report_statistics_on_a_hand_made_table():
     assert a["rows"]["m"]["stats"]["test/acc/a"][:2] == pytest.approx((0.86, 0.0283), abs=1e-4)
     assert a["rows"]["m"]["rank"] == 1.0 and a["rows"]["u"]["rank"] == 2.0  # better on both metrics
     assert a["tests"]["m"]["diff"] == pytest.approx(7.5)
+
+
+def test_a_search_row_is_scored_against_the_baselines_at_its_own_capacity(tmp_path):
+    # a search trains at the experiment's own capacity, so its row must share that context with the baselines
+    path = write(tmp_path, "exp: digits_mdl\naxes: {p: [0.5], capacity: [[1, 16], [3, 64]], data.val_size: [50]}\n")
+    cfg, _ = load_study(path, [])
+    assert native_context(
+        cfg, compose(cfg.exp, ["model.depth=1", "model.width=16", "data.val_size=70"]), ["a", "b"]
+    ) == [
+        "1x16",
+        "data.val_size=70",
+    ]
+    meta = {"metrics": ["test/acc/a"], "directions": {"test/acc/a": True}, "tasks": ["a"], "command": "c"}
+    meta["study"] = {"name": "s", "compare": None}
+    meta["searches"] = {"pbt": {"best_weights": [0.25], "compute_trial_epochs": 12}}
+    meta["wandb"] = {"project": "p", "entity": None, "mode": "offline"}  # the table and figures go to W&B too
+    cells = [
+        {"id": c, "row": f"single-task a, {c}", "kind": "baseline", "seed": 0, "metrics": {"test/acc/a": v}}
+        for c, v in (("1x16", 0.4), ("3x64", 0.8))
+    ]
+    cells.append({"id": "p", "row": "pbt, 3x64", "kind": "search", "seed": 0, "metrics": {"test/acc/a": 0.6}})
+    assert analyse(meta, cells)["rows"]["pbt, 3x64"]["delta_m"] == pytest.approx({0: -25.0})
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    for c in cells:
+        (tmp_path / "cells" / f"{c['id']}.json").write_text(json.dumps(c))
+    report = write_report(tmp_path).read_text()
+    assert "| pbt, 3x64 | 1 | 0.6000 ± 0.0000 | -25.00 ± 0.00 |" in report
+    assert "`pbt` searched for 12 trial-epochs; its best weights [0.250] (tasks a)" in report
+    run = next((tmp_path / "wandb").glob("offline-run-*"))
+    tables = list(run.glob("files/media/table/results_*.table.json"))
+    table = json.loads(tables[0].read_text())
+    assert len(tables) == 1 and {r[table["columns"].index("row")] for r in table["data"]} == {c["row"] for c in cells}
 
 
 def test_gradient_conflict_is_logged_every_n_steps(make_cfg):

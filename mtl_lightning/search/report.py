@@ -192,7 +192,9 @@ def write_report(folder: Path) -> Path:
         "## Results (mean ± sd over seeds)",
         "",
     ]
-    head = ["row", "n", *metrics, "Δm% vs single-task", "mean rank", f"vs {ref_row}: Δ score, p", "verdict"]
+    tested = ref_row in a["rows"]
+    head = ["row", "n", *metrics, "Δm% vs single-task", "mean rank"]
+    head += [f"vs {ref_row}: Δ score, p", "verdict"] if tested else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ordered = sorted(a["rows"], key=lambda r: (a["rows"][r]["kind"] == "baseline", a["rows"][r].get("rank", 99), r))
     for r in ordered:
@@ -212,19 +214,27 @@ def write_report(folder: Path) -> Path:
         test_s = "" if t is None else f"{t['diff']:+.3f}, p = {_fmt(t['p'], 3) or 'n/a'}"
         verd = "" if t is None else verdict(t["diff"], t["p"])
         n = max((s[2] for s in row["stats"].values() if s), default=0)
-        lines.append("| " + " | ".join([r, str(n), *cellv, dm_s, _fmt(row.get("rank"), 2), test_s, verd]) + " |")
+        tail = [test_s, verd] if tested else []
+        lines.append("| " + " | ".join([r, str(n), *cellv, dm_s, _fmt(row.get("rank"), 2), *tail]) + " |")
     score_kind = (
         "Δm% against the single-task baselines"
         if any(a["rows"][r]["delta_m"] for r in a["rows"])
         else ("the mean of the direction-signed metrics")
     )
-    lines += [
-        "",
-        f"The paired tests compare each row's score ({score_kind}) with `{ref_row}`'s, paired by seed (two-sided "
-        f"t-test, α = {ALPHA}); with few seeds only large differences can show.",
-    ]
+    lines += ["", f"Rows are ranked by each metric's mean; a row's score is {score_kind}."]
+    if tested:
+        lines.append(
+            f"The paired tests compare each row's score with `{ref_row}`'s, paired by seed (two-sided t-test, "
+            f"α = {ALPHA}); with few seeds only large differences can show."
+        )
     if refs:
         lines.append(f"Published numbers: {study.get('reference_source') or 'the papers'}.")
+    for label, rec in (meta.get("searches") or {}).items():  # what a search row retrained, and what it cost
+        weights = ", ".join(f"{w:.3f}" for w in rec["best_weights"])
+        lines.append(
+            f"`{label}` searched for {rec['compute_trial_epochs']} trial-epochs; its best weights [{weights}] "
+            f"(tasks {', '.join(meta['tasks'])}) were retrained per seed as its row."
+        )
     if a["conflict"]:
         k = a["conflict"]
         lines += [
@@ -324,16 +334,23 @@ def plot(folder: Path, meta: dict, cells: list[dict], a: dict) -> list[Path]:
 
 
 def log_wandb(folder: Path, meta: dict, pngs: list[Path]) -> None:
-    """With a wandb logger in the study's overrides, log results.csv as a wandb.Table and the figures to one run in
-    the study's group, beside the cells' runs."""
-    if "wandb" not in " ".join(meta["study"].get("overrides", [])) + meta["command"]:
+    """With a wandb logger in the study's training config, log results.csv as a wandb.Table and the figures to one
+    run in the study's group (the cells' W&B group), in the cells' project and mode."""
+    w = meta.get("wandb")
+    if not w:
         return
     import wandb
 
     rows = list(csv.reader(open(folder / "results.csv")))
     name = meta["study"]["name"]
     run = wandb.init(
-        project="mtl_lightning", group=name, name=f"{name}-report", job_type="report", dir=str(folder), reinit=True
+        project=w["project"],
+        entity=w.get("entity"),
+        mode=w["mode"],
+        group=name,
+        name=f"{name}-report",
+        job_type="report",
+        dir=str(folder),
     )
     run.log({"results": wandb.Table(columns=rows[0], data=rows[1:]), **{p.stem: wandb.Image(str(p)) for p in pngs}})
     run.finish()

@@ -36,10 +36,12 @@ from ..config import compose, write_atomic
 from ..data import create_datamodule
 from ..errors import MTLError
 from ..model import metric_directions
+from ..train import wandb_mode
 from .budget import budget_overrides, equal_steps
 
 STUDY_DIR = Path(__file__).resolve().parents[2] / "experiments" / "studies"
 SPECIAL_AXES = ("weighting", "p", "capacity", "seed")
+CONTEXT_FREE = ("weighting", "p", "data.tasks", "seed")  # axes that do not change what the baselines train
 
 
 @dataclass
@@ -140,6 +142,21 @@ def cell_id(label: str, seed) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{label}__seed{seed}").strip("_")
 
 
+def native_context(cfg: StudyConfig, train_cfg, tasks: list[str]) -> list[str]:
+    """Labels of the context axes (capacity ...) at the experiment's own values: a search runs there."""
+    out = []
+    for key in cfg.axes:
+        if key in CONTEXT_FREE:
+            continue
+        if key == "capacity":
+            value = [train_cfg.model.depth, train_cfg.model.width]
+        else:
+            value = OmegaConf.select(train_cfg, key)
+            value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        out.append(axis_value(key, value, tasks)[0])
+    return out
+
+
 def make_cells(cfg: StudyConfig, tasks: list[str], base_seed: int) -> list[dict]:
     """Every cell of the study: the crossed axes, then the single-task baselines per seed and context value."""
     if not cfg.axes:
@@ -158,7 +175,7 @@ def make_cells(cfg: StudyConfig, tasks: list[str], base_seed: int) -> list[dict]
             cell = {"id": cell_id(row, s), "row": row, "seed": s, "overrides": over, "kind": "method"}
             cells.append({**cell, "axes": {k: ov for k, (_, ov) in zip(keys, combo)}})
     if cfg.baselines:  # per seed, and per value of the axes that change the model or the data, not the weighting
-        context = [k for k in keys if k not in ("weighting", "p", "data.tasks")]
+        context = [k for k in keys if k not in CONTEXT_FREE]
         for combo in itertools.product(*(labelled[k] for k in context)) if context else [()]:
             ctx = ", ".join(lbl for lbl, _ in combo)
             for t in tasks:
@@ -265,7 +282,11 @@ def run_study(cfg: StudyConfig, overrides: list[str]) -> Path:
         "steps": steps,
         "gpus_per_trial": None,
         "searches": {},
+        "wandb": None,  # where the report's table and figures go, beside the cells' runs
     }
+    if "wandb" in [n.strip() for n in train_cfg.logger.split(",")]:
+        w = train_cfg.wandb
+        meta["wandb"] = {"project": w.project, "entity": w.entity, "mode": wandb_mode(train_cfg)}
     gpus = cfg.gpus_per_trial if cfg.gpus_per_trial >= 0 else float(_cuda())
     meta["gpus_per_trial"] = gpus
     init_ray(cfg.num_cpus)
@@ -275,9 +296,10 @@ def run_study(cfg: StudyConfig, overrides: list[str]) -> Path:
     for spec in cfg.searches:  # search the weights first; the found weights are retrained per seed like any row
         label, weights, record = _run_search_row(cfg, spec, shared, out)
         meta["searches"][label] = record
+        row = ", ".join([label, *native_context(cfg, train_cfg, tasks)])  # Δm against the baselines it ran beside
         for s in cfg.axes.get("seed", [train_cfg.seed]):
             over = ["weighting=fixed", f"weighting.weights={_fmt(weights)}", f"seed={s}"]
-            cells.append({"id": cell_id(label, s), "row": label, "seed": s, "overrides": over, "kind": "search"})
+            cells.append({"id": cell_id(row, s), "row": row, "seed": s, "overrides": over, "kind": "search"})
     write_atomic(out / "meta.json", json.dumps(meta, indent=1))
     pending = [c for c in cells if not (cells_dir / f"{c['id']}.json").exists()]
     if pending:
