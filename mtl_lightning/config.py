@@ -163,7 +163,12 @@ def compose(exp: str, overrides: Sequence[str] = (), config_dir: Path = CONFIG_D
                 return str(v)
         return default
 
-    schema = _schema(chosen("data", "digits"), chosen("weighting", "uniform"))
+    weighting = chosen("weighting", "uniform")
+    if "weighting" in delta and weighting != str(OmegaConf.select(delta, "weighting.name") or "uniform"):
+        # the experiment's weighting options belong to its own method: another one starts from its defaults
+        # (exp=domainnet_forkmerge weighting=uniform is joint training, not an error about weighting.target)
+        delta = OmegaConf.masked_copy(delta, [k for k in delta if k != "weighting"])
+    schema = _schema(chosen("data", "digits"), weighting)
     cfg = _merge(schema, delta, f"experiment file {path}")
     cfg = _merge(cfg, cli, "the command line")
     cfg.exp = exp

@@ -20,6 +20,15 @@ def test_delta_over_typed_base():
     assert cfg.exp == "digits_mdl"
 
 
+def test_another_weighting_on_the_command_line_drops_the_experiments_weighting_options():
+    # digits_forkmerge sets target and interval_epochs, ForkMerge's options: weighting=uniform is plain joint training
+    assert compose("digits_forkmerge", ["weighting=uniform"]).weighting == {"name": "uniform"}
+    cfg = compose("digits_forkmerge", ["weighting.aux_weight=2"])  # the same method keeps them, the cli on top
+    assert cfg.weighting.target == ["left"] and cfg.weighting.interval_epochs == 1 and cfg.weighting.aux_weight == 2
+    with pytest.raises(MTLError, match="'weighting.target'"):  # a key of another method is still an error
+        compose("digits_mtl", ["weighting=uniform", "weighting.target=[left]"])
+
+
 @pytest.mark.parametrize(
     "exp, overrides, expected",
     [

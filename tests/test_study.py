@@ -5,6 +5,10 @@ import csv
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -13,7 +17,7 @@ from experiments.study import main
 from mtl_lightning.config import compose
 from mtl_lightning.errors import MTLError
 from mtl_lightning.search.report import analyse, paired_test, pearson, write_report
-from mtl_lightning.search.study import load_study, native_context, run_study
+from mtl_lightning.search.study import load_study, native_context, plan_study, run_study, study_files
 
 ray = pytest.importorskip("ray")
 
@@ -36,12 +40,27 @@ def write(tmp_path, text, name="tiny.yaml"):
     return str(p)
 
 
-def test_a_tiny_study_end_to_end(tmp_path, capsys):
+def test_a_tiny_study_killed_resumed_and_reported(tmp_path):
     study = write(tmp_path, TINY)
     out = tmp_path / "st"
     args = [study, f"study.out_dir={out}", "logger=csv"]
+    # the whole study (driver, Ray, trial workers) is killed once its first cell has finished
+    cmd = [sys.executable, "-m", "experiments.study", *args]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list((out / "cells").glob("*.json")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = {p.name: p.read_bytes() for p in (out / "cells").glob("*.json")}
+    assert 1 <= len(kept) < 8, f"{len(kept)} cells had finished when the study was killed"
     try:
-        assert main(args) == 0
+        with pytest.raises(MTLError, match="holds a study already"):
+            run_study(*load_study(study, [f"study.out_dir={out}"]))
+        assert main([*args, "resume=true"]) == 0
+        runs = sorted((out / "tune").glob("cells-*"))
+        assert len(runs) == 2 and len(list(runs[-1].glob("trial_*"))) == 8 - len(kept)  # only the missing cells
+        assert all((out / "cells" / n).read_bytes() == b for n, b in kept.items())  # finished cells kept as they were
         cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
         # 2 weightings x 2 seeds, and the single-task baseline of each task per seed
         assert sorted(cells) == sorted(
@@ -63,17 +82,8 @@ def test_a_tiny_study_end_to_end(tmp_path, capsys):
         assert all((out / png).stat().st_size > 0 for png in ("bars.png", "pareto.png"))
 
         before = (out / "report.md").read_bytes()  # --report rebuilds the same report from the results alone
+        (out / "report.md").unlink()
         assert main(["--report", str(out)]) == 0 and (out / "report.md").read_bytes() == before
-
-        with pytest.raises(MTLError, match="holds a study already"):
-            run_study(*load_study(study, [f"study.out_dir={out}"]))
-        kept = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
-        (out / "cells" / "pcgrad__seed1.json").unlink()  # as if the study had been killed before this cell ended
-        assert main([*args, "resume=true"]) == 0
-        runs = sorted((out / "tune").glob("cells-*"))
-        assert len(runs) == 2 and len(list(runs[-1].glob("trial_*"))) == 1  # only the missing cell trained
-        assert all((out / "cells" / n).stat().st_mtime_ns == t for n, t in kept.items() if n != "pcgrad__seed1.json")
-        assert (out / "cells" / "pcgrad__seed1.json").exists()
     finally:
         ray.shutdown()
 
@@ -157,7 +167,10 @@ def test_gradient_conflict_is_logged_every_n_steps(make_cfg):
 BAD = [
     ("axes: {weighting: [uniform], optim.lrr: [0.1]}", "axis 'optim.lrr'.*Axis keys are weighting, p, capacity, seed"),
     ("axes: {weighting: []}", "axes.weighting is empty"),
-    ("axes: {seed: [0]}\nreferences: {uniform: {test/acc/task9: 0.9}}", "test/acc/task9.*does not report"),
+    ("axes: {weighting: [uniform]}\nreferences: {uniform: {test/acc/task9: 0.9}}", "test/acc/task9.*does not report"),
+    ("axes: {weighting: [uniform]}\nreferences: {unifrom: {test/acc/task0: 0.9}}", "unifrom names no row.*uniform"),
+    ("axes: {seed: [0]}\nsearches: [{name: grid}]", "searches are pbt or pb2, not 'grid'"),
+    ("axes: {seed: [0]}\nsearches: [{name: pbt, populaton: 4}]", "Valid keys: search.name"),
     ("axes: {p: [0.5]}", "axes.p sweeps the weight of the first of two tasks.*3 task"),
     ("axes: {weighting: [uniform]}\nmetrics: [val/acc/nope]", "metrics \\['val/acc/nope'\\] are not logged"),
     ("axes: {seed: [0]}\nbaseline: true", "Bad study.*Valid keys: name, description, exp"),
@@ -178,3 +191,28 @@ def test_study_names_and_list(capsys):
     listed = capsys.readouterr().out
     for name in ("digits_methods", "digits_capacity", "forkmerge_negative_transfer", "royer_celeba_methods"):
         assert name in listed
+
+
+@pytest.mark.parametrize("name", sorted(study_files()))
+def test_every_shipped_study_composes_every_cell(name):
+    cfg, rest = load_study(name, [])
+    plan = plan_study(cfg, rest)  # composes every distinct cell config, checks metrics, references and searches
+    methods = [c for c in plan.cells if c["kind"] == "method"]
+    assert len(methods) == math.prod(len(v) for v in cfg.axes.values())
+
+
+def test_baselines_are_trained_only_for_the_reported_tasks():
+    # ForkMerge's target is task0; a baseline of the noise task would be compute no row of the report uses
+    plan = plan_study(*load_study("forkmerge_negative_transfer", []))
+    assert {c["row"] for c in plan.cells if c["kind"] == "baseline"} == {"single-task task0"}
+    plan = plan_study(*load_study("forkmerge_domainnet", []))  # 6 domains, 2 targets reported
+    assert {c["row"] for c in plan.cells if c["kind"] == "baseline"} == {
+        "single-task painting",
+        "single-task quickdraw",
+    }
+    # an aggregate metric (acc_mean) needs every task's baseline
+    cfg, rest = load_study("digits_methods", ["study.metrics=[test/acc_mean]"])
+    assert {c["row"] for c in plan_study(cfg, rest).cells if c["kind"] == "baseline"} == {
+        "single-task left",
+        "single-task right",
+    }

@@ -40,19 +40,26 @@ class SearchConfig:
     seed: int = 0
 
 
-def compose_search(exp: str, overrides: list[str]) -> tuple[SearchConfig, list[str]]:
-    """Split `search.*`/`search=`/`resume=` overrides from the training ones; validate the search config."""
+def split_overrides(overrides: list[str], section: str, name_key: bool = False) -> tuple[list[str], list[str]]:
+    """(the section's own overrides, the training ones): `SECTION.key=v` becomes `key=v`, `resume=` is the section's,
+    and with name_key `SECTION=v` becomes `name=v`."""
     mine, rest = [], []
     for o in overrides:
-        key = o.split("=", 1)[0]
-        if key == "search":
-            mine.append(f"name={o.split('=', 1)[1]}")
-        elif key.startswith("search."):
-            mine.append(o[len("search.") :])
+        key, _, value = o.partition("=")
+        if name_key and key == section:
+            mine.append(f"name={value}")
+        elif key.startswith(section + "."):
+            mine.append(o[len(section) + 1 :])
         elif key == "resume":
             mine.append(o)
         else:
             rest.append(o)
+    return mine, rest
+
+
+def compose_search(exp: str, overrides: list[str]) -> tuple[SearchConfig, list[str]]:
+    """Split `search.*`/`search=`/`resume=` overrides from the training ones; validate the search config."""
+    mine, rest = split_overrides(overrides, "search", name_key=True)
     schema = OmegaConf.structured(SearchConfig)
     OmegaConf.set_struct(schema, True)
     try:

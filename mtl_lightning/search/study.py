@@ -21,7 +21,6 @@ the first task, 1 - p on the second: two tasks), `capacity` ([depth, width]), `s
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import re
@@ -38,6 +37,7 @@ from ..errors import MTLError
 from ..model import metric_directions
 from ..train import wandb_mode
 from .budget import budget_overrides, equal_steps
+from .config import compose_search, split_overrides
 
 STUDY_DIR = Path(__file__).resolve().parents[2] / "experiments" / "studies"
 SPECIAL_AXES = ("weighting", "p", "capacity", "seed")
@@ -80,15 +80,7 @@ def load_study(name: str, overrides: list[str]) -> tuple[StudyConfig, list[str]]
     path = Path(name) if name.endswith((".yaml", ".yml")) else files.get(name)
     if path is None or not path.exists():
         raise MTLError(f"Unknown study {name!r}. Valid choices: {', '.join(files)} (or a path to a YAML file).")
-    mine, rest = [], []
-    for o in overrides:
-        key = o.split("=", 1)[0]
-        if key.startswith("study."):
-            mine.append(o[len("study.") :])
-        elif key == "resume":
-            mine.append(o)
-        else:
-            rest.append(o)
+    mine, rest = split_overrides(overrides, "study")
     schema = OmegaConf.structured(StudyConfig)
     try:
         merged = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(mine))
@@ -157,8 +149,9 @@ def native_context(cfg: StudyConfig, train_cfg, tasks: list[str]) -> list[str]:
     return out
 
 
-def make_cells(cfg: StudyConfig, tasks: list[str], base_seed: int) -> list[dict]:
-    """Every cell of the study: the crossed axes, then the single-task baselines per seed and context value."""
+def make_cells(cfg: StudyConfig, tasks: list[str], base_seed: int, baseline_tasks: list[str] | None = None):
+    """Every cell of the study: the crossed axes, then the single-task baselines (of `baseline_tasks`, default every
+    task) per seed and context value."""
     if not cfg.axes:
         raise MTLError(f"Study {cfg.name} has no axes: give at least one (e.g. axes.weighting or axes.seed).")
     for key, values in cfg.axes.items():
@@ -178,7 +171,7 @@ def make_cells(cfg: StudyConfig, tasks: list[str], base_seed: int) -> list[dict]
         context = [k for k in keys if k not in CONTEXT_FREE]
         for combo in itertools.product(*(labelled[k] for k in context)) if context else [()]:
             ctx = ", ".join(lbl for lbl, _ in combo)
-            for t in tasks:
+            for t in tasks if baseline_tasks is None else baseline_tasks:
                 row = f"single-task {t}" + (f", {ctx}" if ctx else "")
                 for s in seeds:
                     over = [o for _, ov in combo for o in ov] + ["weighting=uniform", f"data.tasks=[{t}]", f"seed={s}"]
@@ -239,24 +232,49 @@ def _cell_results_callback(cells_dir: Path):
     return CellResults()
 
 
-def run_study(cfg: StudyConfig, overrides: list[str]) -> Path:
-    """Train every cell not yet done (each a Ray Tune trial), then write the report. Returns the study's folder."""
-    from ray import tune
+@dataclass
+class Plan:
+    """What a study will train and report, checked before anything trains."""
 
-    from .driver import init_ray, quiet_tune
-    from .report import write_report
-    from .trial import trial
+    train_cfg: Any  # the experiment's config with the study's and the command line's overrides
+    tasks: list[str]
+    cells: list[dict]  # the crossed axes and the baselines; search rows are added once their searches ran
+    search_rows: dict[str, str]  # search label -> its row (the label at the experiment's own context)
+    metrics: list[str]
+    directions: dict[str, bool]  # metric -> higher is better
+    extra: list[str]  # training overrides the study itself adds (gradient-conflict logging)
 
+
+def plan_study(cfg: StudyConfig, overrides: list[str]) -> Plan:
+    """Compose and check every cell, metric and reference of the study: a bad study fails here, named."""
     train_cfg = compose(cfg.exp, [*cfg.overrides, *overrides])
     dm = create_datamodule(train_cfg.data, train_cfg.seed)
     tasks = [t.name for t in dm.tasks]
-    cells = make_cells(cfg, tasks, train_cfg.seed)
     metrics = cfg.metrics or [t.key("test", t.primary) for t in dm.tasks]
     directions = {**metric_directions(dm.tasks, "val", False), **metric_directions(dm.tasks, "test", False)}
     bad = [m for m in metrics if m not in directions]
     if bad:
         raise MTLError(f"Study {cfg.name}: metrics {bad} are not logged. Valid choices: {', '.join(directions)}.")
+    # a task's baseline is trained only when a reported metric is its own (or an aggregate such as acc_mean)
+    own = {
+        t.name: {k for st in ("val", "test") for k in (f"{st}/loss/{t.name}", *(t.key(st, m) for m in t.metrics))}
+        for t in dm.tasks
+    }
+    aggregate = any(all(m not in keys for keys in own.values()) for m in metrics)
+    baseline_tasks = tasks if aggregate else [t for t in tasks if own[t] & set(metrics)]
+    cells = make_cells(cfg, tasks, train_cfg.seed, baseline_tasks)
+    context = native_context(cfg, train_cfg, tasks)  # a search runs at the experiment's own capacity ...
+    search_rows = {}
+    for spec in cfg.searches:
+        if spec.get("name", "pbt") not in ("pbt", "pb2"):
+            raise MTLError(f"Study {cfg.name}: searches are pbt or pb2, not {spec.get('name')!r} (a grid is axes.p).")
+        compose_search(cfg.exp, [*cfg.overrides, *overrides, *_search_keys(spec)])  # a bad search key fails now
+        label = spec.get("label", spec.get("name", "pbt"))
+        search_rows[label] = ", ".join([label, *context])
+    rows = list(dict.fromkeys([c["row"] for c in cells] + list(search_rows.values())))
     for row, refs in cfg.references.items():
+        if row not in rows:
+            raise MTLError(f"Study {cfg.name}: references.{row} names no row of the study. Rows: {', '.join(rows)}.")
         unknown = [m for m in refs if m not in metrics]
         if unknown:
             raise MTLError(
@@ -267,6 +285,19 @@ def run_study(cfg: StudyConfig, overrides: list[str]) -> Path:
         raise MTLError(f"study.grad_cos_every={cfg.grad_cos_every} must be >= 0 (0: off).")
     extra = [f"grad_cos_every={cfg.grad_cos_every}"] if cfg.grad_cos_every else []
     check_cells(cfg, cells, [*overrides, *extra])
+    return Plan(train_cfg, tasks, cells, search_rows, metrics, directions, extra)
+
+
+def run_study(cfg: StudyConfig, overrides: list[str]) -> Path:
+    """Train every cell not yet done (each a Ray Tune trial), then write the report. Returns the study's folder."""
+    from ray import tune
+
+    from .driver import init_ray, quiet_tune
+    from .report import write_report
+    from .trial import trial
+
+    plan = plan_study(cfg, overrides)
+    train_cfg, tasks, cells, metrics, extra = plan.train_cfg, plan.tasks, plan.cells, plan.metrics, plan.extra
     steps = equal_steps(train_cfg)
     out = study_dir(cfg, train_cfg)
     cells_dir = out / "cells"
@@ -278,7 +309,7 @@ def run_study(cfg: StudyConfig, overrides: list[str]) -> Path:
         "command": "python -m experiments.study " + " ".join([cfg.name, *overrides]),
         "tasks": tasks,
         "metrics": metrics,
-        "directions": {m: directions[m] for m in metrics},
+        "directions": {m: plan.directions[m] for m in metrics},
         "steps": steps,
         "gpus_per_trial": None,
         "searches": {},
@@ -296,7 +327,7 @@ def run_study(cfg: StudyConfig, overrides: list[str]) -> Path:
     for spec in cfg.searches:  # search the weights first; the found weights are retrained per seed like any row
         label, weights, record = _run_search_row(cfg, spec, shared, out)
         meta["searches"][label] = record
-        row = ", ".join([label, *native_context(cfg, train_cfg, tasks)])  # Δm against the baselines it ran beside
+        row = plan.search_rows[label]  # Δm against the baselines it ran beside
         for s in cfg.axes.get("seed", [train_cfg.seed]):
             over = ["weighting=fixed", f"weighting.weights={_fmt(weights)}", f"seed={s}"]
             cells.append({"id": cell_id(row, s), "row": row, "seed": s, "overrides": over, "kind": "search"})
@@ -340,23 +371,23 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _search_keys(spec: dict) -> list[str]:
+    """A study's search entry ({name: pbt, population: 4, label: ...}) as `search.*` overrides."""
+    opts = (f"search.{k}={_fmt(v)}" for k, v in spec.items() if k not in ("name", "label"))
+    return [f"search={spec.get('name', 'pbt')}", *opts]
+
+
 def _run_search_row(cfg: StudyConfig, spec: dict, shared: list[str], out: Path) -> tuple[str, list[float], dict]:
     """A search (PBT, PB2) whose best weights become a row; its result is kept in searches/<label>.json."""
-    from .config import compose_search
     from .driver import run_search
 
-    spec = copy.deepcopy(spec)
-    label = spec.pop("label", spec.get("name", "search"))
+    label = spec.get("label", spec.get("name", "pbt"))
     path = out / "searches" / f"{label}.json"
     if path.exists():
         record = json.loads(path.read_text())
         return label, record["best_weights"], record
     # PBT's clock is the epoch: the search trains the experiment's epochs, its retrained rows the study's steps
-    over = [*shared, *(f"search.{k}={_fmt(v)}" for k, v in spec.items() if k != "name")]
-    over += [f"search={spec.get('name', 'pbt')}", f"search.storage_path={out / 'searches'}"]
-    over.append(f"search.name_suffix={label}")
-    if spec.get("name", "pbt") == "grid":
-        raise MTLError(f"Study {cfg.name}: searches are pbt or pb2 (a grid is an axis: axes.p).")
+    over = [*shared, *_search_keys(spec), f"search.storage_path={out / 'searches'}", f"search.name_suffix={label}"]
     scfg, rest = compose_search(cfg.exp, over)
     res = run_search(cfg.exp, rest, scfg)
     record = {
