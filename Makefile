@@ -1,4 +1,6 @@
 PY ?= python
+# pytest-xdist workers for `make test` (the Ray tests share one of them: xdist_group)
+TEST_WORKERS ?= 2
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -10,8 +12,8 @@ install:  ## install the package and dev tools (editable)
 run:  ## the main job: a short real training run on the embedded digits
 	$(PY) -m experiments.run exp=digits_mtl
 
-test: .installed  ## run the test suite (installs first on a fresh clone)
-	$(PY) -m pytest -q -p no:cacheprovider
+test: .installed  ## run the test suite (installs first on a fresh clone) on TEST_WORKERS processes
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
 lint:  ## ruff check and format check
 	$(PY) -m ruff check .

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from lightning.pytorch.callbacks import Callback
@@ -20,6 +21,9 @@ from mtl_lightning.search import ApplyLearningRate, compose_search, run_search
 from mtl_lightning.train import train
 
 ray = pytest.importorskip("ray")
+# `make test` runs two xdist workers: every Ray test goes to one of them, in turn (two local Ray clusters at
+# once would share the machine's two cores three ways, and the cluster test's `ray stop` would end the other's)
+pytestmark = pytest.mark.xdist_group("ray")
 
 
 @pytest.fixture(scope="module")
@@ -123,30 +127,32 @@ def test_grid_sweep_writes_table_and_plots(local_ray, tmp_path, capsys):
         assert 0 <= float(r["acc_mean"]) <= 1
     for png in ("grid_acc_vs_p.png", "grid_capacity.png"):
         assert (path / png).stat().st_size > 0
-    runs = list(path.glob("trial_*/synthetic_mdl/*/wandb/offline-run-*"))
+    runs = list(path.glob("runs/synthetic_mdl/*/wandb/offline-run-*"))
     assert len(runs) == 10  # one (offline) W&B run per trial
-    configs = list(path.glob("trial_*/synthetic_mdl/*/config.yaml"))
+    configs = list(path.glob("runs/synthetic_mdl/*/config.yaml"))
     assert len(configs) == 10 and {OmegaConf.load(c).wandb.group for c in configs} == {"synthetic_mdl-grid"}
 
 
 def test_interrupted_search_resumes_without_redoing_trials(tmp_path):
     cmd = [sys.executable, "-m", "experiments.search", "exp=synthetic_mtl", "search=grid", "search.grid=[0.0,0.5,1.0]"]
     cmd += ["search.baselines=false", "search.num_cpus=1", "data.num_tasks=2", "data.train_size=300"]
-    cmd += ["trainer.max_epochs=2", f"out_dir={tmp_path}", "logger=csv"]
+    # a fresh worker process per trial: trials long enough for Tune's periodic sync of finished results to storage
+    # to fall between them, so the kill comes after one and before the last (resuming does not depend on reuse)
+    cmd += ["search.reuse_actors=false", "trainer.max_epochs=2", f"out_dir={tmp_path}", "logger=csv"]
     path = tmp_path / "search" / "synthetic_mtl-grid"
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(_finished(path)) < 1:
+    while time.time() < deadline and len(_terminated(path, polling=True)) < 1:
         time.sleep(1)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole search dies: driver and trial workers
     proc.wait()
-    done_before = _finished(path)
+    done_before = _terminated(path)
     assert 1 <= len(done_before) < 3
-    first = {t: (path / t / "result.json").read_text() for t in done_before}
+    first = {t: (Path(t) / "result.json").read_text() for t in done_before}
     subprocess.run([*cmd, "resume=true"], check=True, capture_output=True)
-    assert len(_finished(path)) == 3
+    assert len(_terminated(path)) == 3
     for t, text in first.items():  # finished trials were not run again
-        assert (path / t / "result.json").read_text() == text
+        assert (Path(t) / "result.json").read_text() == text
 
 
 def _progress_rows(path):
@@ -154,13 +160,17 @@ def _progress_rows(path):
     return [r for p in path.glob("trial_*/progress.csv") for r in csv.DictReader(open(p))]
 
 
-def _finished(path):
-    out = []
-    for d in path.glob("trial_*"):
-        lines = (d / "result.json").read_text().splitlines() if (d / "result.json").exists() else []
-        if len(lines) >= 2:  # max_epochs=2: two reports
-            out.append(d.name)
-    return out
+def _terminated(path, polling=False) -> list[str]:
+    """The trial folders that the search's saved experiment state records as finished: what a resume must not redo
+    (a trial's result.json can hold its last report before the state says it ended)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return [t.path for t in ExperimentAnalysis(str(path)).trials if t.status == "TERMINATED"]
+    except Exception:
+        if polling:  # no state synced yet, or a copy caught mid-write: nothing finished yet
+            return []
+        raise
 
 
 def test_a_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path):

@@ -33,7 +33,7 @@ class SearchConfig:
     storage_path: str | None = None  # default <out_dir>/search; shared storage on a multi-node cluster
     name_suffix: str | None = None  # the search's folder: <exp>-<search.name>[-suffix]
     max_failures: int = 0  # retry a crashed trial this many times, from its last checkpoint
-    reuse_actors: bool = True  # pbt/pb2: an exploit restarts the trial in its live worker, not a new process
+    reuse_actors: bool = True  # a live worker runs the next trial (or a PBT exploit's restart): no new process
     resume: bool = False  # continue an interrupted search (Tuner.restore)
     retrain: bool = False  # retrain on the whole training split with the best weights, evaluate on test
     metric: str = "auto"  # what ranks the trials, in its direction: any val metric; auto as checkpoint.monitor

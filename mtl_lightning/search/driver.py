@@ -74,6 +74,7 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig) -> dict:
         "search": name,
         "metric": scfg.metric,
         "sign": 1.0 if higher_is_better(scfg.metric, dm.tasks, has_delta, "search.metric") else -1.0,
+        "runs_dir": str(storage / name / "runs"),  # every trial's run directory: runs/<exp>/<trial id>
     }
     gpus = scfg.gpus_per_trial if scfg.gpus_per_trial >= 0 else float(torch.cuda.is_available())
     init_ray(scfg.num_cpus)

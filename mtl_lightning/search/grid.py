@@ -21,7 +21,7 @@ def _grid_space(scfg, cfg, tasks, base):
     variants = [["mix", p] for p in scfg.grid] + ([["single", t] for t in tasks] if scfg.baselines else [])
     space = {**base, "variant": tune.grid_search(variants), "capacity": tune.grid_search(caps)}
     space["extra"] = tune.sample_from(lambda spec: _grid_overrides(spec.config))
-    return space, tune.TuneConfig(metric="score", mode="max")
+    return space, tune.TuneConfig(metric="score", mode="max", reuse_actors=scfg.reuse_actors)
 
 
 def _grid_overrides(config: dict) -> list[str]:

@@ -62,6 +62,7 @@ class StudyConfig:
     gpus_per_trial: float = -1.0  # -1: 1 with CUDA, else 0; fractions share a GPU
     num_cpus: int | None = None  # local Ray only; None: all
     max_failures: int = 0
+    reuse_actors: bool = True  # a live Ray worker trains cell after cell (no new process, no re-import of torch)
     resume: bool = False  # continue: cells with results are not trained again
     out_dir: str | None = None  # default: <the exp's out_dir>/studies/<name>
 
@@ -225,7 +226,7 @@ def _cell_results_callback(cells_dir: Path):
                 "steps": r.get("step"),
                 "epochs": max(0, int(r.get("training_iteration") or 1) - 1),  # less the final (test) report
                 "seconds": r.get("time_total_s"),
-                "trial_dir": str(trial.local_path) if getattr(trial, "local_path", None) else None,
+                "run_dir": str(Path(trial.config["runs_dir"]) / trial.config["exp"] / cell["id"]),
             }
             write_atomic(cells_dir / f"{cell['id']}.json", json.dumps(record, indent=1))
 
@@ -342,6 +343,7 @@ def run_study(cfg: StudyConfig, overrides: list[str]) -> Path:
             "metric": metrics[0],
             "sign": 1.0,
             "final_report": True,
+            "runs_dir": str(out / "runs"),  # every cell's run directory: runs/<exp>/<cell id>
         }
         space = {**base, "cell": tune.grid_search(pending)}
         space["extra"] = tune.sample_from(lambda spec: spec.config["cell"]["overrides"])
@@ -354,7 +356,8 @@ def run_study(cfg: StudyConfig, overrides: list[str]) -> Path:
             callbacks=[_cell_results_callback(cells_dir)],
             verbose=0,
         )
-        tune.Tuner(trainable, param_space=space, run_config=run_config).fit()
+        tune_config = tune.TuneConfig(reuse_actors=cfg.reuse_actors)
+        tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config).fit()
     done = [c for c in cells if (cells_dir / f"{c['id']}.json").exists()]
     if not done:
         raise MTLError(f"Every cell of study {cfg.name} failed; see the trials' logs in {out / 'tune'}.")

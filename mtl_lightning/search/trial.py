@@ -90,10 +90,14 @@ def trial(config: dict) -> None:
 
     weights = _config_weights(config)
     ctx = tune.get_context()
-    # One run directory (and W&B run) per trial, kept across the restarts PBT makes on exploit
-    run_dir = Path(ctx.get_trial_dir()) / config["exp"] / (config.get("cell", {}).get("id") or ctx.get_trial_id())
+    # One run directory (and W&B run) per trial, kept across the restarts PBT makes on exploit, named by the cell or
+    # trial: <runs_dir>/<exp>/<name> in the search's or study's own folder. Not get_trial_dir(): that is a folder in
+    # Ray's session tree, which Tune copies to storage only for a trial's first worker (reused ones write elsewhere).
+    out_dir = Path(config["runs_dir"])
+    name = config.get("cell", {}).get("id") or ctx.get_trial_id()
+    run_dir = out_dir / config["exp"] / name
     final = config.get("final_report", False)  # a study's cell: evaluate the final model on test and report it
-    over = list(config["overrides"]) + [f"out_dir={ctx.get_trial_dir()}", f"test={str(final).lower()}"]
+    over = list(config["overrides"]) + [f"out_dir={out_dir}", f"test={str(final).lower()}"]
     over += [f"wandb.group={config['search']}", *config.get("extra", [])]
     if weights is not None:
         over += ["weighting=fixed", f"weighting.weights=[{','.join(map(str, weights))}]", "weighting.normalize=true"]
@@ -101,8 +105,8 @@ def trial(config: dict) -> None:
     if lr is not None:
         over.append(f"optim.lr={lr}")
     ckpt = tune.get_checkpoint()
-    if ckpt is None:  # a study's cell is named by its id
-        over.append(f"run_name={config.get('cell', {}).get('id') or ctx.get_trial_id()}")
+    if ckpt is None:
+        over.append(f"run_name={name}")
     else:  # copy it out (its directory only lives inside as_directory) into the run dir, then resume from it
         local = run_dir / "checkpoints" / "restore.ckpt"
         local.parent.mkdir(parents=True, exist_ok=True)
