@@ -27,6 +27,7 @@ bench:  ## benchmarks; results go to BENCHMARKS.md by hand, with the command
 	$(PY) benchmarks/forkmerge.py --whole
 	$(PY) benchmarks/search.py
 	$(PY) benchmarks/dense.py
+	$(PY) benchmarks/study.py
 
 # A fresh clone has no stamp: install once (pip is quick when the packages are already there).
 .installed: pyproject.toml
