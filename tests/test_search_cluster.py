@@ -50,5 +50,10 @@ def test_search_runs_on_a_ray_cluster(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         rows = list(csv.DictReader(open(tmp_path / "shared" / "synthetic_mtl-grid" / "grid.csv")))
         assert sorted(r["p"] for r in rows) == ["0.0", "1.0"]
+        # each trial's run directory is in the shared storage, whichever node trained it
+        assert (
+            len(list((tmp_path / "shared" / "synthetic_mtl-grid" / "runs" / "synthetic_mtl").glob("*/config.yaml")))
+            == 2
+        )
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True)
