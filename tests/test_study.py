@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +71,8 @@ def test_a_tiny_study_killed_resumed_and_reported(tmp_path):
             f"{r}__seed{s}" for r in ("uniform", "pcgrad", "single-task_task0", "single-task_task1") for s in (0, 1)
         )
         assert len({c["steps"] for c in cells.values()}) == 1  # equal budgets, baselines included
+        # every cell's own run directory (config, logs), also for the cells that followed another in a reused worker
+        assert all(json.loads((Path(c["run_dir"]) / "metrics.json").read_text()) for c in cells.values())
         rows = list(csv.DictReader(open(out / "results.csv")))
         assert len(rows) == 8
         for r in rows:

@@ -335,6 +335,7 @@ def run_study(cfg: StudyConfig, overrides: list[str]) -> Path:
     write_atomic(out / "meta.json", json.dumps(meta, indent=1))
     pending = [c for c in cells if not (cells_dir / f"{c['id']}.json").exists()]
     if pending:
+        tune_run = f"cells-{time.strftime('%Y%m%d-%H%M%S')}"  # one per attempt: a resumed study's cells start afresh
         base = {
             "exp": cfg.exp,
             "overrides": common,
@@ -343,13 +344,13 @@ def run_study(cfg: StudyConfig, overrides: list[str]) -> Path:
             "metric": metrics[0],
             "sign": 1.0,
             "final_report": True,
-            "runs_dir": str(out / "runs"),  # every cell's run directory: runs/<exp>/<cell id>
+            "runs_dir": str(out / "tune" / tune_run / "runs"),  # each cell's run directory: runs/<exp>/<cell id>
         }
         space = {**base, "cell": tune.grid_search(pending)}
         space["extra"] = tune.sample_from(lambda spec: spec.config["cell"]["overrides"])
         trainable = tune.with_resources(trial, {"cpu": cfg.cpus_per_trial, "gpu": gpus})
         run_config = tune.RunConfig(
-            name=f"cells-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=tune_run,
             storage_path=str(out / "tune"),
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
