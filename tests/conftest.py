@@ -12,6 +12,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: two workers on two cor
     import torch
 
     torch.set_num_threads(1)
+    # The Ray tests' modules carry xdist_group("ray"), so --dist loadgroup runs them in turn on one worker: two local
+    # Ray clusters at once would share the two cores three ways, and the cluster test's `ray stop` ends every one.
 
 QUIET = ["trainer.enable_progress_bar=false", "logger=csv"]
 

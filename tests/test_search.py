@@ -21,9 +21,7 @@ from mtl_lightning.search import ApplyLearningRate, compose_search, run_search
 from mtl_lightning.train import train
 
 ray = pytest.importorskip("ray")
-# `make test` runs two xdist workers: every Ray test goes to one of them, in turn (two local Ray clusters at
-# once would share the machine's two cores three ways, and the cluster test's `ray stop` would end the other's)
-pytestmark = pytest.mark.xdist_group("ray")
+pytestmark = pytest.mark.xdist_group("ray")  # every Ray test on one xdist worker, in turn (conftest.py says why)
 
 
 @pytest.fixture(scope="module")

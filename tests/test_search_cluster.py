@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
-# `make test` runs two xdist workers: every Ray test goes to one of them, in turn (two local Ray clusters at
-# once would share the machine's two cores three ways, and the cluster test's `ray stop` would end the other's)
-pytestmark = pytest.mark.xdist_group("ray")
+pytestmark = pytest.mark.xdist_group("ray")  # every Ray test on one xdist worker, in turn (conftest.py says why)
 
 
 def _free_port() -> int:

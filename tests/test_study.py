@@ -21,9 +21,7 @@ from mtl_lightning.search.report import analyse, paired_test, pearson, write_rep
 from mtl_lightning.search.study import load_study, native_context, plan_study, run_study, study_files
 
 ray = pytest.importorskip("ray")
-# `make test` runs two xdist workers: every Ray test goes to one of them, in turn (two local Ray clusters at
-# once would share the machine's two cores three ways, and the cluster test's `ray stop` would end the other's)
-pytestmark = pytest.mark.xdist_group("ray")
+pytestmark = pytest.mark.xdist_group("ray")  # every Ray test on one xdist worker, in turn (conftest.py says why)
 
 TINY = """
 description: two weightings x two seeds on two synthetic tasks

@@ -267,11 +267,10 @@ def plan_study(cfg: StudyConfig, overrides: list[str]) -> Plan:
     context = native_context(cfg, train_cfg, tasks)  # a search runs at the experiment's own capacity ...
     search_rows = {}
     for spec in cfg.searches:
-        if spec.get("name", "pbt") not in ("pbt", "pb2"):
-            raise MTLError(f"Study {cfg.name}: searches are pbt or pb2, not {spec.get('name')!r} (a grid is axes.p).")
+        if _search_name(spec) not in ("pbt", "pb2"):
+            raise MTLError(f"Study {cfg.name}: searches are pbt or pb2, not {_search_name(spec)!r} (a grid is axes.p).")
         compose_search(cfg.exp, [*cfg.overrides, *overrides, *_search_keys(spec)])  # a bad search key fails now
-        label = spec.get("label", spec.get("name", "pbt"))
-        search_rows[label] = ", ".join([label, *context])
+        search_rows[_search_label(spec)] = ", ".join([_search_label(spec), *context])
     rows = list(dict.fromkeys([c["row"] for c in cells] + list(search_rows.values())))
     for row, refs in cfg.references.items():
         if row not in rows:
@@ -375,17 +374,26 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _search_name(spec: dict) -> str:
+    return spec.get("name", "pbt")
+
+
+def _search_label(spec: dict) -> str:
+    """A search's row label: its `label`, else its name."""
+    return spec.get("label", _search_name(spec))
+
+
 def _search_keys(spec: dict) -> list[str]:
     """A study's search entry ({name: pbt, population: 4, label: ...}) as `search.*` overrides."""
     opts = (f"search.{k}={_fmt(v)}" for k, v in spec.items() if k not in ("name", "label"))
-    return [f"search={spec.get('name', 'pbt')}", *opts]
+    return [f"search={_search_name(spec)}", *opts]
 
 
 def _run_search_row(cfg: StudyConfig, spec: dict, shared: list[str], out: Path) -> tuple[str, list[float], dict]:
     """A search (PBT, PB2) whose best weights become a row; its result is kept in searches/<label>.json."""
     from .driver import run_search
 
-    label = spec.get("label", spec.get("name", "pbt"))
+    label = _search_label(spec)
     path = out / "searches" / f"{label}.json"
     if path.exists():
         record = json.loads(path.read_text())
