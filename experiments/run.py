@@ -15,9 +15,11 @@ from mtl_lightning.errors import MTLError
 from mtl_lightning.train import train
 
 
-def run(cfg: DictConfig, callbacks=()) -> dict:
-    """Train `cfg` and print every task's metrics on val and test; returns the metrics (and `run_dir`)."""
-    metrics = train(cfg, callbacks)
+def run(cfg: DictConfig, callbacks=(), show_config: bool = False) -> dict:
+    """Train `cfg` and print every task's metrics on val and test; returns the metrics (and `run_dir`).
+    `show_config` prints the resolved config once every check has passed (so an error is the only output)."""
+    announce = (lambda c: print(OmegaConf.to_yaml(c))) if show_config and not rank_zero_only.rank else None
+    metrics = train(cfg, callbacks, announce=announce)
     if rank_zero_only.rank:  # a DDP worker: rank 0 prints the one report
         return metrics
     names = [k[4:] for k in metrics if k.startswith("val/") and not k.startswith("val/loss/")]
@@ -47,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = compose(exps[0], [a for a in argv if not a.startswith("exp=")])
-        if not rank_zero_only.rank:
-            print(OmegaConf.to_yaml(cfg))
-        run(cfg)
+        run(cfg, show_config=True)
     except MTLError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ RAY_ADDRESS set the cells run on that cluster. Outputs: <out_dir>/studies/<name>
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -33,11 +34,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if argv[0] == "--report":
             if len(argv) != 2 or not (Path(argv[1]) / "meta.json").exists():
-                raise MTLError("--report takes one study folder, the one holding meta.json and cells/.")
+                raise MTLError(
+                    "--report takes one study folder, the one holding meta.json and cells/ (a study's out_dir, or a "
+                    "folder of reproduction/)."
+                )
             print(f"report: {write_report(Path(argv[1]))}")
             return 0
         cfg, overrides = load_study(argv[0], argv[1:])
-        out = run_study(cfg, overrides)
+        # the report's command reproduces the study: every override, less the resume flag (it changes no result)
+        kept = [a for a in argv if a.split("=", 1)[0] not in ("resume", "study.resume")]
+        out = run_study(cfg, overrides, command="python -m experiments.study " + shlex.join(kept))
     except MTLError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2

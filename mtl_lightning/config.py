@@ -61,6 +61,7 @@ class TrainerConfig:
     gradient_clip_val: float | None = None
     num_sanity_val_steps: int = 0
     enable_progress_bar: bool = True
+    enable_model_summary: bool = True
     deterministic: bool = False  # deterministic CUDA kernels: a resumed GPU run then matches bit for bit
 
 

@@ -22,6 +22,8 @@ from .tasks import Classification, Task, delta_m
 from .weighting import Weighting
 
 VIT_MODULES = ("vision_transformer", "deit")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("cosine", "step", "constant")
 
 
 def is_vit(name: str) -> bool:
@@ -261,6 +263,7 @@ class MultiTaskModule(L.LightningModule):
         return out
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tasks"] = [t.name for t in self.tasks]  # what a resume checks its config against
         if self.grad_cos_every:
             checkpoint["grad_cos"] = {"sum": self.cos_sum, "n": self.cos_n}
 
@@ -312,6 +315,10 @@ class MultiTaskModule(L.LightningModule):
             self._stepped_batch = None
             with torch.no_grad():
                 self.weighting.update(self.task_losses(self(batch[0]), batch[1])[0])
+
+    def on_train_start(self) -> None:
+        # Lightning skips on_train_epoch_start when it resumes mid-epoch: tell the weighting which epoch it is in
+        self.weighting.on_train_epoch_start(self.current_epoch)
 
     def on_train_epoch_start(self) -> None:
         self.weighting.on_train_epoch_start(self.current_epoch)
@@ -382,7 +389,7 @@ class MultiTaskModule(L.LightningModule):
         elif c.name == "sgd":
             opt = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum)
         else:
-            raise MTLError(f"Unknown optim.name={c.name!r}. Valid choices: adam, adamw, sgd.")
+            raise MTLError(f"Unknown optim.name={c.name!r}. Valid choices: {', '.join(OPTIMIZERS)}.")
         if c.scheduler == "constant":
             return opt
         total = int(self.trainer.estimated_stepping_batches)
@@ -392,7 +399,7 @@ class MultiTaskModule(L.LightningModule):
             every = c.step_epochs * max(1, total // max(1, self.trainer.max_epochs))
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=every, gamma=c.gamma)
         else:
-            raise MTLError(f"Unknown optim.scheduler={c.scheduler!r}. Valid choices: cosine, step, constant.")
+            raise MTLError(f"Unknown optim.scheduler={c.scheduler!r}. Valid choices: {', '.join(SCHEDULERS)}.")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +21,7 @@ from .config import save_config, with_weighting, write_atomic
 from .data import create_datamodule
 from .errors import MTLError
 from .forkmerge import ForkMerge, target_score
-from .model import MultiTaskModule, default_monitor, higher_is_better
+from .model import OPTIMIZERS, SCHEDULERS, MultiTaskModule, default_monitor, higher_is_better
 from .tasks import read_base
 from .tasks.delta_m import check_base
 from .weighting import create_weighting
@@ -28,9 +30,19 @@ LOGGERS = ("csv", "tensorboard", "wandb", "none")
 
 
 def resolve_run(cfg: DictConfig) -> tuple[Path, Path | None]:
-    """The run directory and the checkpoint to resume from (None for a fresh run)."""
+    """The run directory and the checkpoint to resume from (None for a fresh run). Writes nothing: the directory of
+    a new run is made once every check has passed (`make_run_dir`)."""
     exp_dir = Path(cfg.out_dir).expanduser().resolve() / cfg.exp
     if cfg.resume == "last":
+        if cfg.run_name:  # that run, not the newest one
+            ckpt = exp_dir / cfg.run_name / "checkpoints" / "last.ckpt"
+            if not ckpt.is_file():
+                runs = sorted(p.parent.parent.name for p in exp_dir.glob("*/checkpoints/last.ckpt"))
+                raise MTLError(
+                    f"resume=last run_name={cfg.run_name} found no checkpoint {ckpt}. Runs of exp={cfg.exp} that "
+                    f"can be resumed: {', '.join(runs) or 'none'}."
+                )
+            return ckpt.parent.parent, ckpt
         found = sorted(exp_dir.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
             raise MTLError(
@@ -43,7 +55,13 @@ def resolve_run(cfg: DictConfig) -> tuple[Path, Path | None]:
         if not ckpt.is_file():
             raise MTLError(f"resume={cfg.resume} is not a checkpoint file. Give a .ckpt path or resume=last.")
         if ckpt.parent.name == "checkpoints":
-            return ckpt.parent.parent, ckpt
+            run_dir = ckpt.parent.parent
+            if cfg.run_name and cfg.run_name != run_dir.name:
+                raise MTLError(
+                    f"resume={cfg.resume} continues the run {run_dir}, but run_name={cfg.run_name} names another: "
+                    "drop run_name, or resume that run with resume=last run_name=NAME."
+                )
+            return run_dir, ckpt
         return _new_run_dir(exp_dir, cfg.run_name), ckpt
     return _new_run_dir(exp_dir, cfg.run_name), None
 
@@ -53,14 +71,18 @@ def _new_run_dir(exp_dir: Path, run_name: str | None) -> Path:
         run_dir = exp_dir / run_name
         if any((run_dir / "checkpoints").glob("*.ckpt")):  # never overwrite a trained run
             raise MTLError(
-                f"{run_dir} already holds checkpoints. Continue it with resume=last (or resume="
+                f"{run_dir} already holds checkpoints. Continue it with resume=last run_name={run_name} (or resume="
                 f"{run_dir}/checkpoints/last.ckpt), or choose another run_name."
             )
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir, i = exp_dir / stamp, 1
-        while run_dir.exists():
-            run_dir, i = exp_dir / f"{stamp}-{i}", i + 1
+        return run_dir
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir, i = exp_dir / stamp, 1
+    while run_dir.exists():
+        run_dir, i = exp_dir / f"{stamp}-{i}", i + 1
+    return run_dir
+
+
+def make_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -70,7 +92,70 @@ def _new_run_dir(exp_dir: Path, run_name: str | None) -> Path:
         raise MTLError(
             f"Cannot write to the output directory {run_dir} ({e.strerror}). Choose a writable one with out_dir=PATH."
         ) from None
-    return run_dir
+
+
+ARCHITECTURE = ("backbone", "depth", "width", "num_heads", "patch_size", "mlp_ratio", "kwargs")
+
+
+def check_resumable(ckpt: Path, model, cfg: DictConfig) -> None:
+    """Refuse, naming the difference, a checkpoint whose tasks, heads, backbone or weighting state are not this
+    config's model: Lightning would fail half-way with a state-dict traceback after the run folder was touched."""
+    try:
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        hp, state = saved.get("hyper_parameters") or {}, saved["state_dict"]
+    except Exception as e:
+        raise MTLError(f"resume={ckpt} is not a readable Lightning checkpoint ({type(e).__name__}: {e}).") from None
+    here = {"data.name": cfg.data.name, "tasks": [t.name for t in model.tasks], "data.img_size": cfg.data.img_size}
+    here.update({f"model.{k}": OmegaConf.to_container(cfg.model, resolve=True)[k] for k in ARCHITECTURE})
+    there = {"data.name": (hp.get("data") or {}).get("name"), "tasks": saved.get("tasks")}
+    there["data.img_size"] = (hp.get("data") or {}).get("img_size")
+    there.update({f"model.{k}": (hp.get("model") or {}).get(k) for k in ARCHITECTURE})
+    diffs = [f"{k} {there[k]!r} there, {v!r} here" for k, v in here.items() if there[k] is not None and there[k] != v]
+    mine = {k: tuple(getattr(v, "shape", ())) for k, v in model.state_dict().items()}  # (a method's state: a dict)
+    theirs = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
+    if mine != theirs and not diffs:  # an older checkpoint without the names, or a weighting with other state
+        odd = sorted(set(mine) ^ set(theirs)) + sorted(k for k in set(mine) & set(theirs) if mine[k] != theirs[k])
+        name = (hp.get("weighting") or {}).get("name")
+        if name and name != cfg.weighting.name:
+            diffs.append(f"weighting.name {name!r} there, {cfg.weighting.name!r} here")
+        diffs.append(f"the parameters {', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''} differ")
+    if diffs:
+        raise MTLError(
+            f"resume={ckpt} was trained with another model than this config builds: {'; '.join(diffs)}. Resume it "
+            f"with its own settings (its config.yaml: {ckpt.parent.parent / 'config.yaml'}), or start a new run "
+            "without resume. Nothing was written."
+        )
+
+
+def save_run_config(cfg: DictConfig, run_dir: Path, resumed: bool) -> Path:
+    """`config.yaml` for a new run. A resumed run keeps its own: the resuming command's config goes beside it, as
+    `config.resume-<n>.yaml`, headed by the keys it changed."""
+    path = run_dir / "config.yaml"
+    if not (resumed and path.exists()):
+        save_config(cfg, path)
+        return path
+    n = 1
+    while (run_dir / f"config.resume-{n}.yaml").exists():
+        n += 1
+    old = _flat(OmegaConf.to_container(OmegaConf.load(path)))
+    new = _flat(OmegaConf.to_container(cfg, resolve=True))
+    changed = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+    ]
+    head = "".join(f"#   {c}\n" for c in changed) or "#   (none)\n"
+    path = run_dir / f"config.resume-{n}.yaml"
+    write_atomic(path, f"# Resumed from config.yaml; the keys this command changed:\n{head}" + OmegaConf.to_yaml(cfg))
+    return path
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def wandb_mode(cfg: DictConfig) -> str:
@@ -121,16 +206,47 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
-def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints: bool = True) -> dict:
-    """Fit, then evaluate the final model on val (and test). Returns the metrics and `run_dir`.
-
-    `save_checkpoints=False` writes no best/last.ckpt: a search trial's checkpoints are the ones it reports to Tune.
-    """
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+def check_settings(cfg: DictConfig) -> None:
+    """The trainer's, optimiser's and scheduler's numbers, before anything is built or written."""
     for key in ("max_epochs", "max_steps"):
         value = cfg.trainer[key]
         if value < -1 or (key == "max_epochs" and value == 0):
             raise MTLError(f"trainer.{key}={value} must be a positive number, or -1 for no limit.")
+    if cfg.grad_cos_every < 0:
+        raise MTLError(f"grad_cos_every={cfg.grad_cos_every} must be >= 0 (0: off).")
+    o = cfg.optim
+    choices = {"name": OPTIMIZERS, "scheduler": SCHEDULERS}
+    for key, valid in choices.items():
+        if o[key] not in valid:
+            raise MTLError(f"Unknown optim.{key}={o[key]!r}. Valid choices: {', '.join(valid)}.")
+    bounds = {
+        "lr": (o.lr > 0, "must be > 0"),
+        "weight_decay": (o.weight_decay >= 0, "must be >= 0"),
+        "momentum": (0 <= o.momentum < 1, "must lie in [0, 1)"),
+        "warmup": (0 <= o.warmup < 1, "must lie in [0, 1) (a fraction of the total steps)"),
+        "step_epochs": (o.step_epochs >= 1, "must be >= 1"),
+        "gamma": (o.gamma > 0, "must be > 0"),
+    }
+    for key, (ok, why) in bounds.items():
+        if not ok:
+            raise MTLError(f"optim.{key}={o[key]} {why}.")
+
+
+def train(
+    cfg: DictConfig,
+    callbacks: Sequence[Callback] = (),
+    save_checkpoints: bool = True,
+    announce: Callable[[DictConfig], None] | None = None,
+) -> dict:
+    """Fit, then evaluate the final model on val (and test). Returns the metrics and `run_dir`.
+
+    Every check (settings, data, weighting, model, the checkpoint to resume) runs before the run directory is made;
+    `announce(cfg)` is then called (the command line prints the config). A new run that fails before its first
+    step leaves no folder behind. `save_checkpoints=False` writes no best/last.ckpt: a search trial's checkpoints
+    are the ones it reports to Tune.
+    """
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    check_settings(cfg)
     dm = create_datamodule(cfg.data, cfg.seed)
     weighting = create_weighting([t.name for t in dm.tasks], cfg.weighting)
     forks = getattr(weighting, "forks", False)
@@ -138,24 +254,17 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
         dm.probs = weighting.mixture_probs()
     dm.check()
     weighting.check(str(cfg.trainer.precision), distributed=False)  # again with the world size in setup()
-    if cfg.grad_cos_every < 0:
-        raise MTLError(f"grad_cos_every={cfg.grad_cos_every} must be >= 0 (0: off).")
     bases = delta_bases(cfg, dm.tasks)
     monitor = cfg.checkpoint.monitor
     if monitor == "auto":
         monitor = default_monitor(dm.tasks, bool(bases))
     maximise = higher_is_better(monitor, dm.tasks, bool(bases), "checkpoint.monitor")
-    if rank_zero_only.rank and os.environ.get("MTL_RUN_DIR"):  # a DDP worker Lightning launched: rank 0's run
+    worker = bool(rank_zero_only.rank and os.environ.get("MTL_RUN_DIR"))  # a DDP worker Lightning launched
+    if worker:  # rank 0's run
         run_dir, ckpt = Path(os.environ["MTL_RUN_DIR"]), os.environ.get("MTL_RESUME") or None
     else:
         run_dir, ckpt = resolve_run(cfg)
-        save_config(cfg, run_dir / "config.yaml")
-        # Lightning starts DDP workers by running this command again: they inherit these and share the run
-        os.environ["MTL_RUN_DIR"], os.environ["MTL_RESUME"] = str(run_dir), str(ckpt or "")
-    if getattr(weighting, "needs_ranking", False):  # ForkMerge's top-k branches: rank the auxiliaries first
-        weighting.use_ranking(rank_auxiliaries(cfg, weighting, dm.tasks, run_dir, bases))
-    if forks and cfg.data.mixing == "sample":
-        dm.branch_probs = weighting.branch_probs()
+    cfg.run_name = run_dir.name  # the directory actually used, in config.yaml and the logged hyperparameters
     model = MultiTaskModule(
         dm.tasks,
         dm.in_chans,
@@ -169,50 +278,72 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
         delta_base=bases,
         grad_cos_every=cfg.grad_cos_every,
     )
-    clip = cfg.trainer.gradient_clip_val
-    if forks:  # ForkMerge: the callback holds the branches, the module steps them
-        fork = ForkMerge(weighting)
-        fork.criterion = forkmerge_criterion(cfg.weighting.criterion, bool(bases))
-        model.fork, model.clip_val, model.automatic_optimization, clip = fork, clip, False, None
-        callbacks = [fork, *callbacks]
-    ckpt_dir = run_dir / "checkpoints"
-    checkpoints = [  # AtomicCheckpointIO (below) writes each file atomically
-        ModelCheckpoint(
-            ckpt_dir,
-            filename="best",
-            monitor=monitor,
-            mode="max" if maximise else "min",
-            save_top_k=1,
-            enable_version_counter=False,
-        ),
-        LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps),
-    ]
-    if not save_checkpoints:
-        checkpoints = []
-    t = cfg.trainer
-    trainer = L.Trainer(
-        max_epochs=t.max_epochs,
-        max_steps=t.max_steps,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        precision=t.precision,
-        log_every_n_steps=t.log_every_n_steps,
-        check_val_every_n_epoch=t.check_val_every_n_epoch,
-        limit_train_batches=t.limit_train_batches,
-        limit_val_batches=t.limit_val_batches,
-        gradient_clip_val=clip,
-        num_sanity_val_steps=t.num_sanity_val_steps,
-        deterministic=t.deterministic,
-        enable_progress_bar=t.enable_progress_bar,
-        logger=build_loggers(cfg, run_dir) or False,
-        callbacks=[*checkpoints, *callbacks],
-        enable_checkpointing=save_checkpoints,
-        plugins=[AtomicCheckpointIO()],
-        default_root_dir=run_dir,
-        use_distributed_sampler=False,  # MixtureSampler shards by rank itself
-    )
-    trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+    if ckpt and not worker:
+        check_resumable(Path(ckpt), model, cfg)
+    fresh = not run_dir.exists()
+    if announce is not None:
+        announce(cfg)
+    trainer = None
+    try:
+        if not worker:
+            make_run_dir(run_dir)
+            save_run_config(cfg, run_dir, resumed=ckpt is not None)
+            # Lightning starts DDP workers by running this command again: they inherit these and share the run
+            os.environ["MTL_RUN_DIR"], os.environ["MTL_RESUME"] = str(run_dir), str(ckpt or "")
+        if getattr(weighting, "needs_ranking", False):  # ForkMerge's top-k branches: rank the auxiliaries first
+            weighting.use_ranking(rank_auxiliaries(cfg, weighting, dm.tasks, run_dir, bases))
+        if forks and cfg.data.mixing == "sample":
+            dm.branch_probs = weighting.branch_probs()
+        clip = cfg.trainer.gradient_clip_val
+        if forks:  # ForkMerge: the callback holds the branches, the module steps them
+            fork = ForkMerge(weighting)
+            fork.criterion = forkmerge_criterion(cfg.weighting.criterion, bool(bases))
+            model.fork, model.clip_val, model.automatic_optimization, clip = fork, clip, False, None
+            callbacks = [fork, *callbacks]
+        ckpt_dir = run_dir / "checkpoints"
+        checkpoints = [  # AtomicCheckpointIO (below) writes each file atomically
+            ModelCheckpoint(
+                ckpt_dir,
+                filename="best",
+                monitor=monitor,
+                mode="max" if maximise else "min",
+                save_top_k=1,
+                enable_version_counter=False,
+            ),
+            LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps),
+        ]
+        if not save_checkpoints:
+            checkpoints = []
+        t = cfg.trainer
+        trainer = L.Trainer(
+            max_epochs=t.max_epochs,
+            max_steps=t.max_steps,
+            accelerator=t.accelerator,
+            devices=t.devices,
+            strategy=t.strategy,
+            precision=t.precision,
+            log_every_n_steps=t.log_every_n_steps,
+            check_val_every_n_epoch=t.check_val_every_n_epoch,
+            limit_train_batches=t.limit_train_batches,
+            limit_val_batches=t.limit_val_batches,
+            gradient_clip_val=clip,
+            num_sanity_val_steps=t.num_sanity_val_steps,
+            deterministic=t.deterministic,
+            enable_progress_bar=t.enable_progress_bar,
+            enable_model_summary=t.enable_model_summary,
+            logger=build_loggers(cfg, run_dir) or False,
+            callbacks=[*checkpoints, *callbacks],
+            enable_checkpointing=save_checkpoints,
+            plugins=[AtomicCheckpointIO()],
+            default_root_dir=run_dir,
+            use_distributed_sampler=False,  # MixtureSampler shards by rank itself
+        )
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+    except BaseException:
+        if fresh and not worker and not _trained(run_dir, trainer):
+            _end_wandb(cfg)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     metrics = {}
     for evaluate in (trainer.validate, trainer.test) if cfg.test else (trainer.validate,):
         for results in evaluate(model, datamodule=dm, verbose=False):  # none with trainer.limit_val_batches=0
@@ -222,12 +353,23 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), save_checkpoints:
     if trainer.is_global_zero:  # the base results a later Δm% reads (delta_m.runs=[this run_dir])
         write_atomic(run_dir / "metrics.json", json.dumps(out, indent=1, sort_keys=True))
     out["run_dir"] = str(run_dir)
-    if "wandb" in str(cfg.logger):  # end the W&B run: a next train() in this process (a notebook, a search's
-        import wandb  # retraining) then starts its own
+    _end_wandb(cfg)
+    return out
+
+
+def _trained(run_dir: Path, trainer) -> bool:
+    """Whether a run holds anything trained: a step taken, a checkpoint, or ForkMerge's pruning results."""
+    stepped = trainer is not None and trainer.global_step > 0
+    return stepped or any(run_dir.rglob("*.ckpt")) or (run_dir / "pruning.json").exists()
+
+
+def _end_wandb(cfg: DictConfig) -> None:
+    """End the W&B run: a next train() in this process (a notebook, a search's retraining) then starts its own."""
+    if "wandb" in str(cfg.logger):
+        import wandb
 
         if wandb.run is not None:
             wandb.finish()
-    return out
 
 
 def delta_bases(cfg: DictConfig, tasks) -> dict[str, dict[str, float]]:

@@ -136,25 +136,33 @@ def _png(path: Path, a: np.ndarray) -> None:
     Image.fromarray(a).save(path)
 
 
-def write_taskonomy(root: Path, views: int = 2, size: int = 32, seed: int = 6, split: str = "tiny") -> dict:
-    """The per-building PNG layout with the split list. Known values: segment_semantic (i + j) % 17 + 1 with pixel
-    (0, 0) = 0 (unlabelled); depth 640 (= DEPTH_M m) with pixel (0, 1) = 65535 (no geometry); normal RGB (0, 255,
+def write_taskonomy(root: Path, views: int = 2, size: int = 32, seed: int = 6, layout: str = "standley") -> dict:
+    """The per-building PNG layout with the split list, `layout` "standley" (<task>/<building>/, the list at the top)
+    or "omnitools" (<task>/taskonomy/<building>/ beside a `replica` component, segment_semantic at half the image
+    resolution, the list in splits_taskonomy/). Both decode to the same tensors. Known values: segment_semantic
+    (i // 2 + j // 2) % 17 + 1 (constant on 2x2 blocks, so the half-size map upsamples to it exactly) with the block
+    at (0, 0) = 0 (unlabelled); depth 640 (= DEPTH_M m) with pixel (0, 1) = 65535 (no geometry); normal RGB (0, 255,
     128); keypoints2d 150 and edge_texture 1788 (both 1.0 once standardised)."""
     rng, folder = np.random.default_rng(seed), Path(root) / "taskonomy"
     i, j = np.indices((size, size))
-    seg = ((i + j) % 17 + 1).astype(np.uint8)
-    seg[0, 0] = 0
+    seg = ((i // 2 + j // 2) % 17 + 1).astype(np.uint8)
+    seg[:2, :2] = 0
     depth = np.full((size, size), round(DEPTH_M * 512), dtype=np.uint16)
     depth[0, 1] = 65535
     normal = np.zeros((size, size, 3), dtype=np.uint8)
     normal[..., 1], normal[..., 2] = 255, 128
+    omni = layout == "omnitools"
     labels = {
-        "segment_semantic": seg,
+        "segment_semantic": seg[::2, ::2] if omni else seg,
         "depth_zbuffer": depth,
         "normal": normal,
         "keypoints2d": np.full((size, size), 150, dtype=np.uint16),
         "edge_texture": np.full((size, size), 1788, dtype=np.uint16),
     }
+
+    def where(task: str) -> Path:
+        return folder / task / "taskonomy" if omni else folder / task
+
     rows = ["id,train,val,test"]
     for split_name, buildings in TASKONOMY_BUILDINGS.items():
         for b in buildings:
@@ -163,10 +171,14 @@ def write_taskonomy(root: Path, views: int = 2, size: int = 32, seed: int = 6, s
                 stem = f"point_{v}_view_{v % 3}"
                 rgb = rng.integers(0, 200, (size, size, 3), dtype=np.uint8)
                 rgb[..., 0] = seg * 12  # the classes show in the red channel
-                _png(folder / "rgb" / b / f"{stem}_domain_rgb.png", rgb)
+                _png(where("rgb") / b / f"{stem}_domain_rgb.png", rgb)
                 for task, a in labels.items():
-                    _png(folder / task / b / f"{stem}_domain_{task}.png", a)
-    (folder / f"train_val_test_{split}.csv").write_text("\n".join(rows) + "\n")
+                    _png(where(task) / b / f"{stem}_domain_{task}.png", a)
+    if omni:  # another component of the download, which the loader must ignore
+        _png(folder / "rgb" / "replica" / "apartment_0" / "point_0_view_0_domain_rgb.png", rgb)
+    lists = folder / "splits_taskonomy" if omni else folder
+    lists.mkdir(parents=True, exist_ok=True)
+    (lists / "train_val_test_tiny.csv").write_text("\n".join(rows) + "\n")
     n = {s: views * len(b) for s, b in TASKONOMY_BUILDINGS.items()}
     return n
 

@@ -38,7 +38,7 @@ def test_task_subset_is_single_task_baseline():
     assert [t.name for t in dm.tasks] == ["shifted"]
     tr = dm.splits["train"]
     assert len(tr) == 100 and (tr.labels[:, 0] >= 0).all() and (tr.domains == 0).all()
-    with pytest.raises(MTLError, match="must be distinct names from"):
+    with pytest.raises(MTLError, match=r"^Unknown task 'middle' in data.tasks=\['middle'\]; valid: left, right\.$"):
         dm_for("digits_mtl", "data.tasks=[middle]")
 
 

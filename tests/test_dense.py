@@ -175,7 +175,7 @@ def test_taskonomy_decodes_each_encoding(tmp_path):
     assert {s: len(dm.splits[s]) for s in ("train", "val", "test")} == n  # the official split list's buildings
     image, (seg, depth, normal, keypoints, edge) = dm.splits["train"][0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
-    assert seg[0, 0] == -1 and seg[0, 1] == (0 + 1) % 17 and seg.max() == 16  # 0 unlabelled, c -> c - 1
+    assert seg[0, 0] == -1 and seg[0, 2] == (0 + 1) % 17 and seg.max() == 16  # 0 unlabelled, c -> c - 1
     assert depth[0, 0, 1] == 0 and depth[0, 3, 3] == pytest.approx(DEPTH_M)  # 65535 -> none; 640 / 512 m
     want = torch.tensor([-1.0, 1.0, 128 / 255 * 2 - 1])
     assert torch.allclose(normal[:, 3, 3], want, atol=1e-6)
@@ -184,6 +184,23 @@ def test_taskonomy_decodes_each_encoding(tmp_path):
     small = taskonomy(tmp_path, "data.img_size=16", "data.tasks=[depth_zbuffer]")
     (d,) = small.splits["val"][0][1]
     assert d.shape == (1, 16, 16) and set(d.unique().tolist()) <= {0.0, DEPTH_M}  # nearest: no mixed values
+
+
+def test_taskonomy_reads_the_omnitools_layout_as_the_same_tensors(tmp_path):
+    write_taskonomy(tmp_path / "a")
+    write_taskonomy(tmp_path / "b", layout="omnitools")  # segmentation at half size, the list in splits_taskonomy/
+    assert (
+        tmp_path / "b/taskonomy/segment_semantic/taskonomy/coffeen/point_0_view_0_domain_segment_semantic.png"
+    ).exists()
+    a, b = taskonomy(tmp_path / "a"), taskonomy(tmp_path / "b")
+    for split in ("train", "val", "test"):
+        assert len(a.splits[split]) == len(b.splits[split])
+        for i in range(len(a.splits[split])):
+            (xa, ya), (xb, yb) = a.splits[split][i], b.splits[split][i]
+            assert torch.equal(xa, xb) and all(torch.equal(u, v) for u, v in zip(ya, yb))  # nearest: exact labels
+    (tmp_path / "b/taskonomy/splits_taskonomy/train_val_test_tiny.csv").unlink()
+    with pytest.raises(MTLError, match=r"split list train_val_test_tiny.csv in .*github.com/StanfordVL/taskonomy"):
+        taskonomy(tmp_path / "b")
 
 
 def test_taskonomy_refuses_wrong_bit_depth_and_missing_buildings(tmp_path):

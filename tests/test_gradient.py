@@ -283,15 +283,6 @@ def test_unsupported_combinations_stop_at_start_up(make_cfg):
         run(make_cfg("digits_mtl", "weighting=pcgrad", "trainer.precision=16-mixed", "trainer.max_steps=1"))
 
 
-SHORT = [
-    "data.train_size=4000",
-    "data.batch_size=64",
-    "data.val_size=500",
-    "data.test_size=500",
-    "trainer.max_epochs=5",
-]
-
-
 def method_args(name):
     cls = WEIGHTINGS.get(name)
     target = ["weighting.target=left"] if cls.auxiliary else []
@@ -300,11 +291,22 @@ def method_args(name):
     return [f"weighting={name}", *target, *extra]
 
 
+STATEFUL = ["nash_mtl", "gradnorm", "famo", "gradvac", "sdmgrad", "excess_mtl", "ol_aux", "arml"]
+
+
 @pytest.mark.parametrize("name", [*GRADIENT, "famo", "post_train"])
-def test_method_learns_digits(name, make_cfg):
-    m = run(make_cfg("digits_mtl", *SHORT, *method_args(name)))
+def test_method_learns_digits_and_resumes_exactly(name, make_cfg, tmp_path):
+    from test_train import learn_and_resume
+
+    m, a, b = learn_and_resume(make_cfg, tmp_path, *method_args(name))
     # chance is 0.1; methods that serve a target (left) owe the auxiliary nothing (Post-train forgets it)
     assert m["val/acc/left"] > 0.3 and (m["val/acc/right"] > 0.3 or WEIGHTINGS.get(name).auxiliary)
+    assert any(k.startswith("weighting.") for k in a) == (name in STATEFUL)  # the method's state is saved
+    for k in a:
+        pairs = a[k].items() if isinstance(a[k], dict) else [(None, a[k])]  # Nash-MTL's state is a dict
+        for key, v in pairs:
+            w = b[k] if key is None else b[k][key]
+            assert torch.allclose(torch.as_tensor(v).float(), torch.as_tensor(w).float(), atol=1e-5), (k, key)
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "graddrop", "mgda_ub"])
@@ -313,27 +315,6 @@ def test_bf16_autocast_matches_fp32(name, make_cfg, tmp_path):
     fp32 = run(make_cfg("digits_mtl", *args, out_dir=tmp_path / "a"))
     bf16 = run(make_cfg("digits_mtl", *args, "trainer.precision=bf16-mixed", out_dir=tmp_path / "b"))
     assert math.isfinite(bf16["val/loss/left"]) and abs(bf16["val/loss/left"] - fp32["val/loss/left"]) < 0.05
-
-
-STATEFUL = ["nash_mtl", "gradnorm", "famo", "gradvac", "sdmgrad", "excess_mtl", "ol_aux", "arml"]
-
-
-@pytest.mark.parametrize("name", [*GRADIENT, "famo"])
-def test_method_resumes_exactly(name, make_cfg, tmp_path):
-    from test_train import RESUME, Crash, last_weights
-
-    args = [*RESUME, *method_args(name)]
-    full = run(make_cfg("digits_mtl", *args, out_dir=tmp_path / "a"))
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(make_cfg("digits_mtl", *args, out_dir=tmp_path / "b"), callbacks=[Crash(17)])
-    resumed = run(make_cfg("digits_mtl", *args, "resume=last", out_dir=tmp_path / "b"))
-    a, b = last_weights(full), last_weights(resumed)
-    assert any(k.startswith("weighting.") for k in a) == (name in STATEFUL)  # the method's state is saved
-    for k in a:
-        pairs = a[k].items() if isinstance(a[k], dict) else [(None, a[k])]  # Nash-MTL's state is a dict
-        for key, v in pairs:
-            w = b[k] if key is None else b[k][key]
-            assert torch.allclose(torch.as_tensor(v).float(), torch.as_tensor(w).float(), atol=1e-5), (k, key)
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "mgda_ub"])
@@ -355,22 +336,26 @@ def test_ddp_two_processes_match_one(name, tmp_path):
     runs = {
         "ddp": ["trainer.strategy=ddp", "trainer.devices=2", "data.batch_size=32"],
         "one": ["data.batch_size=64"],
-        "other": ["data.batch_size=32"],  # a different trajectory: shows the tolerance below is discriminating
     }
+    if name == "pcgrad":  # a different trajectory: shows the tolerance below is discriminating (once is enough)
+        runs["other"] = ["data.batch_size=32"]
     printed = {}
     for run_name, extra in runs.items():
         name = [] if run_name == "ddp" else [f"run_name={run_name}"]  # the DDP run: a timestamped directory
         cmd = [sys.executable, "-m", "experiments.run", *common, *extra, *name]
         printed[run_name] = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     # one run, one directory, one report: the second rank neither makes its own directory nor prints
-    dirs = {p.name for p in (tmp_path / "digits_mtl").iterdir()} - {"one", "other"}
+    dirs = {p.name for p in (tmp_path / "digits_mtl").iterdir()} - set(runs)
     assert len(dirs) == 1 and printed["ddp"].count("outputs:") == 1 and printed["ddp"].count("weighting:") == 1
-    ddp, one, other = (
-        torch.load(tmp_path / "digits_mtl" / r / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-        for r in [dirs.pop(), "one", "other"]
-    )
+    ddp = dirs.pop()
+    w = {
+        r: torch.load(tmp_path / "digits_mtl" / d / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        for r, d in [("ddp", ddp), *((r, r) for r in runs if r != "ddp")]
+    }
 
     def dist(a, b):
         return max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
 
-    assert dist(ddp, one) < 5e-4 and dist(other, one) > 20 * dist(ddp, one)
+    assert dist(w["ddp"], w["one"]) < 5e-4
+    if "other" in w:
+        assert dist(w["other"], w["one"]) > 20 * dist(w["ddp"], w["one"])

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -42,7 +41,7 @@ def write(tmp_path, text, name="tiny.yaml"):
     return str(p)
 
 
-def test_a_tiny_study_killed_resumed_and_reported(tmp_path):
+def test_a_tiny_study_killed_resumed_and_reported(tmp_path, capfd):
     study = write(tmp_path, TINY)
     out = tmp_path / "st"
     args = [study, f"study.out_dir={out}", "logger=csv"]
@@ -59,7 +58,14 @@ def test_a_tiny_study_killed_resumed_and_reported(tmp_path):
     try:
         with pytest.raises(MTLError, match="holds a study already"):
             run_study(*load_study(study, [f"study.out_dir={out}"]))
+        capfd.readouterr()
         assert main([*args, "resume=true"]) == 0
+        console = capfd.readouterr()
+        lines = (console.out + console.err).splitlines()
+        # progress and the report's path, not the cells' Lightning and Ray output (that goes to their console.log)
+        assert "[8/8] done" in console.out and "training" in console.out and "left" in console.out
+        assert len(lines) <= 2 * (8 - len(kept)) + 4, lines
+        assert not any("Checkpoint successfully created" in x or "GPU available" in x for x in lines)
         runs = sorted((out / "tune").glob("cells-*"))
         assert len(runs) == 2 and len(list(runs[-1].glob("trial_*"))) == 8 - len(kept)  # only the missing cells
         assert all((out / "cells" / n).read_bytes() == b for n, b in kept.items())  # finished cells kept as they were
@@ -70,7 +76,9 @@ def test_a_tiny_study_killed_resumed_and_reported(tmp_path):
         )
         assert len({c["steps"] for c in cells.values()}) == 1  # equal budgets, baselines included
         # every cell's own run directory (config, logs), also for the cells that followed another in a reused worker
-        assert all(json.loads((Path(c["run_dir"]) / "metrics.json").read_text()) for c in cells.values())
+        # (named relative to the study's folder) with the cell's console output
+        assert all(json.loads((out / c["run_dir"] / "metrics.json").read_text()) for c in cells.values())
+        assert all("GPU available" in (out / c["run_dir"] / "console.log").read_text() for c in cells.values())
         rows = list(csv.DictReader(open(out / "results.csv")))
         assert len(rows) == 8
         for r in rows:
@@ -79,6 +87,8 @@ def test_a_tiny_study_killed_resumed_and_reported(tmp_path):
             if r["kind"] == "method":
                 assert -1 <= float(r["grad_cos/mean"]) <= 1  # gradient conflict, logged every 2 steps
         report = (out / "report.md").read_text()
+        # the command that reproduces it: every override given, less resume
+        assert f"Command: `python -m experiments.study {study} study.out_dir={out} logger=csv`" in report
         assert f"trained {cells['uniform__seed0']['steps']} optimiser steps" in report
         table = [line for line in report.splitlines() if line.startswith("| pcgrad")][0].split(" | ")
         assert len(table) == 8 and all(x.strip() for x in table)  # every column of a method's row filled

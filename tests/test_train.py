@@ -1,6 +1,8 @@
 """End-to-end behaviour of `experiments.run`: learning, weighting, sampling, resume, determinism, bad input."""
 
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,13 +22,13 @@ CHANCE = 0.1  # ten digit classes
 
 
 def test_digits_mtl_learns_both_tasks(make_cfg):
-    m = run(make_cfg("digits_mtl", *SMALL))
+    m = run(make_cfg("digits_mtl", *LEARN))
     assert m["val/acc/left"] > CHANCE + 0.25 and m["val/acc/right"] > CHANCE + 0.25
     assert m["test/acc/left"] > CHANCE + 0.25 and m["test/acc/right"] > CHANCE + 0.25
 
 
 def test_fixed_zero_weight_task_stays_at_chance(make_cfg):
-    m = run(make_cfg("digits_mtl", *SMALL, "weighting=fixed", "weighting.weights=[1,0]"))
+    m = run(make_cfg("digits_mtl", *LEARN, "weighting=fixed", "weighting.weights=[1,0]"))
     assert m["val/acc/left"] > CHANCE + 0.25
     assert m["val/acc/right"] < CHANCE + 0.07  # its head never trains: near chance
 
@@ -81,6 +83,35 @@ def last_weights(m):
     return torch.load(f"{m['run_dir']}/checkpoints/last.ckpt", weights_only=False)["state_dict"]
 
 
+# A learning budget in which every method clears the learning tests' bars with a margin (188 steps, 47 an epoch)
+LEARN = ["data.train_size=3000", "data.batch_size=64", "data.val_size=500", "data.test_size=500"]
+LEARN += ["trainer.max_epochs=4", "checkpoint.every_n_steps=90"]
+SNAPSHOT_STEP = 180  # mid-epoch 4: the resumed run replays the rest of that epoch
+
+
+class Snapshot(Callback):
+    """Keeps a copy of last.ckpt as it stands when training reaches `at_step` (written there by every_n_steps)."""
+
+    def __init__(self, at_step: int, dest: Path):
+        self.at_step, self.dest = at_step, dest
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            shutil.copy(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt", self.dest)
+
+
+def learn_and_resume(make_cfg, tmp_path, *args):
+    """One learning run, and a second run resumed from its mid-epoch checkpoint near the end: (metrics of the full
+    run, of the resumed run, their final weights). What a resume must match, at the cost of a few steps."""
+    snap = tmp_path / "snapshot.ckpt"
+    full = run(make_cfg("digits_mtl", *LEARN, *args, out_dir=tmp_path / "a"), callbacks=[Snapshot(SNAPSHOT_STEP, snap)])
+    assert torch.load(snap, weights_only=False)["global_step"] == SNAPSHOT_STEP
+    resumed = run(make_cfg("digits_mtl", *LEARN, *args, f"resume={snap}", out_dir=tmp_path / "b"))
+    for k in ("val/acc/left", "val/acc/right", "val/loss/left", "test/loss/right"):
+        assert resumed[k] == pytest.approx(full[k], abs=1e-5), k
+    return full, last_weights(full), last_weights(resumed)
+
+
 def test_resume_mid_epoch_matches_uninterrupted_run(make_cfg, tmp_path):
     full = run(make_cfg("digits_mtl", *RESUME, out_dir=tmp_path / "a"))
     with pytest.raises(RuntimeError, match="simulated crash"):  # dies at step 17; last.ckpt is from step 15
@@ -130,6 +161,7 @@ def test_nan_loss_stops_with_task_name(make_cfg, monkeypatch, capsys):
         == 2
     )
     assert "NaN/inf at step 0" in capsys.readouterr().err
+    assert not list(Path(make_cfg("synthetic_mtl").out_dir).glob("*/*"))  # failed before its first step: no folder
 
 
 def test_unwritable_out_dir(make_cfg, tmp_path):
@@ -139,15 +171,58 @@ def test_unwritable_out_dir(make_cfg, tmp_path):
         run(make_cfg("digits_mtl", out_dir=blocker / "runs"))
 
 
-def test_resume_errors_and_no_overwrite(make_cfg):
+def test_resume_errors_and_no_overwrite(make_cfg, tmp_path):
     with pytest.raises(MTLError, match="resume=last found no checkpoint"):
         run(make_cfg("digits_mtl", "resume=last"))
     with pytest.raises(MTLError, match="is not a checkpoint file"):
         run(make_cfg("digits_mtl", "resume=/no/such.ckpt"))
-    args = ["run_name=keep", "data.train_size=200", "data.val_size=100", "trainer.max_steps=2", "test=false"]
-    run(make_cfg("digits_mtl", *args))
-    with pytest.raises(MTLError, match="already holds checkpoints"):
-        run(make_cfg("digits_mtl", *args))
+    tiny = ["data.train_size=200", "data.val_size=100", "trainer.max_steps=2", "test=false"]
+    keep = run(make_cfg("digits_mtl", *tiny, "run_name=keep", "data.tasks=[left]"))
+    with pytest.raises(MTLError, match="already holds checkpoints. Continue it with resume=last run_name=keep"):
+        run(make_cfg("digits_mtl", *tiny, "run_name=keep"))
+    newer = run(make_cfg("digits_mtl", *tiny))  # the newest run, with both tasks: resume=last must not pick it
+    stamp = Path(newer["run_dir"]).name
+    assert f"run_name: {stamp}" in (Path(newer["run_dir"]) / "config.yaml").read_text()  # the folder used, not null
+    keep_dir = Path(keep["run_dir"])
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*"))  # noqa: E731
+    before = {d: files(d) for d in (keep_dir, Path(newer["run_dir"]))}
+    configs = {d: (d / "config.yaml").read_text() for d in before}
+    # a config whose model differs from the checkpoint's is refused, naming the difference, before any write
+    with pytest.raises(MTLError, match=r"tasks \['left'\] there, \['left', 'right'\] here.*Nothing was written"):
+        run(make_cfg("digits_mtl", *tiny, "run_name=keep", "resume=last"))
+    with pytest.raises(MTLError, match="model.depth 3 there, 2 here"):
+        run(make_cfg("digits_mtl", *tiny, "run_name=keep", "resume=last", "data.tasks=[left]", "model.depth=2"))
+    with pytest.raises(MTLError, match="found no checkpoint .*/nope/checkpoints/last.ckpt.*resumed: .*keep"):
+        run(make_cfg("digits_mtl", *tiny, "run_name=nope", "resume=last"))
+    assert {d: files(d) for d in before} == before
+    # resume=last run_name=keep continues that run, keeps its config.yaml, and records this command's beside it
+    resumed = run(
+        make_cfg("digits_mtl", *tiny, "run_name=keep", "resume=last", "data.tasks=[left]", "trainer.max_steps=4")
+    )
+    assert resumed["run_dir"] == keep["run_dir"]
+    assert torch.load(keep_dir / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 4
+    assert {d: (d / "config.yaml").read_text() for d in before} == configs
+    assert files(Path(newer["run_dir"])) == before[Path(newer["run_dir"])]
+    note = (keep_dir / "config.resume-1.yaml").read_text()
+    assert "#   resume: None -> 'last'" in note and "#   trainer.max_steps: 2 -> 4" in note
+    with pytest.raises(MTLError, match="continues the run .*keep, but run_name=other names another"):
+        run(make_cfg("digits_mtl", *tiny, "run_name=other", f"resume={keep_dir}/checkpoints/last.ckpt"))
+
+
+def test_bad_settings_fail_before_any_write(make_cfg, tmp_path, capsys):
+    with pytest.raises(MTLError, match=r"^optim.lr=-0.1 must be > 0\.$"):
+        run(make_cfg("digits_mtl", "optim.lr=-0.1"))
+    with pytest.raises(MTLError, match="Unknown optim.scheduler='cos'. Valid choices: cosine, step, constant"):
+        run(make_cfg("digits_mtl", "optim.scheduler=cos"))
+    with pytest.raises(MTLError, match=r"optim.warmup=1.5 must lie in \[0, 1\)"):
+        run(make_cfg("digits_mtl", "optim.warmup=1.5"))
+    assert not (tmp_path / "runs").exists()
+    # the command line prints one paragraph, not the resolved config before it
+    out = str(tmp_path / "runs")
+    assert main(["exp=digits_mtl", f"out_dir={out}", "weighting=fixed", "weighting.weights=[1,2,3]"]) == 2
+    captured = capsys.readouterr()
+    assert "trainer:" not in captured.out and "weighting.weights" in captured.err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_checkpoint_writes_are_atomic(make_cfg, monkeypatch, tmp_path):
@@ -186,8 +261,6 @@ def test_loggers_and_saved_config(make_cfg):
             "test=false",
         )
     )
-    from pathlib import Path
-
     d = Path(m["run_dir"])
     header = (d / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert all(k in header for k in ("train/loss/left", "weights/right", "val/acc/left", "val/acc_mean"))
@@ -200,19 +273,9 @@ LOSS_LEVEL = ["uncertainty", "imtl_l", "dwa", "rlw", "gls"]
 
 
 @pytest.mark.parametrize("name", LOSS_LEVEL)
-def test_loss_level_method_learns(name, make_cfg):
-    m = run(make_cfg("digits_mtl", *SMALL, f"weighting={name}"))
+def test_loss_level_method_learns_and_resumes_exactly(name, make_cfg, tmp_path):
+    m, a, b = learn_and_resume(make_cfg, tmp_path, f"weighting={name}")  # DWA leaves uniform from its third epoch
     assert m["val/acc/left"] > CHANCE + 0.2 and m["val/acc/right"] > CHANCE + 0.2
-
-
-@pytest.mark.parametrize("name", ["uncertainty", "dwa", "rlw"])
-def test_stateful_method_resumes_exactly(name, make_cfg, tmp_path):
-    args = [*RESUME, "trainer.max_epochs=3", f"weighting={name}"]  # DWA leaves uniform from its third epoch
-    full = run(make_cfg("digits_mtl", *args, out_dir=tmp_path / "a"))
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(make_cfg("digits_mtl", *args, out_dir=tmp_path / "b"), callbacks=[Crash(29)])
-    resumed = run(make_cfg("digits_mtl", *args, "resume=last", out_dir=tmp_path / "b"))
-    a, b = last_weights(full), last_weights(resumed)
-    assert any(k.startswith("weighting.") for k in a) == (name != "rlw")  # learned scales / loss history saved
+    assert any(k.startswith("weighting.") for k in a) == (name in ("uncertainty", "imtl_l", "dwa"))  # state saved
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k

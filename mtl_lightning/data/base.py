@@ -244,8 +244,11 @@ class MixtureDataModule(L.LightningDataModule):
             raise MTLError(f"data.tasks=[] selects no task/domain: name at least one of {names}.")
         chosen = cfg.tasks or names
         bad = [t for t in chosen if t not in names]
-        if bad or len(set(chosen)) != len(chosen):
-            raise MTLError(f"data.tasks={list(chosen)} must be distinct names from {names}.")
+        if bad:
+            raise MTLError(f"Unknown task {bad[0]!r} in data.tasks={list(chosen)}; valid: {', '.join(names)}.")
+        if len(set(chosen)) != len(chosen):
+            twice = sorted({t for t in chosen if list(chosen).count(t) > 1})
+            raise MTLError(f"data.tasks={list(chosen)} names {', '.join(twice)} twice; each task may appear once.")
         self.keep = [names.index(t) for t in chosen]
         self.tasks = [self.all_tasks[i] for i in self.keep]
         self.probs: Tensor | None = None  # set by the runner for data.mixing=sample

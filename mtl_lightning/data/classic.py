@@ -169,7 +169,9 @@ class ClassicDataModule(FileDataModule):
 
     def __init__(self, cfg: ClassicConfig, seed: int = 0):
         bad = [d for d in cfg.domains if d not in SOURCES]
-        if bad or not cfg.domains or len(set(cfg.domains)) != len(cfg.domains):
+        if bad:
+            raise MTLError(f"Unknown domain {bad[0]!r} in data.domains; valid: {', '.join(sorted(SOURCES))}.")
+        if not cfg.domains or len(set(cfg.domains)) != len(cfg.domains):
             raise MTLError(f"data.domains={list(cfg.domains)} must be distinct names from {sorted(SOURCES)}.")
         super().__init__(cfg, seed)
 

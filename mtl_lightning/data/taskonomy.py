@@ -1,10 +1,15 @@
 """Taskonomy (Zamir et al., CVPR 2018) with the five tasks of Standley et al. (ICML 2020, arXiv:1905.07553).
 
-Reads the per-building PNG layout of the official release (as `omnitools.download` and Standley's loader lay it
-out) under `<data.root>/taskonomy/`:
-    <task>/<building>/point_<p>_view_<v>_domain_<task>.png     for task in rgb and the chosen tasks
-    train_val_test_<data.split>.csv                            the official split list: id,train,val,test (1/0)
-A sample is an `rgb` image; its labels are the files of the same point and view in the task folders.
+Reads the per-building PNG layout of the official release under `<data.root>/taskonomy/`, in either of its two
+arrangements, detected from what is on disk:
+    <task>/<building>/point_<p>_view_<v>_domain_<task>.png             Standley et al.'s loader
+    <task>/taskonomy/<building>/point_<p>_view_<v>_domain_<task>.png   `omnitools.download --components taskonomy`
+for task in rgb and the chosen tasks (omnitools puts other components, such as `replica`, beside `taskonomy/`), and
+the official split list `train_val_test_<data.split>.csv` (id,train,val,test as 1/0) at the folder's top or in
+`splits_taskonomy/`: the Taskonomy repository publishes the lists (`data/assets/splits_taskonomy.zip`), the
+downloader does not fetch them. A sample is an `rgb` image; its labels are the files of the same point and view in
+the task folders. Labels stored at a lower resolution than the image (omnitools' `segment_semantic` is 256 px
+against 512) are resized with nearest neighbours like every label.
 
 Encodings, from the dataset's documentation and its authors' loaders (Standley et al.'s `taskonomy_loader.py`):
 - `rgb`: 8-bit RGB, 512x512; resized to `data.img_size` (bilinear, antialiased), labels with nearest neighbours.
@@ -42,6 +47,7 @@ TASKS = ("segment_semantic", "depth_zbuffer", "normal", "keypoints2d", "edge_tex
 SIXTEEN_BIT = ("depth_zbuffer", "keypoints2d", "edge_texture")
 STANDARDISE = {"keypoints2d": (50.0, 100.0), "edge_texture": (718.0, 1070.0)}  # Standley's (raw - a) / b
 SPLITS = ("debug", "tiny", "medium", "full", "fullplus")
+SPLIT_LISTS = "github.com/StanfordVL/taskonomy, data/assets/splits_taskonomy.zip; omnitools.download does not fetch it"
 
 
 @dataclass
@@ -81,14 +87,15 @@ def read_png(path: Path, task: str) -> np.ndarray:
 
 
 class TaskonomySample:
-    """Reads one (building, point-view) sample: (image (3, S, S) uint8, [targets of the chosen tasks])."""
+    """Reads one (building, point-view) sample: (image (3, S, S) uint8, [targets of the chosen tasks]). `dirs`: each
+    task's folder of buildings."""
 
-    def __init__(self, folder: Path, size: int):
-        self.folder, self.size = folder, size
+    def __init__(self, dirs: dict[str, Path], size: int):
+        self.dirs, self.size = dirs, size
 
     def _path(self, task: str, item) -> Path:
         building, stem = item
-        return self.folder / task / building / f"{stem}_domain_{task}.png"
+        return self.dirs[task] / building / f"{stem}_domain_{task}.png"
 
     def _resize(self, a: np.ndarray, mode: str) -> torch.Tensor:
         from torchvision.transforms import InterpolationMode
@@ -132,7 +139,9 @@ class TaskonomyDataModule(DenseDataModule, RootedDataModule):
     source = (
         "the Taskonomy release (taskonomy.vision; `pip install omnidata-tools` then `omnitools.download rgb "
         "segment_semantic depth_zbuffer normal keypoints2d edge_texture --components taskonomy --subset tiny`), "
-        "laid out as <task>/<building>/*.png, with the official split list train_val_test_<split>.csv"
+        "laid out as that tool writes it (<task>/taskonomy/<building>/*.png) or as Standley et al.'s loader reads it "
+        f"(<task>/<building>/*.png), and the official split list train_val_test_<split>.csv ({SPLIT_LISTS}) at the "
+        "folder's top or in splits_taskonomy/"
     )
     in_chans = 3
 
@@ -162,8 +171,31 @@ class TaskonomyDataModule(DenseDataModule, RootedDataModule):
     def expected(self) -> list[str]:
         return [f"train_val_test_{self.cfg.split}.csv", *[f"{t}/" for t in self._reads()]]
 
+    def _absent(self) -> list[str]:
+        absent = [f"{t}/" for t in self._reads() if not (self.folder / t).is_dir()]
+        return absent if self._split_list() else [f"train_val_test_{self.cfg.split}.csv", *absent]
+
+    def require(self) -> None:
+        if self._absent() == [f"train_val_test_{self.cfg.split}.csv"]:  # the images are there, the list is not
+            raise MTLError(
+                f"data=taskonomy needs the official split list train_val_test_{self.cfg.split}.csv in {self.folder} "
+                f"or {self.folder / 'splits_taskonomy'}, and it is in neither. The lists are published in the "
+                "Taskonomy repository: github.com/StanfordVL/taskonomy, data/assets/splits_taskonomy.zip (unzip it "
+                f"into {self.folder}); omnitools.download does not fetch them."
+            )
+        super().require()
+
+    def _split_list(self) -> Path | None:
+        name = f"train_val_test_{self.cfg.split}.csv"
+        return next((p for p in (self.folder / name, self.folder / "splits_taskonomy" / name) if p.is_file()), None)
+
+    def _dir(self, task: str) -> Path:
+        """A task's folder of buildings: <task>/taskonomy/ as omnitools.download writes it, else <task>/."""
+        omni = self.folder / task / "taskonomy"
+        return omni if omni.is_dir() else self.folder / task
+
     def _buildings(self) -> dict[str, list[str]]:
-        path = self.folder / f"train_val_test_{self.cfg.split}.csv"
+        path = self._split_list()
         out = {"train": [], "val": [], "test": []}
         try:
             with open(path, newline="") as f:
@@ -178,19 +210,19 @@ class TaskonomyDataModule(DenseDataModule, RootedDataModule):
     def _samples(self, buildings: list[str]) -> list[tuple[str, str]]:
         items = []
         for b in buildings:
-            folder = self.folder / "rgb" / b
+            folder = self._dir("rgb") / b
             stems = sorted(p.name[: -len("_domain_rgb.png")] for p in folder.glob("*_domain_rgb.png"))
             if not stems:
                 raise MTLError(
-                    f"Building {b!r} is in {self.folder}/train_val_test_{self.cfg.split}.csv but {folder} holds no "
-                    "*_domain_rgb.png files: download that building, or use the split list of the buildings you have."
+                    f"Building {b!r} is in {self._split_list()} but {folder} holds no *_domain_rgb.png files: "
+                    "download that building, or use the split list of the buildings you have."
                 )
             for task in self._reads()[1:]:
-                have = {p.name for p in (self.folder / task / b).glob("*.png")}
+                have = {p.name for p in (self._dir(task) / b).glob("*.png")}
                 lost = [s for s in stems if f"{s}_domain_{task}.png" not in have]
                 if lost:
                     raise MTLError(
-                        f"{self.folder / task / b} lacks {len(lost)} of the {len(stems)} label files of building {b!r} "
+                        f"{self._dir(task) / b} lacks {len(lost)} of the {len(stems)} label files of building {b!r} "
                         f"(e.g. {lost[0]}_domain_{task}.png): download {task} for it, or drop {task} from data.tasks."
                     )
             items += [(b, s) for s in stems]
@@ -198,10 +230,10 @@ class TaskonomyDataModule(DenseDataModule, RootedDataModule):
 
     def load(self) -> dict[str, DenseFiles]:
         self.require()
-        reader = TaskonomySample(self.folder, self.img_size)
+        reader = TaskonomySample({t: self._dir(t) for t in self._reads()}, self.img_size)
         out = {}
         for split, buildings in self._buildings().items():
             if not buildings:
-                raise MTLError(f"train_val_test_{self.cfg.split}.csv lists no {split} building.")
+                raise MTLError(f"{self._split_list()} lists no {split} building.")
             out[split] = DenseFiles(self._samples(buildings), reader, list(range(len(TASKS))))
         return out

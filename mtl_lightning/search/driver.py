@@ -36,20 +36,28 @@ class _DoubleDeleteFilter(logging.Filter):
 
 def quiet_tune() -> None:
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    # Tune warns each time a trial's checkpoints (one per epoch, num_to_keep) force an experiment snapshot within 5 s
+    # of the last: always, with small cells, and harmless at their size; 0 turns the warning off
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     controller_log = logging.getLogger("ray.tune.execution.tune_controller")
     if not any(isinstance(f, _DoubleDeleteFilter) for f in controller_log.filters):
         controller_log.addFilter(_DoubleDeleteFilter())
 
 
-def init_ray(num_cpus: int | None) -> None:
-    """Local Ray with `num_cpus` (None: all), or the cluster at RAY_ADDRESS; nothing if Ray is already up."""
+def init_ray(num_cpus: int | None, quiet: bool = False) -> None:
+    """Local Ray with `num_cpus` (None: all), or the cluster at RAY_ADDRESS; nothing if Ray is already up. `quiet`:
+    Ray's and Tune's own console lines (start-up, the experiment's table, where results went) only on errors."""
     import ray
 
+    if quiet:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter prints nothing at verbose=0
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
     if not ray.is_initialized():
+        level = logging.ERROR if quiet else logging.INFO
         if os.environ.get("RAY_ADDRESS"):
-            ray.init()  # an existing cluster
+            ray.init(logging_level=level)  # an existing cluster
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=level)
 
 
 def run_search(exp: str, overrides: list[str], scfg: SearchConfig) -> dict:

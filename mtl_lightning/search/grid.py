@@ -20,7 +20,7 @@ def _grid_space(scfg, cfg, tasks, base):
         raise MTLError(f"search.capacities={caps} must be [depth, width] pairs.")
     variants = [["mix", p] for p in scfg.grid] + ([["single", t] for t in tasks] if scfg.baselines else [])
     space = {**base, "variant": tune.grid_search(variants), "capacity": tune.grid_search(caps)}
-    space["extra"] = tune.sample_from(lambda spec: _grid_overrides(spec.config))
+    space["extra"] = tune.sample_from(lambda config: _grid_overrides(config))
     return space, tune.TuneConfig(metric="score", mode="max", reuse_actors=scfg.reuse_actors)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -211,26 +212,62 @@ def study_dir(cfg: StudyConfig, train_cfg) -> Path:
     return Path(cfg.out_dir or Path(train_cfg.out_dir) / "studies" / cfg.name).expanduser().resolve()
 
 
-def _cell_results_callback(cells_dir: Path):
-    """Driver side: write each finished cell's last result to cells/<id>.json (atomically), the resume record."""
+def _cell_results_callback(out: Path, total: int, done: int):
+    """Driver side: write each finished cell's last result to cells/<id>.json (atomically), the resume record, and
+    show the study's progress on the console (cells done / total, the cell starting, time left, failures). The
+    cells' own output goes to their run directories' console.log."""
     from ray import tune
 
     class CellResults(tune.Callback):
+        def __init__(self):
+            self.done, self.finished_here, self.started = done, 0, None
+
+        def _left(self) -> str:
+            if not self.finished_here:
+                return ""
+            per_cell = (time.monotonic() - self.started) / self.finished_here
+            return f", about {_duration(per_cell * (total - self.done))} left"
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started = self.started or time.monotonic()  # Ray's start-up is not a cell's time
+            print(f"[{self.done}/{total}] training {trial.config['cell']['id']}")
+
         def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result or {}
             cell = trial.config["cell"]
             metrics = {k: v for k, v in r.items() if k.startswith(("val/", "test/", "grad_cos/"))}
+            run_dir = Path(trial.config["runs_dir"]) / trial.config["exp"] / cell["id"]
             record = {
                 **{k: cell[k] for k in ("id", "row", "seed", "kind", "overrides")},
                 "metrics": metrics,
                 "steps": r.get("step"),
                 "epochs": max(0, int(r.get("training_iteration") or 1) - 1),  # less the final (test) report
                 "seconds": r.get("time_total_s"),
-                "run_dir": str(Path(trial.config["runs_dir"]) / trial.config["exp"] / cell["id"]),
+                "run_dir": str(run_dir.relative_to(out)),  # relative to the study's folder, which can move
             }
-            write_atomic(cells_dir / f"{cell['id']}.json", json.dumps(record, indent=1))
+            write_atomic(out / "cells" / f"{cell['id']}.json", json.dumps(record, indent=1))
+            self.done, self.finished_here = self.done + 1, self.finished_here + 1
+            print(f"[{self.done}/{total}] done {cell['id']} in {_duration(r.get('time_total_s') or 0)}{self._left()}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            cell = trial.config["cell"]
+            log = Path(trial.config["runs_dir"]) / trial.config["exp"] / cell["id"] / "console.log"
+            print(f"[{self.done}/{total}] FAILED {cell['id']}: {_first_line(trial)} (its output: {log})")
 
     return CellResults()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def _first_line(trial) -> str:
+    """The last line of a failed trial's error (the exception itself), from Tune's error file."""
+    try:
+        lines = [x for x in Path(trial.path, "error.txt").read_text().splitlines() if x.strip()]
+        return lines[-1].strip()
+    except (OSError, TypeError):
+        return "see Tune's error.txt"
 
 
 @dataclass
@@ -288,8 +325,11 @@ def plan_study(cfg: StudyConfig, overrides: list[str]) -> Plan:
     return Plan(train_cfg, tasks, cells, search_rows, metrics, directions, extra)
 
 
-def run_study(cfg: StudyConfig, overrides: list[str]) -> Path:
-    """Train every cell not yet done (each a Ray Tune trial), then write the report. Returns the study's folder."""
+def run_study(cfg: StudyConfig, overrides: list[str], command: str | None = None) -> Path:
+    """Train every cell not yet done (each a Ray Tune trial), then write the report. Returns the study's folder.
+
+    `command`: the command line that reproduces the study (the report shows it); by default the study's name with
+    the training overrides."""
     from ray import tune
 
     from .driver import init_ray, quiet_tune
@@ -306,7 +346,7 @@ def run_study(cfg: StudyConfig, overrides: list[str]) -> Path:
     cells_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "study": asdict(cfg),
-        "command": "python -m experiments.study " + " ".join([cfg.name, *overrides]),
+        "command": command or "python -m experiments.study " + shlex.join([cfg.name, *overrides]),
         "tasks": tasks,
         "metrics": metrics,
         "directions": {m: plan.directions[m] for m in metrics},
@@ -320,7 +360,7 @@ def run_study(cfg: StudyConfig, overrides: list[str]) -> Path:
         meta["wandb"] = {"project": w.project, "entity": w.entity, "mode": wandb_mode(train_cfg)}
     gpus = cfg.gpus_per_trial if cfg.gpus_per_trial >= 0 else float(_cuda())
     meta["gpus_per_trial"] = gpus
-    init_ray(cfg.num_cpus)
+    init_ray(cfg.num_cpus, quiet=True)  # the console shows the cells' progress (below) and problems
     quiet_tune()
     shared = [*cfg.overrides, *overrides, *extra, "trainer.enable_progress_bar=false"]
     common = [*shared, *budget_overrides(steps)]
@@ -344,16 +384,17 @@ def run_study(cfg: StudyConfig, overrides: list[str]) -> Path:
             "sign": 1.0,
             "final_report": True,
             "runs_dir": str(out / "tune" / tune_run / "runs"),  # each cell's run directory: runs/<exp>/<cell id>
+            "quiet": True,  # the cell's output goes to console.log in its run directory; the console shows progress
         }
         space = {**base, "cell": tune.grid_search(pending)}
-        space["extra"] = tune.sample_from(lambda spec: spec.config["cell"]["overrides"])
+        space["extra"] = tune.sample_from(lambda config: config["cell"]["overrides"])
         trainable = tune.with_resources(trial, {"cpu": cfg.cpus_per_trial, "gpu": gpus})
         run_config = tune.RunConfig(
             name=tune_run,
             storage_path=str(out / "tune"),
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[_cell_results_callback(cells_dir)],
+            callbacks=[_cell_results_callback(out, len(cells), len(cells) - len(pending))],
             verbose=0,
         )
         tune_config = tune.TuneConfig(reuse_actors=cfg.reuse_actors)
@@ -405,7 +446,7 @@ def _run_search_row(cfg: StudyConfig, spec: dict, shared: list[str], out: Path) 
     record = {
         "best_weights": list(res["best_weights"]),
         "compute_trial_epochs": res["compute_trial_epochs"],
-        "search_dir": res["search_dir"],
+        "search_dir": str(Path(res["search_dir"]).relative_to(out)),  # relative to the study's folder
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(record, indent=1))

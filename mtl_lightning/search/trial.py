@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,8 +85,41 @@ def _weights(pl_module) -> list[float]:
     return [] if w is None else w.tolist()
 
 
+@contextmanager
+def _output_to(path: Path):
+    """Send this process's stdout and stderr to `path` (appended) at the file-descriptor level, so Lightning's and
+    Ray's loggers, warnings and C-level prints all go there, not to the driver's console."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(path, "a") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
+
+
 def trial(config: dict) -> None:
-    """A Tune function trainable: one `train()` from the trial's config, resumed from Tune's checkpoint if any."""
+    """A Tune function trainable: one `train()` from the trial's config, resumed from Tune's checkpoint if any. With
+    `quiet` (a study's cells) its output goes to `console.log` in its run directory."""
+    if not config.get("quiet"):
+        return _trial(config)
+    run_dir = Path(config["runs_dir"]) / config["exp"] / config["cell"]["id"]
+    with _output_to(run_dir / "console.log"):
+        return _trial(config)
+
+
+def _trial(config: dict) -> None:
     from ray import tune
 
     weights = _config_weights(config)

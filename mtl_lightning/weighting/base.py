@@ -56,7 +56,9 @@ class Weighting(nn.Module):
         """Called at start-up with the Trainer's precision and whether it runs on several processes."""
 
     def on_train_epoch_start(self, epoch: int) -> None:
-        """Called by the LightningModule at the start of every training epoch, with its index (Post-train)."""
+        """Called by the LightningModule at the start of every training epoch, with its index (Post-train), and when
+        training starts or resumes (mid-epoch too, where Lightning skips the epoch-start hook): so it must be
+        idempotent for one epoch."""
 
     def on_train_epoch_end(self) -> None:
         """Called by the LightningModule at the end of every training epoch (DWA keeps epoch loss averages)."""
