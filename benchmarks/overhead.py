@@ -20,7 +20,8 @@ from lightning.pytorch.callbacks import Callback
 
 from mtl_lightning.config import compose
 from mtl_lightning.data import create_datamodule
-from mtl_lightning.model import MultiTaskModule, cosine_with_warmup, param_groups
+from mtl_lightning.model import cosine_with_warmup, param_groups
+from mtl_lightning.multitask import MultiTaskModule
 from mtl_lightning.train import train
 from mtl_lightning.weighting import create_weighting
 

@@ -3,7 +3,8 @@
 from .config import Config, compose, list_experiments
 from .data import DATASETS, MixtureDataModule, create_datamodule
 from .errors import MTLError, NonFiniteLossError
-from .model import MultiTaskModule, create_backbone
+from .model import TaskModel, create_backbone
+from .multitask import MultiTaskModule
 from .weighting import WEIGHTINGS, Weighting, create_weighting
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __all__ = [
     "MixtureDataModule",
     "MultiTaskModule",
     "NonFiniteLossError",
+    "TaskModel",
     "Weighting",
     "compose",
     "create_backbone",

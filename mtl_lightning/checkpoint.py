@@ -60,3 +60,21 @@ class LastCheckpoint(Checkpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self._saved_step:  # stopped mid-epoch (max_steps)
             self._save(trainer)
+
+
+def load_model(path: str | Path):
+    """A trained single model from its checkpoint (a run's best/last.ckpt, or a population member's export): the
+    `MultiTaskModule` its saved config builds, with its weights, in eval mode. Needs no data files: the tasks come
+    from the config."""
+    from .config import config_from_dict
+    from .data import create_datamodule
+    from .multitask import MultiTaskModule
+    from .weighting import create_weighting
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = config_from_dict(ckpt["hyper_parameters"], f"the checkpoint {path}")
+    dm = create_datamodule(cfg.data, cfg.seed)
+    weighting = create_weighting([t.name for t in dm.tasks], cfg.weighting)
+    model = MultiTaskModule(dm.tasks, dm.in_chans, dm.img_size, cfg.model, cfg.optim, weighting, cfg.data.mixing)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()

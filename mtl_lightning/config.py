@@ -92,6 +92,25 @@ class DeltaMConfig:
 
 
 @dataclass
+class PopulationConfig:
+    """N members trained as one vectorised model (`mtl_lightning.population`); off while `weights` is empty."""
+
+    weights: list[list[float]] = field(default_factory=list)  # one weight vector per member (as weighting=fixed)
+    seeds: list[int] = field(default_factory=list)  # one per member (initialisation, dropout); default: the run's
+    normalize: bool = True  # divide each member's weights by their sum, as weighting.normalize
+    chunk_size: int = 0  # members per vectorised forward/backward (bounds memory); 0: all at once
+    fused_attn: str = "auto"  # timm's fused attention inside vmap: auto (on CUDA only), on, off
+    # in-process PBT over the members' weights (Jaderberg et al. 2017), as search=pbt does with Ray trials
+    pbt: bool = False
+    metric: str = "auto"  # what ranks the members on the validation (rank) split; auto: as checkpoint.monitor
+    perturbation_interval: int = 1  # epochs between exploit/explore steps
+    quantile_fraction: float = 0.25  # the bottom fraction copies the top fraction (parameters and optimiser state)
+    resample_probability: float = 0.25  # resample a raw weight instead of perturbing it (x 0.8 or x 1.2)
+    weight_low: float = 0.05  # raw weights are resampled within [weight_low, 1]
+    pbt_seed: int = 0
+
+
+@dataclass
 class Config:
     exp: str = "default"
     seed: int = 0
@@ -109,6 +128,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     delta_m: DeltaMConfig = field(default_factory=DeltaMConfig)
+    population: PopulationConfig = field(default_factory=PopulationConfig)
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
@@ -185,6 +205,12 @@ def _schema(data: str, weighting: str) -> DictConfig:
     for free in (schema.model.kwargs, schema.delta_m.base):  # open-ended maps: any key is valid there
         OmegaConf.set_struct(free, False)
     return schema
+
+
+def config_from_dict(values: dict, source: str) -> DictConfig:
+    """A resolved config saved as a plain dict (a checkpoint's hyperparameters), typed again by the base config."""
+    schema = _schema(values["data"]["name"], values["weighting"]["name"])
+    return _merge(schema, OmegaConf.create(values), source)
 
 
 def with_weighting(cfg: DictConfig, weighting: dict, **changes) -> DictConfig:

@@ -2,7 +2,7 @@
 
 The callback holds one copy of the trainable parameters and BatchNorm statistics per branch, plus each branch's own
 optimiser state, and the merged parameters that the LightningModule holds between steps (so validation, checkpoints
-and the final model are always the merged model). Every training step, `MultiTaskModule` trains each branch one step
+and the final model are always the merged model). Every training step, `step` trains each branch one step
 on the same batch: `enter(b)` points the module's parameters and the optimiser's state at branch b, the module steps
 with that branch's task weights (`weighting=forkmerge`), `leave(b)` keeps the result. One scheduler drives the shared
 learning rate, so a branch's schedule is what a plain run's would be. Every merge interval, `merge` scores merges of
@@ -22,8 +22,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from .errors import MTLError
 from .tasks import delta_m
@@ -142,6 +144,43 @@ class ForkMerge(Callback):
         self.states = [None] * self.B
 
     # -- called by MultiTaskModule ------------------------------------------------------------------------
+    def step(self, module, batch) -> Tensor:
+        """One step of every branch on this batch (manual optimisation): `enter(b)`, b's loss and optimiser step,
+        `leave(b)`; then the scheduler once, and the merged parameters back (merging when an interval ends)."""
+        opt = module.optimizers()
+        shown = []
+        for b in range(self.B):
+            self.enter(b, module, opt.optimizer)
+            module._reseed()  # every branch draws the randomness a plain run would at this step
+            if module.mixing == "sample":  # each branch drew its own batch (BranchBatchSampler): its slice, plain mean
+                x, y = tree_map(lambda t, b=b: t.chunk(self.B)[b], batch)
+                losses, counts = module.task_losses(module(x), y)
+                loss = (counts / counts.sum() * losses).sum()
+            else:
+                x, y = batch
+                losses, _ = module.task_losses(module(x), y)
+                loss, _ = self.weighting(losses)
+            module._check_finite(losses)
+            opt.zero_grad()
+            module.manual_backward(loss)
+            if module.clip_val:
+                module.clip_gradients(opt, gradient_clip_val=module.clip_val, gradient_clip_algorithm="norm")
+            # the LightningOptimizer's step counts a global step: once per batch, on the last branch
+            (opt if b == self.B - 1 else opt.optimizer).step()
+            self.leave(b, module, opt.optimizer)
+            shown.append(loss.detach())
+        sched = module.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        self.after_step(module)
+        shown = torch.stack(shown)
+        module.log("train/loss", shown.mean(), prog_bar=True)
+        if module.loggers and module.global_step % module.trainer.log_every_n_steps == 0:
+            row = {f"forkmerge/train_loss/{b}": v for b, v in enumerate(shown.tolist())}
+            for logger in module.loggers:
+                logger.log_metrics(row, step=module.global_step)
+        return shown.mean()
+
     def enter(self, b: int, module, opt) -> None:
         """Point the module's parameters and the optimiser's state at branch b."""
         self.weighting.current = b

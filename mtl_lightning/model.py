@@ -1,4 +1,7 @@
-"""One LightningModule for every mixture: a timm backbone, a head per task/domain (`mtl_lightning.tasks`), a weighting.
+"""What every training mode shares: a timm backbone, a head per task/domain (`mtl_lightning.tasks`), the task
+losses, metrics, evaluation and optimiser. The modes are subclasses of `TaskModel`, one place each:
+`multitask.MultiTaskModule` (one model: sampled mixtures, loss weightings, gradient methods, ForkMerge's branches,
+whose step lives in `forkmerge.py`) and `population.PopulationModule` (N models trained as one, vectorised).
 
 A batch is `(x, y)`: y is a (B, K) tensor of class labels when every task is classification (-1 = unlabelled), or
 a sequence of K per-task targets otherwise (a label map, a depth map, ...). Each task computes its own masked loss
@@ -15,11 +18,9 @@ import lightning as L
 import timm
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
 from .errors import MTLError, NonFiniteLossError
 from .tasks import Classification, Task, delta_m
-from .weighting import Weighting
 
 VIT_MODULES = ("vision_transformer", "deit")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -80,12 +81,13 @@ def create_backbone(cfg, in_chans: int, img_size: int, spatial: bool = False) ->
         raise
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on biases, norms and the weighting's scales."""
+def param_groups(module: nn.Module, weight_decay: float, stacked: int = 0) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on biases, norms and the weighting's scales. `stacked`: leading
+    dimensions that stack copies of a parameter (a population's members), not part of its shape."""
     params = [p for p in module.parameters() if p.requires_grad]
     return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.ndim - stacked >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim - stacked < 2], "weight_decay": 0.0},
     ]
 
 
@@ -100,65 +102,48 @@ def cosine_with_warmup(total: int, warmup: float):
     return factor
 
 
-class MultiTaskModule(L.LightningModule):
+def build_network(tasks: Sequence[Task], in_chans: int, img_size: int, model_cfg) -> tuple[nn.Module, nn.ModuleList]:
+    """The backbone and one head per task (dense heads read the backbone's feature map)."""
+    spatial = any(t.dense for t in tasks)
+    backbone = create_backbone(model_cfg, in_chans, img_size, spatial)
+    if spatial and not is_vit(model_cfg.backbone):  # a timm features_only model: its last stage
+        channels, reduction = backbone.feature_info.channels()[-1], backbone.feature_info.reduction()[-1]
+    else:
+        channels, reduction = backbone.num_features, getattr(backbone, "patch_embed", None)
+        reduction = reduction.patch_size[0] if reduction is not None else 1
+    return backbone, nn.ModuleList(t.head(channels, spatial, reduction) for t in tasks)
+
+
+def features(backbone: nn.Module, x: Tensor, spatial: bool, vit: bool) -> Tensor:
+    """The shared representation z: pooled (B, D), or the feature map (B, C, h, w) with dense tasks."""
+    if x.dtype == torch.uint8:  # stored images travel as uint8 and are scaled on the device
+        x = x.float().div_(127.5).sub_(1.0)
+    if not spatial:
+        return backbone(x)
+    if vit:  # the last block's patch tokens, final norm applied, as a map
+        return backbone.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)[-1]
+    return backbone(x)[-1]
+
+
+class TaskModel(L.LightningModule):
+    """The tasks, their metrics and Δm% base, the optimiser and the per-step reseeding every training mode shares."""
+
     def __init__(
         self,
         tasks: Sequence[Task],
-        in_chans: int,
-        img_size: int,
         model_cfg,
         optim_cfg,
-        weighting: Weighting,
-        mixing: str = "loss",
         seed: int = 0,
         hparams: dict | None = None,
         delta_base: dict[str, dict[str, float]] | None = None,
-        grad_cos_every: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters(hparams or {})
         self.tasks = list(tasks)
-        self.optim_cfg, self.mixing, self.seed = optim_cfg, mixing, seed
+        self.optim_cfg, self.seed = optim_cfg, seed
         self.spatial = any(t.dense for t in self.tasks)  # dense heads need the backbone's feature map
-        self.backbone = create_backbone(model_cfg, in_chans, img_size, self.spatial)
         self.vit = is_vit(model_cfg.backbone)
-        if self.spatial and not self.vit:  # a timm features_only model: its last stage
-            channels, reduction = self.backbone.feature_info.channels()[-1], self.backbone.feature_info.reduction()[-1]
-        else:
-            channels, reduction = self.backbone.num_features, getattr(self.backbone, "patch_embed", None)
-            reduction = reduction.patch_size[0] if reduction is not None else 1
-        self.heads = nn.ModuleList(t.head(channels, self.spatial, reduction) for t in self.tasks)
-        self.weighting = weighting
-        self.fork = None  # ForkMerge's callback when weighting=forkmerge: then the steps are manual
-        self.clip_val = None  # gradient clipping done by the module itself under manual optimisation
-        self.metrics = nn.ModuleDict(
-            {stage: nn.ModuleList(t.make_metrics() for t in self.tasks) for stage in ("val", "test")}
-        )
         self.delta_base = delta_base or {}  # stage -> base results for Δm% (val/delta_m, test/delta_m)
-        # Gradient conflict (Royer et al.: it barely predicts performance): pairwise cosines of the task gradients
-        # on the shared parameters every `grad_cos_every` steps, and their running sums for the run's mean.
-        self.grad_cos_every = grad_cos_every
-        K = len(self.tasks)
-        self.cos_sum, self.cos_n = torch.zeros(K, K, dtype=torch.float64), torch.zeros(K, K, dtype=torch.long)
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        return self.heads_forward(self.features(x), x.shape[-2:])
-
-    def heads_forward(self, z: Tensor, size) -> list[Tensor]:
-        return [head(z, size) for head in self.heads]
-
-    def features(self, x: Tensor) -> Tensor:
-        """The shared representation z: pooled (B, D), or the feature map (B, C, h, w) with dense tasks. It is what
-        gradient methods in `rep` mode differentiate against."""
-        if x.dtype == torch.uint8:  # stored images travel as uint8 and are scaled on the device
-            x = x.float().div_(127.5).sub_(1.0)
-        if not self.spatial:
-            return self.backbone(x)
-        if self.vit:  # the last block's patch tokens, final norm applied, as a map
-            return self.backbone.forward_intermediates(
-                x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
-            )[-1]
-        return self.backbone(x)[-1]
 
     def targets(self, y) -> list[Tensor]:
         """Per-task targets from a batch's labels: columns of a (B, K) label tensor, or the given sequence."""
@@ -168,10 +153,6 @@ class MultiTaskModule(L.LightningModule):
         """Each task's mean loss over its labelled samples (or pixels), and the samples labelled for it."""
         out = [t.loss(p, target) for t, p, target in zip(self.tasks, preds, self.targets(y))]
         return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
-
-    def setup(self, stage: str) -> None:
-        # Refuse combinations a weighting cannot run correctly (fp16 or DDP for some gradient methods) up front.
-        self.weighting.check(str(self.trainer.precision), self.trainer.world_size > 1)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._reseed()
@@ -184,204 +165,36 @@ class MultiTaskModule(L.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
 
-    def _check_finite(self, losses: Tensor) -> None:
+    def _check_finite(self, losses: Tensor, member: str = "") -> None:
+        """`losses` (K,) of one model; `member` names it in a population."""
         if not torch.isfinite(losses).all():
             bad = [t.name for t, v in zip(self.tasks, losses.tolist()) if not math.isfinite(v)]
             raise NonFiniteLossError(
-                f"The training loss of task(s) {bad} became NaN/inf at step {self.global_step} (epoch "
+                f"The training loss of task(s) {bad}{member} became NaN/inf at step {self.global_step} (epoch "
                 f"{self.current_epoch}); training stopped. Try a lower optim.lr, gradient clipping "
                 "(trainer.gradient_clip_val=1.0) or precision=32-true, and check that task's data. "
                 "Checkpoints written before this step are intact and can be resumed."
             )
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        if self.fork is not None:
-            return self._forkmerge_step(batch)
-        x, y = batch
-        z = self.features(x)
-        losses, counts = self.task_losses(self.heads_forward(z, x.shape[-2:]), y)
-        self._check_finite(losses)
-        if self.mixing == "sample":  # weights were spent on sampling: the loss is the plain mean over samples
-            w = counts / counts.sum()
-            loss = shown = (w * losses).sum()
-        elif getattr(self.weighting, "gradient_based", False):
-            # Heads train on their own task's loss; the backbone gets the method's combined gradient.
-            heads_loss = self.task_losses(self.heads_forward(z.detach(), x.shape[-2:]), y)[0].sum()
-            shared = [p for p in self.backbone.parameters() if p.requires_grad]
-            loss, w = self.weighting.surrogate(losses, heads_loss, z, shared)
-            shown = (w * losses).sum().detach()
-        else:
-            loss, w = self.weighting(losses)
-            shown = loss
-        if self.grad_cos_every and self.global_step % self.grad_cos_every == 0:
-            self._log_grad_cos(losses)
-        if getattr(self.weighting, "needs_post_step_losses", False):
-            self._stepped_batch = batch
-        self.log("train/loss", shown, prog_bar=True)
-        if self.loggers and self.global_step % self.trainer.log_every_n_steps == 0:
-            # Per-task values go straight to the loggers on logging steps: self.log costs ~0.1 ms a value every
-            # step, which with 40 tasks would outweigh a small model's step.
-            values = torch.stack([losses.detach(), w]).tolist()
-            row = {f"train/loss/{t.name}": v for t, v in zip(self.tasks, values[0])}
-            row.update({f"weights/{t.name}": v for t, v in zip(self.tasks, values[1])})
-            for logger in self.loggers:
-                logger.log_metrics(row, step=self.global_step)
-        return loss
+    def make_stage_metrics(self) -> nn.ModuleList:
+        return nn.ModuleList(t.make_metrics() for t in self.tasks)
 
-    def _log_grad_cos(self, losses: Tensor) -> None:
-        """Pairwise cosines of the task gradients on the shared (backbone) parameters: K extra backward passes."""
-        shared = [p for p in self.backbone.parameters() if p.requires_grad]
-        rows = []
-        for k in range(len(losses)):
-            if not losses[k].requires_grad:  # a task with no sample in this batch (MDL): no gradient
-                rows.append(None)
-                continue
-            gs = torch.autograd.grad(losses[k], shared, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(shared, gs)]))
-        names = [t.name for t in self.tasks]
-        row = {}
-        for a in range(len(rows)):
-            for b in range(a + 1, len(rows)):
-                if rows[a] is None or rows[b] is None or not (rows[a].any() and rows[b].any()):
-                    continue
-                c = torch.nn.functional.cosine_similarity(rows[a].float(), rows[b].float(), dim=0).item()
-                self.cos_sum[a, b] += c
-                self.cos_n[a, b] += 1
-                row[f"train/grad_cos/{names[a]}-{names[b]}"] = c
-        for logger in self.loggers:
-            logger.log_metrics(row, step=self.global_step)
-
-    def grad_cos_means(self) -> dict[str, float]:
-        """Each task pair's mean gradient cosine over the run (`grad_cos/<a>-<b>`), and their mean (`grad_cos/mean`)."""
-        names = [t.name for t in self.tasks]
-        out = {}
-        for a, b in zip(*torch.triu_indices(len(names), len(names), 1).tolist()):
-            if self.cos_n[a, b] > 0:
-                out[f"grad_cos/{names[a]}-{names[b]}"] = float(self.cos_sum[a, b] / self.cos_n[a, b])
-        if out:
-            out["grad_cos/mean"] = sum(out.values()) / len(out)
-        return out
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["tasks"] = [t.name for t in self.tasks]  # what a resume checks its config against
-        if self.grad_cos_every:
-            checkpoint["grad_cos"] = {"sum": self.cos_sum, "n": self.cos_n}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "grad_cos" in checkpoint:
-            self.cos_sum, self.cos_n = checkpoint["grad_cos"]["sum"], checkpoint["grad_cos"]["n"]
-
-    def _forkmerge_step(self, batch) -> Tensor:
-        """One step of every ForkMerge branch on this batch (manual optimisation; see mtl_lightning/forkmerge.py)."""
-        opt = self.optimizers()
-        shown = []
-        nb = self.weighting.num_branches
-        for b in range(nb):
-            self.fork.enter(b, self, opt.optimizer)
-            self._reseed()  # every branch draws the randomness a plain run would at this step
-            if self.mixing == "sample":  # each branch drew its own batch (BranchBatchSampler): its slice, plain mean
-                x, y = tree_map(lambda t, b=b: t.chunk(nb)[b], batch)
-                losses, counts = self.task_losses(self(x), y)
-                loss = (counts / counts.sum() * losses).sum()
-            else:
-                x, y = batch
-                losses, _ = self.task_losses(self(x), y)
-                loss, _ = self.weighting(losses)
-            self._check_finite(losses)
-            opt.zero_grad()
-            self.manual_backward(loss)
-            if self.clip_val:
-                self.clip_gradients(opt, gradient_clip_val=self.clip_val, gradient_clip_algorithm="norm")
-            # the LightningOptimizer's step counts a global step: once per batch, on the last branch
-            (opt if b == self.weighting.num_branches - 1 else opt.optimizer).step()
-            self.fork.leave(b, self, opt.optimizer)
-            shown.append(loss.detach())
-        sched = self.lr_schedulers()
-        if sched is not None:
-            sched.step()
-        self.fork.after_step(self)
-        shown = torch.stack(shown)
-        self.log("train/loss", shown.mean(), prog_bar=True)
-        if self.loggers and self.global_step % self.trainer.log_every_n_steps == 0:
-            row = {f"forkmerge/train_loss/{b}": v for b, v in enumerate(shown.tolist())}
-            for logger in self.loggers:
-                logger.log_metrics(row, step=self.global_step)
-        return shown.mean()
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        batch = getattr(self, "_stepped_batch", None)
-        if batch is not None:  # FAMO: the same batch's losses after the step update its task logits
-            self._stepped_batch = None
-            with torch.no_grad():
-                self.weighting.update(self.task_losses(self(batch[0]), batch[1])[0])
-
-    def on_train_start(self) -> None:
-        # Lightning skips on_train_epoch_start when it resumes mid-epoch: tell the weighting which epoch it is in
-        self.weighting.on_train_epoch_start(self.current_epoch)
-
-    def on_train_epoch_start(self) -> None:
-        self.weighting.on_train_epoch_start(self.current_epoch)
-
-    def on_train_epoch_end(self) -> None:
-        self.weighting.on_train_epoch_end()
-
-    def _eval_step(self, stage: str, batch) -> None:
-        x, y = batch
-        preds = self(x)
-        losses, counts = self.task_losses(preds, y)
-        for t, m, p, target in zip(self.tasks, self.metrics[stage], preds, self.targets(y)):
-            t.update(m, p, target)
-        for t, loss, n in zip(self.tasks, losses, counts):
-            self.log(f"{stage}/loss/{t.name}", loss, batch_size=max(1, int(n)))
-
-    def _eval_epoch_end(self, stage: str) -> None:
-        results = compute_metrics(self.tasks, self.metrics[stage])
-        for m in self.metrics[stage]:
-            for metric in m.values():
-                metric.reset()
-        for k, v in results.items():
-            self.log(f"{stage}/{k}", v)
+    def stage_results(self, stage: str, results: dict[str, float]) -> dict[str, float]:
+        """The logged values of one model's metrics at `stage`: each task's, acc_mean, Δm% (named without stage)."""
+        out = dict(results)
         accs = [results[f"acc/{t.name}"] for t in self.tasks if isinstance(t, Classification)]
         if accs:
-            self.log(f"{stage}/acc_mean", sum(accs) / len(accs), prog_bar=stage == "val")
+            out["acc_mean"] = sum(accs) / len(accs)
         if stage in self.delta_base:
-            dm = delta_m(results, self.delta_base[stage], self.tasks)
-            self.log(f"{stage}/delta_m", dm, prog_bar=stage == "val")
+            out["delta_m"] = delta_m(results, self.delta_base[stage], self.tasks)
+        return out
 
-    @torch.no_grad()
-    @torch.no_grad()
-    def evaluate(self, loader, tasks: list[int], max_batches: int | None = None) -> dict[str, float]:
-        """The metrics of `tasks` (indices) on `loader`'s first `max_batches` batches, without logging: what
-        ForkMerge scores candidate merges with."""
-        was = self.training
-        self.eval()
-        metrics = [self.tasks[k].make_metrics().to(self.device) for k in tasks]
-        for i, (x, y) in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            x, y = self.transfer_batch_to_device((x, y), self.device, 0)
-            preds, targets = self(x), self.targets(y)
-            for k, m in zip(tasks, metrics):
-                self.tasks[k].update(m, preds[k], targets[k])
-        self.train(was)
-        return compute_metrics([self.tasks[k] for k in tasks], metrics)
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step("val", batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step("test", batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+    def param_groups(self) -> list[dict]:
+        return param_groups(self, self.optim_cfg.weight_decay)
 
     def configure_optimizers(self):
         c = self.optim_cfg
-        groups = param_groups(self, c.weight_decay)
+        groups = self.param_groups()
         if c.name == "adamw":
             opt = torch.optim.AdamW(groups, lr=c.lr)
         elif c.name == "adam":  # L2-regularised Adam, as the NYUv2 references (weight_decay is then an L2 penalty)

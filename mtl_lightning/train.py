@@ -21,7 +21,9 @@ from .config import save_config, with_weighting, write_atomic
 from .data import create_datamodule
 from .errors import MTLError
 from .forkmerge import ForkMerge, target_score
-from .model import OPTIMIZERS, SCHEDULERS, MultiTaskModule, default_monitor, higher_is_better
+from .model import OPTIMIZERS, SCHEDULERS, default_monitor, higher_is_better
+from .multitask import MultiTaskModule
+from .population import PopulationModule, PopulationPBT, plan_population, write_member_metrics
 from .tasks import read_base
 from .tasks.delta_m import check_base
 from .weighting import create_weighting
@@ -250,7 +252,12 @@ def train(
     dm = create_datamodule(cfg.data, cfg.seed)
     weighting = create_weighting([t.name for t in dm.tasks], cfg.weighting)
     forks = getattr(weighting, "forks", False)
-    if cfg.data.mixing == "sample" and not forks:  # ForkMerge's branches sample with their own weights (below)
+    population = bool(cfg.population.weights)  # N members trained as one vectorised model
+    if population:
+        W, seeds = plan_population(cfg, [t.name for t in dm.tasks])
+        if cfg.data.mixing == "sample":  # each member draws its own batch with its own domain probabilities
+            dm.population_probs = W / W.sum(1, keepdim=True)
+    elif cfg.data.mixing == "sample" and not forks:  # ForkMerge's branches sample with their own weights (below)
         dm.probs = weighting.mixture_probs()
     dm.check()
     weighting.check(str(cfg.trainer.precision), distributed=False)  # again with the world size in setup()
@@ -265,19 +272,39 @@ def train(
     else:
         run_dir, ckpt = resolve_run(cfg)
     cfg.run_name = run_dir.name  # the directory actually used, in config.yaml and the logged hyperparameters
-    model = MultiTaskModule(
-        dm.tasks,
-        dm.in_chans,
-        dm.img_size,
-        cfg.model,
-        cfg.optim,
-        weighting,
-        cfg.data.mixing,
-        cfg.seed,
-        hparams=OmegaConf.to_container(cfg, resolve=True),
-        delta_base=bases,
-        grad_cos_every=cfg.grad_cos_every,
-    )
+    hparams = OmegaConf.to_container(cfg, resolve=True)
+    if population:
+        p = cfg.population
+        model = PopulationModule(
+            dm.tasks,
+            dm.in_chans,
+            dm.img_size,
+            cfg.model,
+            cfg.optim,
+            W,
+            seeds,
+            cfg.data.mixing,
+            cfg.seed,
+            hparams=hparams,
+            delta_base=bases,
+            chunk_size=p.chunk_size,
+            fused_attn=p.fused_attn,
+            clip_val=cfg.trainer.gradient_clip_val,
+        )
+    else:
+        model = MultiTaskModule(
+            dm.tasks,
+            dm.in_chans,
+            dm.img_size,
+            cfg.model,
+            cfg.optim,
+            weighting,
+            cfg.data.mixing,
+            cfg.seed,
+            hparams=hparams,
+            delta_base=bases,
+            grad_cos_every=cfg.grad_cos_every,
+        )
     if ckpt and not worker:
         check_resumable(Path(ckpt), model, cfg)
     fresh = not run_dir.exists()
@@ -294,7 +321,9 @@ def train(
             weighting.use_ranking(rank_auxiliaries(cfg, weighting, dm.tasks, run_dir, bases))
         if forks and cfg.data.mixing == "sample":
             dm.branch_probs = weighting.branch_probs()
-        clip = cfg.trainer.gradient_clip_val
+        clip = None if population else cfg.trainer.gradient_clip_val  # a population clips each member itself
+        if population and cfg.population.pbt:
+            callbacks = [population_pbt(cfg, dm.tasks, bool(bases), monitor), *callbacks]
         if forks:  # ForkMerge: the callback holds the branches, the module steps them
             fork = ForkMerge(weighting)
             fork.criterion = forkmerge_criterion(cfg.weighting.criterion, bool(bases))
@@ -319,7 +348,7 @@ def train(
             max_epochs=t.max_epochs,
             max_steps=t.max_steps,
             accelerator=t.accelerator,
-            devices=t.devices,
+            devices=1 if population and t.devices == "auto" else t.devices,
             strategy=t.strategy,
             precision=t.precision,
             log_every_n_steps=t.log_every_n_steps,
@@ -349,12 +378,27 @@ def train(
         for results in evaluate(model, datamodule=dm, verbose=False):  # none with trainer.limit_val_batches=0
             metrics.update(results)
     out = {k: float(v) for k, v in metrics.items()}
-    out.update(model.grad_cos_means())
+    out.update(getattr(model, "grad_cos_means", dict)())
     if trainer.is_global_zero:  # the base results a later Δm% reads (delta_m.runs=[this run_dir])
         write_atomic(run_dir / "metrics.json", json.dumps(out, indent=1, sort_keys=True))
+        if population:
+            write_member_metrics(run_dir, out, model.member_weights.tolist(), model.member_seeds)
     out["run_dir"] = str(run_dir)
     _end_wandb(cfg)
     return out
+
+
+def population_pbt(cfg: DictConfig, tasks, has_base: bool, monitor: str) -> PopulationPBT:
+    """The in-process PBT callback of `population.pbt`, ranking members by `population.metric` (auto: the monitor)."""
+    p = cfg.population
+    metric = monitor if p.metric == "auto" else p.metric
+    higher = higher_is_better(metric, tasks, has_base, "population.metric")
+    stage, _, name = metric.partition("/")
+    if stage != "val":
+        raise MTLError(f"population.metric={metric!r} must be a validation metric (val/...): it ranks the members.")
+    return PopulationPBT(
+        name, higher, p.perturbation_interval, p.quantile_fraction, p.resample_probability, p.weight_low, p.pbt_seed
+    )
 
 
 def _trained(run_dir: Path, trainer) -> bool:

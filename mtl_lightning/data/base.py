@@ -200,6 +200,58 @@ class BranchBatchSampler(Sampler[list[int]]):
         return iter(out[start:].flatten(1).tolist())
 
 
+class PopulationBatchSampler(Sampler[list[int]]):
+    """A population's members on a domain mixture (`data.mixing=sample`): each member its own batch, drawn with its
+    own domain probabilities, from pools shared across members.
+
+    For every step, each member i draws the domain of each of its B slots with probabilities probs[i]; per domain d,
+    one pool of max_i n_id samples is taken from d's shuffled stream, and member i takes the first n_id of it. So a
+    member's share of each domain follows its p (the counts are multinomial), members overlap where they draw the
+    same domain (common random numbers: differences between members come from their weights, not their samples),
+    and the loader fetches each sample once per step. A step's batch is the members' batches concatenated, member 0
+    first. Deterministic in (seed, epoch), resumable at a batch.
+    """
+
+    def __init__(self, domains: Tensor, probs: Tensor, batch_size: int, num_batches: int, seed: int):
+        self.domains, self.probs, self.batch_size = domains, probs, batch_size
+        self.num_batches, self.seed = num_batches, seed
+        self.epoch, self._resume = 0, (-1, 0)
+        self.sampler = self  # Lightning calls set_epoch on `loader.batch_sampler.sampler`
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume(self, epoch: int, skip: int) -> None:
+        """Skip the first `skip` batches of `epoch`."""
+        self._resume = (epoch, skip)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def batches(self, epoch: int) -> Tensor:
+        """(num_batches, members, batch_size) sample indices of `epoch`."""
+        S, B, (N, K) = self.num_batches, self.batch_size, self.probs.shape
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        draw = torch.stack([torch.multinomial(p.double(), S * B, replacement=True, generator=g) for p in self.probs])
+        draw = draw.view(N, S, B)
+        out = torch.empty(N, S, B, dtype=torch.long)
+        for d in range(K):
+            slot = draw == d
+            need = slot.sum(2).amax(0)  # (S,): the pool of domain d each step, the largest member's share
+            if need.sum() == 0:
+                continue
+            pool = MixtureSampler._stream((self.domains == d).nonzero().squeeze(1), int(need.sum()), g)
+            rank = slot.long().cumsum(2) - 1  # a slot's place among its member's d-slots of that step
+            where = (need.cumsum(0) - need)[None, :, None] + rank
+            out[slot] = pool[where[slot]]
+        return out.transpose(0, 1)
+
+    def __iter__(self):
+        out = self.batches(self.epoch)
+        start = self._resume[1] if self._resume[0] == self.epoch else 0
+        return iter(out[start:].flatten(1).tolist())
+
+
 @dataclass
 class DataConfig:
     name: str = "digits"
@@ -253,8 +305,9 @@ class MixtureDataModule(L.LightningDataModule):
         self.tasks = [self.all_tasks[i] for i in self.keep]
         self.probs: Tensor | None = None  # set by the runner for data.mixing=sample
         self.branch_probs: Tensor | None = None  # ForkMerge with data.mixing=sample: one row per branch
+        self.population_probs: Tensor | None = None  # a population with data.mixing=sample: one row per member
         self.splits: dict[str, LabelledTensors] | None = None
-        self._sampler: MixtureSampler | BranchBatchSampler | None = None
+        self._sampler: MixtureSampler | BranchBatchSampler | PopulationBatchSampler | None = None
         self._consumed = (0, 0)  # (epoch, training batches consumed in it): what a mid-epoch resume skips
 
     # -- to implement -------------------------------------------------------------------------------------
@@ -312,11 +365,17 @@ class MixtureDataModule(L.LightningDataModule):
         t = self.trainer
         rank, world = (t.global_rank, t.world_size) if t is not None else (0, 1)
         epoch, batches = self._consumed
-        if self.branch_probs is not None:
+        rows = self.branch_probs if self.branch_probs is not None else self.population_probs
+        if rows is not None and self.cfg.mixing == "sample":
+            what = "ForkMerge" if self.branch_probs is not None else "A population"
             if world > 1:
-                raise MTLError("ForkMerge with data.mixing=sample (per-branch batches) runs on one device.")
+                raise MTLError(f"{what} with data.mixing=sample (a batch per branch or member) runs on one device.")
+            empty = [t.name for d, t in enumerate(self.tasks) if rows[:, d].max() > 0 and not (ds.domains == d).any()]
+            if empty:
+                raise MTLError(f"Domains {empty} have a positive sampling probability but no training samples.")
             n = -(-(self.cfg.epoch_size or len(ds)) // self.cfg.batch_size)  # as many steps as the plain loader
-            self._sampler = BranchBatchSampler(ds.domains, self.branch_probs, self.cfg.batch_size, n, self.seed)
+            kind = BranchBatchSampler if self.branch_probs is not None else PopulationBatchSampler
+            self._sampler = kind(ds.domains, rows, self.cfg.batch_size, n, self.seed)
             self._sampler.resume(epoch, batches)
             return self._loader("train", 0, batch_sampler=self._sampler)
         self._sampler = MixtureSampler(ds.domains, probs, self.cfg.epoch_size, self.seed, rank, world)

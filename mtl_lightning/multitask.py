@@ -1,0 +1,170 @@
+"""One model trained on a task/domain mixture: the training step of every weighting, and single-model evaluation.
+
+Its modes, each in one place: a sampled mixture (`data.mixing=sample`: the weights were spent on sampling, the loss
+is the plain mean), a loss weighting (`weighting(losses)`), a gradient method (`weighting.surrogate`, the maths in
+`weighting/gradient.py`), and ForkMerge's branches (`weighting=forkmerge`: manual optimisation, the step in
+`forkmerge.ForkMerge.step`). Gradient-conflict logging is `conflict.GradConflict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .conflict import GradConflict
+from .model import TaskModel, build_network, compute_metrics, features
+from .tasks import Task
+from .weighting import Weighting
+
+
+class MultiTaskModule(TaskModel):
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        in_chans: int,
+        img_size: int,
+        model_cfg,
+        optim_cfg,
+        weighting: Weighting,
+        mixing: str = "loss",
+        seed: int = 0,
+        hparams: dict | None = None,
+        delta_base: dict[str, dict[str, float]] | None = None,
+        grad_cos_every: int = 0,
+    ):
+        super().__init__(tasks, model_cfg, optim_cfg, seed, hparams, delta_base)
+        self.backbone, self.heads = build_network(self.tasks, in_chans, img_size, model_cfg)
+        self.weighting, self.mixing = weighting, mixing
+        self.fork = None  # ForkMerge's callback when weighting=forkmerge: then the steps are manual
+        self.clip_val = None  # gradient clipping done by the module itself under manual optimisation
+        self.metrics = nn.ModuleDict({stage: self.make_stage_metrics() for stage in ("val", "test")})
+        self.conflict = GradConflict([t.name for t in self.tasks], grad_cos_every)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.heads_forward(self.features(x), x.shape[-2:])
+
+    def heads_forward(self, z: Tensor, size) -> list[Tensor]:
+        return [head(z, size) for head in self.heads]
+
+    def features(self, x: Tensor) -> Tensor:
+        """The shared representation z: pooled (B, D), or the feature map (B, C, h, w) with dense tasks. It is what
+        gradient methods in `rep` mode differentiate against."""
+        return features(self.backbone, x, self.spatial, self.vit)
+
+    def setup(self, stage: str) -> None:
+        # Refuse combinations a weighting cannot run correctly (fp16 or DDP for some gradient methods) up front.
+        self.weighting.check(str(self.trainer.precision), self.trainer.world_size > 1)
+
+    # -- training -----------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        if self.fork is not None:
+            return self.fork.step(self, batch)
+        x, y = batch
+        z = self.features(x)
+        losses, counts = self.task_losses(self.heads_forward(z, x.shape[-2:]), y)
+        self._check_finite(losses)
+        if self.mixing == "sample":  # weights were spent on sampling: the loss is the plain mean over samples
+            w = counts / counts.sum()
+            loss = shown = (w * losses).sum()
+        elif getattr(self.weighting, "gradient_based", False):
+            # Heads train on their own task's loss; the backbone gets the method's combined gradient.
+            heads_loss = self.task_losses(self.heads_forward(z.detach(), x.shape[-2:]), y)[0].sum()
+            shared = [p for p in self.backbone.parameters() if p.requires_grad]
+            loss, w = self.weighting.surrogate(losses, heads_loss, z, shared)
+            shown = (w * losses).sum().detach()
+        else:
+            loss, w = self.weighting(losses)
+            shown = loss
+        shared = [p for p in self.backbone.parameters() if p.requires_grad] if self.conflict.every else []
+        self.conflict.observe(losses, shared, self.global_step, self.loggers)
+        if getattr(self.weighting, "needs_post_step_losses", False):
+            self._stepped_batch = batch
+        self.log("train/loss", shown, prog_bar=True)
+        if self.loggers and self.global_step % self.trainer.log_every_n_steps == 0:
+            # Per-task values go straight to the loggers on logging steps: self.log costs ~0.1 ms a value every
+            # step, which with 40 tasks would outweigh a small model's step.
+            values = torch.stack([losses.detach(), w]).tolist()
+            row = {f"train/loss/{t.name}": v for t, v in zip(self.tasks, values[0])}
+            row.update({f"weights/{t.name}": v for t, v in zip(self.tasks, values[1])})
+            for logger in self.loggers:
+                logger.log_metrics(row, step=self.global_step)
+        return loss
+
+    def grad_cos_means(self) -> dict[str, float]:
+        return self.conflict.means()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tasks"] = [t.name for t in self.tasks]  # what a resume checks its config against
+        if self.conflict.every:
+            checkpoint["grad_cos"] = self.conflict.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "grad_cos" in checkpoint:
+            self.conflict.load_state_dict(checkpoint["grad_cos"])
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        batch = getattr(self, "_stepped_batch", None)
+        if batch is not None:  # FAMO: the same batch's losses after the step update its task logits
+            self._stepped_batch = None
+            with torch.no_grad():
+                self.weighting.update(self.task_losses(self(batch[0]), batch[1])[0])
+
+    def on_train_start(self) -> None:
+        # Lightning skips on_train_epoch_start when it resumes mid-epoch: tell the weighting which epoch it is in
+        self.weighting.on_train_epoch_start(self.current_epoch)
+
+    def on_train_epoch_start(self) -> None:
+        self.weighting.on_train_epoch_start(self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        self.weighting.on_train_epoch_end()
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    def _eval_step(self, stage: str, batch) -> None:
+        x, y = batch
+        preds = self(x)
+        losses, counts = self.task_losses(preds, y)
+        for t, m, p, target in zip(self.tasks, self.metrics[stage], preds, self.targets(y)):
+            t.update(m, p, target)
+        for t, loss, n in zip(self.tasks, losses, counts):
+            self.log(f"{stage}/loss/{t.name}", loss, batch_size=max(1, int(n)))
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        results = compute_metrics(self.tasks, self.metrics[stage])
+        for m in self.metrics[stage]:
+            for metric in m.values():
+                metric.reset()
+        for k, v in self.stage_results(stage, results).items():
+            self.log(f"{stage}/{k}", v, prog_bar=stage == "val" and k in ("acc_mean", "delta_m"))
+
+    @torch.no_grad()
+    def evaluate(self, loader, tasks: list[int], max_batches: int | None = None) -> dict[str, float]:
+        """The metrics of `tasks` (indices) on `loader`'s first `max_batches` batches, without logging: what
+        ForkMerge scores candidate merges with."""
+        was = self.training
+        self.eval()
+        metrics = [self.tasks[k].make_metrics().to(self.device) for k in tasks]
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = self.transfer_batch_to_device((x, y), self.device, 0)
+            preds, targets = self(x), self.targets(y)
+            for k, m in zip(tasks, metrics):
+                self.tasks[k].update(m, preds[k], targets[k])
+        self.train(was)
+        return compute_metrics([self.tasks[k] for k in tasks], metrics)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
