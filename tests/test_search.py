@@ -119,6 +119,14 @@ def test_grid_sweep_writes_table_and_plots(local_ray, tmp_path, capsys):
     assert len(runs) == 10  # one (offline) W&B run per trial
     configs = list(path.glob("runs/synthetic_mdl/*/config.yaml"))
     assert len(configs) == 10 and {OmegaConf.load(c).wandb.group for c in configs} == {"synthetic_mdl-grid"}
+    # the same grid as populations, one Ray trial per capacity: the same table, every member at the same budget
+    over = [o for o in over if not o.startswith("logger=")] + ["logger=csv", "search.name_suffix=pop"]
+    assert main([*argv, *over, "search.backend=population", "search.retrain=false"]) == 0
+    pop = list(csv.DictReader(open(tmp_path / "search" / "synthetic_mdl-grid-pop" / "grid.csv")))
+    assert list(pop[0]) == list(rows[0]) and len(pop) == len(rows)
+    assert sorted((r["kind"], r["p"], r["task"], r["depth"], r["width"], r["steps"]) for r in pop) == sorted(
+        (r["kind"], r["p"], r["task"], r["depth"], r["width"], r["steps"]) for r in rows
+    )
 
 
 def test_interrupted_search_resumes_without_redoing_trials(tmp_path):
@@ -195,6 +203,9 @@ def test_a_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path):
         (["search=grid", "data.num_tasks=3"], "sweeps p over two tasks"),
         (["search=pbt", "data.tasks=[]"], "selects no task"),
         (["search=pbt", "data.tasks=[task0]"], "needs at least 2 tasks"),
+        (["search=pb2", "search.backend=population"], "search=pb2 fits Ray Tune's Gaussian-process bandit"),
+        (["search=pbt", "search.backend=population", "search.search_lr=true"], "search.backend=ray to search the"),
+        (["search.backend=spark"], "Unknown search.backend='spark'. Valid choices: ray, population"),
     ],
 )
 def test_bad_search_config(argv, message, tmp_path, capsys):

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
@@ -62,7 +63,7 @@ class PopulationModule(TaskModel):
         seed: int = 0,
         hparams: dict | None = None,
         delta_base: dict[str, dict[str, float]] | None = None,
-        chunk_size: int = 0,
+        chunk_size: int = 0,  # members per vectorised pass (0: all); halved on out-of-memory
         fused_attn: str = "auto",
         clip_val: float | None = None,
     ):
@@ -133,6 +134,23 @@ class PopulationModule(TaskModel):
     # -- training -----------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> Tensor:
         opt = self.optimizers()
+        while True:
+            try:
+                return self._step(opt, batch)
+            except torch.OutOfMemoryError:
+                if self.chunk == 1:
+                    raise MTLError(
+                        "One population member alone does not fit in the device's memory: lower data.batch_size or "
+                        "the model's size."
+                    ) from None
+                self.chunk = max(1, self.chunk // 2)  # fewer members per vectorised pass, then the same step again
+                opt.zero_grad()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                rank_zero_warn(f"Out of memory: the population now steps {self.chunk} member(s) at a time.")
+                self._reseed()
+
+    def _step(self, opt, batch) -> Tensor:
         opt.zero_grad()
         x, y = batch
         per_member = self.mixing == "sample"  # the loader stacked each member's own batch: (N * B, ...)

@@ -44,6 +44,8 @@ class PopulationPBT(Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or (trainer.current_epoch + 1) % self.interval:
             return
+        if trainer.current_epoch + 1 >= trainer.max_epochs:  # after the last epoch: nothing would train the copies
+            return
         scores = [r[self.metric] for r in pl_module.member_results["val"]]
         self.step(pl_module, trainer.optimizers[0], scores, trainer.current_epoch + 1)
 

@@ -15,6 +15,7 @@ from ..model import default_monitor, higher_is_better
 @dataclass
 class SearchConfig:
     name: str = "pbt"  # pbt | pb2 | grid
+    backend: str = "ray"  # ray: a Ray Tune trial per weight vector; population: vectorised populations (grid, pbt)
     population: int = 4  # pbt/pb2: trials trained in parallel
     perturbation_interval: int = 1  # epochs between exploit/explore steps
     quantile_fraction: float = 0.25  # the bottom fraction copies the top fraction
@@ -71,6 +72,12 @@ def compose_search(exp: str, overrides: list[str]) -> tuple[SearchConfig, list[s
         ) from None
     if scfg.name not in ("pbt", "pb2", "grid"):
         raise MTLError(f"Unknown search={scfg.name!r}. Valid choices: grid, pb2, pbt.")
+    if scfg.backend not in ("ray", "population"):
+        raise MTLError(f"Unknown search.backend={scfg.backend!r}. Valid choices: ray, population.")
+    if scfg.backend == "population":
+        from .population import check_backend
+
+        check_backend(scfg)
     if scfg.name != "grid" and scfg.population < 2:
         raise MTLError(f"search.population={scfg.population}: population-based training needs at least 2 trials.")
     if not 0 < scfg.train_fraction < 1:

@@ -49,18 +49,20 @@ def init_ray(num_cpus: int | None, quiet: bool = False) -> None:
     Ray's and Tune's own console lines (start-up, the experiment's table, where results went) only on errors."""
     import ray
 
-    if quiet:
+    if quiet:  # trials write their own console.log; Tune's restore notices are not problems
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter prints nothing at verbose=0
-        logging.getLogger("ray.tune").setLevel(logging.WARNING)
+        for name in ("ray.tune", "ray.train"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     if not ray.is_initialized():
-        level = logging.ERROR if quiet else logging.INFO
+        quiet_args = {"logging_level": logging.ERROR, "log_to_driver": False} if quiet else {}
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(logging_level=level)  # an existing cluster
+            ray.init(**quiet_args)  # an existing cluster
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=level)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet_args)
 
 
-def run_search(exp: str, overrides: list[str], scfg: SearchConfig) -> dict:
+def run_search(exp: str, overrides: list[str], scfg: SearchConfig, quiet: bool = False) -> dict:
+    """Run the search; `quiet` (a study's search row) sends each trial's output to its run directory's console.log."""
     from ray import tune
 
     quiet_tune()
@@ -83,7 +85,11 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig) -> dict:
         "metric": scfg.metric,
         "sign": 1.0 if higher_is_better(scfg.metric, dm.tasks, has_delta, "search.metric") else -1.0,
         "runs_dir": str(storage / name / "runs"),  # every trial's run directory: runs/<exp>/<trial id>
+        "quiet": quiet,
     }
+    path = storage / name
+    if scfg.backend == "population":
+        return _population_search(exp, base["overrides"], scfg, cfg, tasks, path, base["sign"])
     gpus = scfg.gpus_per_trial if scfg.gpus_per_trial >= 0 else float(torch.cuda.is_available())
     init_ray(scfg.num_cpus)
     trainable = tune.with_resources(trial, {"cpu": scfg.cpus_per_trial, "gpu": gpus})
@@ -101,7 +107,6 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig) -> dict:
         param_space, tune_config = _grid_space(scfg, cfg, tasks, base)
     else:
         param_space, tune_config = _pbt_space(scfg, cfg, tasks, base)
-    path = storage / name
     if scfg.resume:
         if not tune.Tuner.can_restore(str(path)):
             raise MTLError(f"search.resume=true found no search to continue in {path}; start it without resume.")
@@ -120,6 +125,30 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig) -> dict:
     out["search_dir"] = str(path)
     if "steps" in base:
         out["steps_per_trial"] = base["steps"]
+    return _retrain(exp, overrides, scfg, out)
+
+
+def _population_search(exp, overrides, scfg, cfg, tasks, path: Path, sign: float) -> dict:
+    """search.backend=population: the grid or PBT as vectorised populations (search/population.py)."""
+    from .population import run_population_grid, run_population_pbt
+
+    if path.exists() and not scfg.resume:
+        raise MTLError(f"{path} holds a search already: set search.name_suffix, or remove it.")
+    if scfg.resume:
+        raise MTLError(
+            "search.resume=true restores Ray Tune trials; search.backend=population has none to restore: start it "
+            "again (search.name_suffix=NEW)."
+        )
+    path.mkdir(parents=True)
+    if scfg.name == "grid":
+        out = run_population_grid(exp, overrides, scfg, cfg, tasks, path)
+    else:
+        out = run_population_pbt(exp, overrides, scfg, cfg, tasks, path, sign)
+    out.update(failed_trials=[], search_dir=str(path))
+    return _retrain(exp, [o for o in overrides if not o.startswith("data.train_fraction=")], scfg, out)
+
+
+def _retrain(exp: str, overrides: list[str], scfg, out: dict) -> dict:
     if scfg.retrain and "best_weights" in out:
         w = out["best_weights"]
         final = train(

@@ -42,12 +42,25 @@ def _grid_report(results, scfg, tasks, path: Path) -> dict:
         if not r.metrics:
             continue
         (kind, value), (depth, width) = r.config["variant"], r.config["capacity"]
-        row = {"kind": kind, "p": value if kind == "mix" else "", "task": value if kind == "single" else ""}
-        row.update({"depth": depth, "width": width, "steps": r.metrics.get("step")})
-        row["acc_mean"] = r.metrics.get("val/acc_mean")
-        for t in tasks:
-            row[f"acc/{t}"] = r.metrics.get(f"val/acc/{t}", "")
-        rows.append(row)
+        rows.append(grid_row(kind, value, depth, width, r.metrics, "", tasks))
+    return write_grid_report(rows, tasks, path)
+
+
+def grid_row(kind: str, value, depth, width, metrics: dict, suffix: str, tasks: list[str]) -> dict:
+    """One row of grid.csv: a mixture p or a single-task baseline, from its `val/...{suffix}` metrics."""
+    row = {"kind": kind, "p": value if kind == "mix" else "", "task": value if kind == "single" else ""}
+    row.update({"depth": depth, "width": width, "steps": metrics.get("step")})
+    if kind == "single":  # a baseline reports its own task
+        row["acc_mean"] = metrics.get(f"val/acc/{value}{suffix}")
+    else:
+        row["acc_mean"] = metrics.get(f"val/acc_mean{suffix}")
+    for t in tasks:
+        row[f"acc/{t}"] = metrics.get(f"val/acc/{t}{suffix}", "") if kind == "mix" or t == value else ""
+    return row
+
+
+def write_grid_report(rows: list[dict], tasks: list[str], path: Path) -> dict:
+    """grid.csv, its plots, and the best mixture: what every grid backend reports."""
     with open(path / "grid.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

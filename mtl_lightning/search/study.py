@@ -64,6 +64,7 @@ class StudyConfig:
     num_cpus: int | None = None  # local Ray only; None: all
     max_failures: int = 0
     reuse_actors: bool = True  # a live Ray worker trains cell after cell (no new process, no re-import of torch)
+    backend: str = "ray"  # ray: a Ray Tune trial per cell; population: cells that differ in weights and seed as one
     resume: bool = False  # continue: cells with results are not trained again
     out_dir: str | None = None  # default: <the exp's out_dir>/studies/<name>
 
@@ -373,7 +374,9 @@ def run_study(cfg: StudyConfig, overrides: list[str], command: str | None = None
             cells.append({"id": cell_id(row, s), "row": row, "seed": s, "overrides": over, "kind": "search"})
     write_atomic(out / "meta.json", json.dumps(meta, indent=1))
     pending = [c for c in cells if not (cells_dir / f"{c['id']}.json").exists()]
-    if pending:
+    if pending and cfg.backend == "population":
+        _population_cells(cfg, plan, pending, common, out, len(cells), steps)
+    elif pending:
         tune_run = f"cells-{time.strftime('%Y%m%d-%H%M%S')}"  # one per attempt: a resumed study's cells start afresh
         base = {
             "exp": cfg.exp,
@@ -409,6 +412,83 @@ def run_study(cfg: StudyConfig, overrides: list[str], command: str | None = None
     return out
 
 
+def _as_member(cell: dict, tasks: list[str]) -> tuple[list[str], list[float], int, str | None]:
+    """(context overrides, weights, seed, baseline task) of a cell a population can train as a member; a cell of
+    another weighting stops the study with the reason and the alternative."""
+    ctx, weights, seed, task, name = [], None, 0, None, "uniform"
+    for o in cell["overrides"]:
+        key, _, value = o.partition("=")
+        if key == "weighting":
+            name = value
+        elif key == "weighting.weights":
+            weights = [float(x) for x in value.strip("[]").split(",")]
+        elif key == "seed":
+            seed = int(value)
+        elif key == "data.tasks" and cell["kind"] == "baseline":
+            task = value.strip("[]")
+        elif key.startswith("weighting.") or (key == "data.tasks"):
+            name = f"{name} with {key}"
+        else:
+            ctx.append(o)
+    if name not in ("uniform", "fixed"):
+        raise MTLError(
+            f"study.backend=population trains cells that differ in scalarization weights and seed as members of one "
+            f"model; cell {cell['id']!r} uses weighting={name}, which a population cannot run per member. Use "
+            "study.backend=ray."
+        )
+    if task is not None:  # a single-task baseline: the member that weights only its task
+        weights = [1.0 if t == task else 0.0 for t in tasks]
+    elif weights is None:
+        weights = [1.0] * len(tasks)
+    return ctx, [w / sum(weights) for w in weights], seed, task
+
+
+def _population_cells(
+    cfg: StudyConfig, plan: Plan, pending: list[dict], common: list[str], out: Path, total: int, steps: int
+) -> None:
+    """study.backend=population: the pending cells grouped by everything but their weights and seed (capacity ...),
+    each group one population; every member's final metrics become its cell's record, as a Ray cell's would."""
+    from ..data import create_datamodule
+    from .population import _weights_arg, run_populations
+
+    tasks = create_datamodule(plan.train_cfg.data, plan.train_cfg.seed).tasks
+    own = {
+        t.name: {k for st in ("val", "test") for k in (f"{st}/loss/{t.name}", *(t.key(st, m) for m in t.metrics))}
+        for t in tasks
+    }
+    groups: dict[tuple, list] = {}
+    for c in pending:
+        ctx, w, seed, task = _as_member(c, plan.tasks)
+        groups.setdefault(tuple(ctx), []).append((c, w, seed, task))
+    jobs = {}
+    for g, (ctx, members) in enumerate(groups.items()):
+        seeds = ",".join(str(m[2]) for m in members)
+        jobs[f"population-{g}"] = [*common, *ctx, _weights_arg([m[1] for m in members]), f"population.seeds=[{seeds}]"]
+        jobs[f"population-{g}"] += ["population.normalize=false", "test=true"]
+    print(f"{len(pending)} cells as {len(jobs)} population(s) of {', '.join(str(len(m)) for m in groups.values())}")
+    start = time.monotonic()
+    runs = out / "populations" / time.strftime("%Y%m%d-%H%M%S")
+    results = run_populations(cfg.exp, jobs, runs, cfg.num_cpus, cfg.cpus_per_trial, cfg.gpus_per_trial)
+    seconds = time.monotonic() - start
+    done = total - len(pending)
+    for (name, metrics), members in zip(results.items(), groups.values()):
+        for i, (c, _, _, task) in enumerate(members):
+            mine = {k[: -len(f"/m{i}")]: v for k, v in metrics.items() if k.endswith(f"/m{i}")}
+            if task is not None:  # a baseline reports its own task only, as a single-task run would
+                mine = {k: v for k, v in mine.items() if k in own[task]}
+            record = {
+                **{k: c[k] for k in ("id", "row", "seed", "kind", "overrides")},
+                "metrics": mine,
+                "steps": steps,
+                "epochs": plan.train_cfg.trainer.max_epochs,  # the budget equal_steps derives the steps from
+                "seconds": seconds / len(pending),  # the populations' wall time, shared among their members
+                "run_dir": str((runs / cfg.exp / name).relative_to(out)),
+            }
+            write_atomic(out / "cells" / f"{c['id']}.json", json.dumps(record, indent=1))
+            done += 1
+    print(f"[{done}/{total}] done, {len(jobs)} population(s) in {_duration(seconds)}")
+
+
 def _cuda() -> bool:
     import torch
 
@@ -442,7 +522,8 @@ def _run_search_row(cfg: StudyConfig, spec: dict, shared: list[str], out: Path) 
     # PBT's clock is the epoch: the search trains the experiment's epochs, its retrained rows the study's steps
     over = [*shared, *_search_keys(spec), f"search.storage_path={out / 'searches'}", f"search.name_suffix={label}"]
     scfg, rest = compose_search(cfg.exp, over)
-    res = run_search(cfg.exp, rest, scfg)
+    print(f"searching the weights with {label} ({scfg.population} trials; their output goes to their console.log)")
+    res = run_search(cfg.exp, rest, scfg, quiet=True)
     record = {
         "best_weights": list(res["best_weights"]),
         "compute_trial_epochs": res["compute_trial_epochs"],

@@ -114,22 +114,26 @@ def trial(config: dict) -> None:
     `quiet` (a study's cells) its output goes to `console.log` in its run directory."""
     if not config.get("quiet"):
         return _trial(config)
-    run_dir = Path(config["runs_dir"]) / config["exp"] / config["cell"]["id"]
-    with _output_to(run_dir / "console.log"):
+    with _output_to(_run_dir(config) / "console.log"):
         return _trial(config)
+
+
+def _run_dir(config: dict) -> Path:
+    """One run directory (and W&B run) per trial, kept across the restarts PBT makes on exploit, named by the cell or
+    trial: <runs_dir>/<exp>/<name> in the search's or study's own folder. Not get_trial_dir(): that is a folder in
+    Ray's session tree, which Tune copies to storage only for a trial's first worker (reused ones write elsewhere)."""
+    from ray import tune
+
+    name = config.get("cell", {}).get("id") or tune.get_context().get_trial_id()
+    return Path(config["runs_dir"]) / config["exp"] / name
 
 
 def _trial(config: dict) -> None:
     from ray import tune
 
     weights = _config_weights(config)
-    ctx = tune.get_context()
-    # One run directory (and W&B run) per trial, kept across the restarts PBT makes on exploit, named by the cell or
-    # trial: <runs_dir>/<exp>/<name> in the search's or study's own folder. Not get_trial_dir(): that is a folder in
-    # Ray's session tree, which Tune copies to storage only for a trial's first worker (reused ones write elsewhere).
-    out_dir = Path(config["runs_dir"])
-    name = config.get("cell", {}).get("id") or ctx.get_trial_id()
-    run_dir = out_dir / config["exp"] / name
+    run_dir = _run_dir(config)
+    out_dir, name = run_dir.parent.parent, run_dir.name
     final = config.get("final_report", False)  # a study's cell: evaluate the final model on test and report it
     over = list(config["overrides"]) + [f"out_dir={out_dir}", f"test={str(final).lower()}"]
     over += [f"wandb.group={config['search']}", *config.get("extra", [])]
