@@ -189,6 +189,19 @@ class TaskModel(L.LightningModule):
             out["delta_m"] = delta_m(results, self.delta_base[stage], self.tasks)
         return out
 
+    # evaluation: each mode implements _eval_step(stage, batch) and _eval_epoch_end(stage)
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
     def param_groups(self) -> list[dict]:
         return param_groups(self, self.optim_cfg.weight_decay)
 

@@ -156,15 +156,3 @@ class MultiTaskModule(TaskModel):
                 self.tasks[k].update(m, preds[k], targets[k])
         self.train(was)
         return compute_metrics([self.tasks[k] for k in tasks], metrics)
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step("val", batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step("test", batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")

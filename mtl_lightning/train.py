@@ -273,38 +273,15 @@ def train(
         run_dir, ckpt = resolve_run(cfg)
     cfg.run_name = run_dir.name  # the directory actually used, in config.yaml and the logged hyperparameters
     hparams = OmegaConf.to_container(cfg, resolve=True)
+    net = (dm.tasks, dm.in_chans, dm.img_size, cfg.model, cfg.optim)
+    shared = {"hparams": hparams, "delta_base": bases}
     if population:
         p = cfg.population
-        model = PopulationModule(
-            dm.tasks,
-            dm.in_chans,
-            dm.img_size,
-            cfg.model,
-            cfg.optim,
-            W,
-            seeds,
-            cfg.data.mixing,
-            cfg.seed,
-            hparams=hparams,
-            delta_base=bases,
-            chunk_size=p.chunk_size,
-            fused_attn=p.fused_attn,
-            clip_val=cfg.trainer.gradient_clip_val,
-        )
+        extra = {"chunk_size": p.chunk_size, "fused_attn": p.fused_attn, "clip_val": cfg.trainer.gradient_clip_val}
+        model = PopulationModule(*net, W, seeds, cfg.data.mixing, cfg.seed, **shared, **extra)
     else:
-        model = MultiTaskModule(
-            dm.tasks,
-            dm.in_chans,
-            dm.img_size,
-            cfg.model,
-            cfg.optim,
-            weighting,
-            cfg.data.mixing,
-            cfg.seed,
-            hparams=hparams,
-            delta_base=bases,
-            grad_cos_every=cfg.grad_cos_every,
-        )
+        extra = {"grad_cos_every": cfg.grad_cos_every}
+        model = MultiTaskModule(*net, weighting, cfg.data.mixing, cfg.seed, **shared, **extra)
     if ckpt and not worker:
         check_resumable(Path(ckpt), model, cfg)
     fresh = not run_dir.exists()

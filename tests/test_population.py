@@ -203,16 +203,18 @@ def test_a_study_of_weights_and_seeds_runs_as_one_population(tmp_path):
         "overrides: [data.num_tasks=2, data.train_size=300, data.val_size=100, data.test_size=100,"
         " trainer.max_epochs=2]\n"
         "axes: {p: [0.2, 0.8], seed: [0, 1]}\nbackend: population\n"
+        "searches: [{name: pbt, backend: population, population: 2, label: pbt-pop}]\n"  # in-process PBT as a row
     )
     out = run_study(*load_study(str(study), [f"study.out_dir={tmp_path / 'st'}", "logger=csv"]))
     cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
-    assert sorted(cells) == sorted(
-        f"{r}__seed{s}" for r in ("p=0.2", "p=0.8", "single-task_task0", "single-task_task1") for s in (0, 1)
-    )
+    rows = ("p=0.2", "p=0.8", "single-task_task0", "single-task_task1", "pbt-pop")
+    assert sorted(cells) == sorted(f"{r}__seed{s}" for r in rows for s in (0, 1))
     (run,) = {c["run_dir"] for c in cells.values()}  # every cell a member of one population
     members = json.loads((out / run / "members.json").read_text())
+    meta = json.loads((out / "meta.json").read_text())
+    pbt = tuple(round(w, 6) for w in meta["searches"]["pbt-pop"]["best_weights"])  # the search's found weights
     assert sorted((m["seed"], tuple(round(w, 6) for w in m["weights"])) for m in members) == sorted(
-        (s, w) for s in (0, 1) for w in ((0.2, 0.8), (0.8, 0.2), (1.0, 0.0), (0.0, 1.0))
+        (s, w) for s in (0, 1) for w in ((0.2, 0.8), (0.8, 0.2), (1.0, 0.0), (0.0, 1.0), pbt)
     )
     base = cells["single-task_task0__seed1"]["metrics"]  # a baseline member reports its own task only
     assert "test/acc/task0" in base and not any("task1" in k for k in base)

@@ -155,14 +155,9 @@ class MixtureSampler(Sampler[int]):
         return iter(idx.tolist())
 
 
-class BranchBatchSampler(Sampler[list[int]]):
-    """ForkMerge on a domain mixture, as its reference code samples: each branch draws its own batches.
-
-    For every step and every branch b, one domain d is drawn with branch b's probabilities probs[b] and a whole
-    batch is taken from d's own shuffled stream (per branch: the branches see independent data). A step's batch is
-    the branches' batches concatenated, branch 0 first; the module splits it. Deterministic in (seed, epoch),
-    resumable at a batch; a domain with probability 0 in a branch is never drawn for it.
-    """
+class _BatchesSampler(Sampler[list[int]]):
+    """Whole batches per step, one row per branch or member (`probs`), deterministic in (seed, epoch) through
+    `batches(epoch)` -> (steps, rows, batch_size), resumable at a batch."""
 
     def __init__(self, domains: Tensor, probs: Tensor, batch_size: int, num_batches: int, seed: int):
         self.domains, self.probs, self.batch_size = domains, probs, batch_size
@@ -181,6 +176,24 @@ class BranchBatchSampler(Sampler[list[int]]):
         return self.num_batches
 
     def batches(self, epoch: int) -> Tensor:
+        raise NotImplementedError
+
+    def __iter__(self):
+        out = self.batches(self.epoch)
+        start = self._resume[1] if self._resume[0] == self.epoch else 0
+        return iter(out[start:].flatten(1).tolist())
+
+
+class BranchBatchSampler(_BatchesSampler):
+    """ForkMerge on a domain mixture, as its reference code samples: each branch draws its own batches.
+
+    For every step and every branch b, one domain d is drawn with branch b's probabilities probs[b] and a whole
+    batch is taken from d's own shuffled stream (per branch: the branches see independent data). A step's batch is
+    the branches' batches concatenated, branch 0 first; the module splits it. Deterministic in (seed, epoch),
+    resumable at a batch; a domain with probability 0 in a branch is never drawn for it.
+    """
+
+    def batches(self, epoch: int) -> Tensor:
         """(num_batches, branches, batch_size) sample indices of `epoch`."""
         n, B = self.num_batches, self.batch_size
         out = torch.empty(n, len(self.probs), B, dtype=torch.long)
@@ -194,13 +207,8 @@ class BranchBatchSampler(Sampler[list[int]]):
                     out[slots, b] = MixtureSampler._stream(pool, len(slots) * B, g).view(len(slots), B)
         return out
 
-    def __iter__(self):
-        out = self.batches(self.epoch)
-        start = self._resume[1] if self._resume[0] == self.epoch else 0
-        return iter(out[start:].flatten(1).tolist())
 
-
-class PopulationBatchSampler(Sampler[list[int]]):
+class PopulationBatchSampler(_BatchesSampler):
     """A population's members on a domain mixture (`data.mixing=sample`): each member its own batch, drawn with its
     own domain probabilities, from pools shared across members.
 
@@ -211,22 +219,6 @@ class PopulationBatchSampler(Sampler[list[int]]):
     and the loader fetches each sample once per step. A step's batch is the members' batches concatenated, member 0
     first. Deterministic in (seed, epoch), resumable at a batch.
     """
-
-    def __init__(self, domains: Tensor, probs: Tensor, batch_size: int, num_batches: int, seed: int):
-        self.domains, self.probs, self.batch_size = domains, probs, batch_size
-        self.num_batches, self.seed = num_batches, seed
-        self.epoch, self._resume = 0, (-1, 0)
-        self.sampler = self  # Lightning calls set_epoch on `loader.batch_sampler.sampler`
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def resume(self, epoch: int, skip: int) -> None:
-        """Skip the first `skip` batches of `epoch`."""
-        self._resume = (epoch, skip)
-
-    def __len__(self) -> int:
-        return self.num_batches
 
     def batches(self, epoch: int) -> Tensor:
         """(num_batches, members, batch_size) sample indices of `epoch`."""
@@ -245,11 +237,6 @@ class PopulationBatchSampler(Sampler[list[int]]):
             where = (need.cumsum(0) - need)[None, :, None] + rank
             out[slot] = pool[where[slot]]
         return out.transpose(0, 1)
-
-    def __iter__(self):
-        out = self.batches(self.epoch)
-        start = self._resume[1] if self._resume[0] == self.epoch else 0
-        return iter(out[start:].flatten(1).tolist())
 
 
 @dataclass

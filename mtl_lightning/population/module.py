@@ -243,18 +243,6 @@ class PopulationModule(TaskModel):
                 f"{stage}/{key}", max(values) if higher else min(values), prog_bar=stage == "val" and key == "acc_mean"
             )
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step("val", batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step("test", batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tasks"] = [t.name for t in self.tasks]
         checkpoint["population"] = {"seeds": self.member_seeds, "names": self.names}
