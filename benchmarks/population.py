@@ -9,7 +9,7 @@
 3. `--pbt`: in-process PBT against Ray PBT on digits_mdl, same population and budget: best rank-split accuracy
    and wall time.
 Usage:
-    python benchmarks/population.py --steps [--members 1 2 4 8 16 32] [--fused]
+    python benchmarks/population.py --steps [--members 1 2 4 8 16 32] [--fused] [--chunk 4] [--models ...]
     python benchmarks/population.py --grid [--epochs 3]
     python benchmarks/population.py --pbt [--epochs 6] [--population 8]
 """
@@ -32,7 +32,7 @@ MODELS = {  # name: (depth, width, patch, image size, in_chans)
 }
 
 
-def one(model: str, n: int, mode: str, steps: int, batch: int, fused: bool) -> dict:
+def one(model: str, n: int, mode: str, steps: int, batch: int, fused: bool, chunk: int = 0) -> dict:
     """Time `steps` training steps (after 2 warm-up steps) of `n` members, vectorised or one model after another."""
     import torch
     from omegaconf import OmegaConf
@@ -60,8 +60,10 @@ def one(model: str, n: int, mode: str, steps: int, batch: int, fused: bool) -> d
 
         def step():
             opt.zero_grad(set_to_none=True)
-            losses, _ = m._vmap(slice(None), x, targets)
-            (m.member_weights * losses).sum().backward()
+            for i in range(0, n, chunk or n):  # as PopulationModule's training step: a backward per chunk
+                sl = slice(i, min(n, i + (chunk or n)))
+                losses, _ = m._vmap(sl, x, targets)
+                (m.member_weights[sl] * losses).sum().backward()
             opt.step()
 
     else:
@@ -92,14 +94,15 @@ def one(model: str, n: int, mode: str, steps: int, batch: int, fused: bool) -> d
     return {"step_s": dt, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def steps_table(members: list[int], steps: int, batch: int, fused: bool) -> None:
+def steps_table(members: list[int], steps: int, batch: int, fused: bool, chunk: int, models: list[str]) -> None:
     print("| model | N | population step (ms) | N separate (ms) | ratio | population peak MB | separate peak MB |")
     print("|---|---|---|---|---|---|---|")
-    for model in MODELS:
+    for model in models:
         for n in members:
             r = {}
             for mode in ("population", "separate"):
                 cmd = [sys.executable, __file__, "--one", model, str(n), mode, str(steps), str(batch), str(int(fused))]
+                cmd.append(str(chunk))
                 r[mode] = json.loads(
                     subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
                 )
@@ -146,8 +149,8 @@ def pbt(epochs: int, population: int) -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["--one"]:
-        model, n, mode, steps, batch, fused = sys.argv[2:8]
-        print(json.dumps(one(model, int(n), mode, int(steps), int(batch), fused == "1")))
+        model, n, mode, steps, batch, fused, chunk = sys.argv[2:9]
+        print(json.dumps(one(model, int(n), mode, int(steps), int(batch), fused == "1", int(chunk))))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", action="store_true")
@@ -157,11 +160,13 @@ def main() -> None:
     p.add_argument("--timed-steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--fused", action="store_true", help="timm's fused attention on (on CPU: no vmap rule)")
+    p.add_argument("--chunk", type=int, default=0, help="members per vectorised pass (population.chunk_size)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--population", type=int, default=8)
     a = p.parse_args()
     if a.steps:
-        steps_table(a.members, a.timed_steps, a.batch, a.fused)
+        steps_table(a.members, a.timed_steps, a.batch, a.fused, a.chunk, a.models)
     if a.grid:
         grid(a.epochs)
     if a.pbt:
