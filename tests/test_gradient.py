@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from experiments.run import run
+from mtl_lightning.config import compose
 from mtl_lightning.errors import MTLError
 from mtl_lightning.weighting import WEIGHTINGS
 
@@ -321,7 +322,6 @@ def test_bf16_autocast_matches_fp32(name, make_cfg, tmp_path):
 def test_ddp_two_processes_match_one(name, tmp_path):
     """2 CPU processes x batch 32 = 1 process x batch 64, step for step: per-task gradients are synchronised."""
     common = [
-        "exp=digits_mtl",
         f"weighting={name}",
         "data.train_size=640",
         "data.val_size=64",
@@ -339,11 +339,12 @@ def test_ddp_two_processes_match_one(name, tmp_path):
     }
     if name == "pcgrad":  # a different trajectory: shows the tolerance below is discriminating (once is enough)
         runs["other"] = ["data.batch_size=32"]
-    printed = {}
-    for run_name, extra in runs.items():
-        name = [] if run_name == "ddp" else [f"run_name={run_name}"]  # the DDP run: a timestamped directory
-        cmd = [sys.executable, "-m", "experiments.run", *common, *extra, *name]
-        printed[run_name] = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    # the DDP run through the command line (Lightning launches rank 1 by running it again), into a timestamped
+    # directory; the single-process runs in this process
+    cmd = [sys.executable, "-m", "experiments.run", "exp=digits_mtl", *common, *runs["ddp"]]
+    printed = {"ddp": subprocess.run(cmd, check=True, capture_output=True, text=True).stdout}
+    for run_name in [r for r in runs if r != "ddp"]:
+        run(compose("digits_mtl", [*common, *runs[run_name], f"run_name={run_name}"]))
     # one run, one directory, one report: the second rank neither makes its own directory nor prints
     dirs = {p.name for p in (tmp_path / "digits_mtl").iterdir()} - set(runs)
     assert len(dirs) == 1 and printed["ddp"].count("outputs:") == 1 and printed["ddp"].count("weighting:") == 1
