@@ -74,6 +74,8 @@ def load_model(path: str | Path):
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     cfg = config_from_dict(ckpt["hyper_parameters"], f"the checkpoint {path}")
     dm = create_datamodule(cfg.data, cfg.seed)
+    if dm.in_chans is None:  # tabular fields whose cardinalities come from the data files
+        dm.check()
     weighting = create_weighting([t.name for t in dm.tasks], cfg.weighting)
     model = MultiTaskModule(dm.tasks, dm.in_chans, dm.img_size, cfg.model, cfg.optim, weighting, cfg.data.mixing)
     model.load_state_dict(ckpt["state_dict"])

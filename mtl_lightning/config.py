@@ -32,6 +32,15 @@ class ModelConfig:
     mlp_ratio: float | None = None
     pretrained: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)  # anything else timm.create_model accepts
+    # between the backbone and the heads (mtl_lightning/architectures): hps | mmoe | cgc | ple
+    architecture: str = "hps"
+    bottom: list[int] = field(default_factory=list)  # hps: shared bottom MLP; experts' MLP widths (ple: per level)
+    tower: list[int] = field(default_factory=list)  # each task's tower MLP widths before its head
+    experts: int = 8  # mmoe
+    shared_experts: int = 4  # cgc, ple
+    task_experts: int = 4  # cgc, ple: per task
+    dropout: float = 0.0  # in every MLP of the architecture
+    batchnorm: bool = False  # BatchNorm1d after each MLP layer (MTReclib's MLPs have it)
 
 
 @dataclass
@@ -63,6 +72,7 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     enable_model_summary: bool = True
     deterministic: bool = False  # deterministic CUDA kernels: a resumed GPU run then matches bit for bit
+    early_stopping_patience: int = 0  # stop after this many validations without a better checkpoint.monitor (0: off)
 
 
 @dataclass

@@ -105,7 +105,8 @@ class ForkMerge(Callback):
         backbone and heads (BatchNorm's running statistics, as the reference merges the whole state dict; integer
         counters such as num_batches_tracked stay the module's)."""
         params = [p for p in module.parameters() if p.requires_grad]
-        buffers = [b for part in (module.backbone, module.heads) for b in part.buffers() if b.is_floating_point()]
+        parts = (module.backbone, module.arch, module.heads)
+        buffers = [b for part in parts for b in part.buffers() if b.is_floating_point()]
         return params + buffers
 
     def _store(self, t: Tensor) -> Tensor:

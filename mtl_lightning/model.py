@@ -20,24 +20,36 @@ import torch
 from torch import Tensor, nn
 
 from .errors import MTLError, NonFiniteLossError
-from .tasks import Classification, Task, delta_m
+from .tabular import EmbeddingBackbone, Fields
+from .tasks import Binary, Classification, Task, delta_m
 
 VIT_MODULES = ("vision_transformer", "deit")
+TABULAR = ("embedding",)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "step", "constant")
 
 
 def is_vit(name: str) -> bool:
+    if name in TABULAR:
+        return False
     return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1] in VIT_MODULES
 
 
-def create_backbone(cfg, in_chans: int, img_size: int, spatial: bool = False) -> nn.Module:
-    """A timm model by name, without classifier (`num_classes=0`), shaped by the ViT keys when it is a ViT.
+def create_backbone(cfg, in_chans, img_size: int, spatial: bool = False) -> nn.Module:
+    """A timm model by name, without classifier (`num_classes=0`), shaped by the ViT keys when it is a ViT; or, for
+    tabular data (`in_chans` is then its `Fields`), the `embedding` backbone (`model.width` is its embedding size).
 
     `spatial`: the model must give a feature map for dense heads. ViTs do through `forward_intermediates`; other
     models are built with timm's `features_only=True` (their last stage).
     """
     name = cfg.backbone
+    if isinstance(in_chans, Fields) or name in TABULAR:
+        if not (isinstance(in_chans, Fields) and name in TABULAR):
+            raise MTLError(
+                f"model.backbone={name} does not read this data: tabular data needs model.backbone=embedding, and "
+                "model.backbone=embedding needs tabular data (data=synthetic_recsys, data=aliexpress)."
+            )
+        return EmbeddingBackbone(in_chans, cfg.width or 128)
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
         raise MTLError(
@@ -102,8 +114,10 @@ def cosine_with_warmup(total: int, warmup: float):
     return factor
 
 
-def build_network(tasks: Sequence[Task], in_chans: int, img_size: int, model_cfg) -> tuple[nn.Module, nn.ModuleList]:
-    """The backbone and one head per task (dense heads read the backbone's feature map)."""
+def build_network(tasks: Sequence[Task], in_chans, img_size: int, model_cfg):
+    """The backbone, the architecture between it and the heads (`model.architecture`), one head per task."""
+    from .architectures import create_architecture
+
     spatial = any(t.dense for t in tasks)
     backbone = create_backbone(model_cfg, in_chans, img_size, spatial)
     if spatial and not is_vit(model_cfg.backbone):  # a timm features_only model: its last stage
@@ -111,11 +125,19 @@ def build_network(tasks: Sequence[Task], in_chans: int, img_size: int, model_cfg
     else:
         channels, reduction = backbone.num_features, getattr(backbone, "patch_embed", None)
         reduction = reduction.patch_size[0] if reduction is not None else 1
-    return backbone, nn.ModuleList(t.head(channels, spatial, reduction) for t in tasks)
+    arch = create_architecture(model_cfg, channels, len(tasks), spatial)
+    return backbone, arch, nn.ModuleList(t.head(arch.out_dim, spatial, reduction) for t in tasks)
 
 
-def features(backbone: nn.Module, x: Tensor, spatial: bool, vit: bool) -> Tensor:
-    """The shared representation z: pooled (B, D), or the feature map (B, C, h, w) with dense tasks."""
+def label_size(x):
+    """The size dense heads resize to: an image batch's (H, W); None for tabular inputs."""
+    return x.shape[-2:] if isinstance(x, Tensor) else None
+
+
+def features(backbone: nn.Module, x, spatial: bool, vit: bool) -> Tensor:
+    """The backbone's output: pooled (B, D), or the feature map (B, C, h, w) with dense tasks."""
+    if isinstance(x, dict):  # tabular fields
+        return backbone(x)
     if x.dtype == torch.uint8:  # stored images travel as uint8 and are scaled on the device
         x = x.float().div_(127.5).sub_(1.0)
     if not spatial:
@@ -185,6 +207,9 @@ class TaskModel(L.LightningModule):
         accs = [results[f"acc/{t.name}"] for t in self.tasks if isinstance(t, Classification)]
         if accs:
             out["acc_mean"] = sum(accs) / len(accs)
+        aucs = [results[f"{t.name}/auc"] for t in self.tasks if isinstance(t, Binary)]
+        if aucs:
+            out["auc_mean"] = sum(aucs) / len(aucs)
         if stage in self.delta_base:
             out["delta_m"] = delta_m(results, self.delta_base[stage], self.tasks)
         return out
@@ -247,6 +272,8 @@ def metric_directions(tasks: Sequence[Task], stage: str = "val", delta: bool = F
     out.update({f"{stage}/loss/{t.name}": False for t in tasks})
     if any(isinstance(t, Classification) for t in tasks):
         out[f"{stage}/acc_mean"] = True
+    if any(isinstance(t, Binary) for t in tasks):
+        out[f"{stage}/auc_mean"] = True
     if delta:
         out[f"{stage}/delta_m"] = True
     return out
@@ -254,11 +281,14 @@ def metric_directions(tasks: Sequence[Task], stage: str = "val", delta: bool = F
 
 def default_monitor(tasks: Sequence[Task], delta: bool) -> str:
     """`checkpoint.monitor=auto`: val/delta_m with base results, else val/acc_mean with classification tasks, else
-    the first task's primary metric (so a single-task baseline of any task has one)."""
+    val/auc_mean with binary tasks, else the first task's primary metric (so a single-task baseline of any task has
+    one)."""
     if delta:
         return "val/delta_m"
     if any(isinstance(t, Classification) for t in tasks):
         return "val/acc_mean"
+    if any(isinstance(t, Binary) for t in tasks):
+        return "val/auc_mean"
     return tasks[0].key("val", tasks[0].primary)
 
 

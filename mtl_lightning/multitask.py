@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from .conflict import GradConflict
-from .model import TaskModel, build_network, compute_metrics, features
+from .errors import MTLError
+from .model import TaskModel, build_network, compute_metrics, features, label_size
 from .tasks import Task
 from .weighting import Weighting
 
@@ -35,27 +36,34 @@ class MultiTaskModule(TaskModel):
         grad_cos_every: int = 0,
     ):
         super().__init__(tasks, model_cfg, optim_cfg, seed, hparams, delta_base)
-        self.backbone, self.heads = build_network(self.tasks, in_chans, img_size, model_cfg)
+        self.backbone, self.arch, self.heads = build_network(self.tasks, in_chans, img_size, model_cfg)
         self.weighting, self.mixing = weighting, mixing
         self.fork = None  # ForkMerge's callback when weighting=forkmerge: then the steps are manual
         self.clip_val = None  # gradient clipping done by the module itself under manual optimisation
         self.metrics = nn.ModuleDict({stage: self.make_stage_metrics() for stage in ("val", "test")})
         self.conflict = GradConflict([t.name for t in self.tasks], grad_cos_every)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        return self.heads_forward(self.features(x), x.shape[-2:])
+    def forward(self, x) -> list[Tensor]:
+        return self.heads_forward(self.features(x), label_size(x))
 
     def heads_forward(self, z: Tensor, size) -> list[Tensor]:
-        return [head(z, size) for head in self.heads]
+        return [head(rep, size) for head, rep in zip(self.heads, self.arch.specific(z))]
 
-    def features(self, x: Tensor) -> Tensor:
-        """The shared representation z: pooled (B, D), or the feature map (B, C, h, w) with dense tasks. It is what
-        gradient methods in `rep` mode differentiate against."""
-        return features(self.backbone, x, self.spatial, self.vit)
+    def features(self, x) -> Tensor:
+        """The shared representation z: the architecture's shared part on the backbone's output (pooled (B, D), or
+        the feature map (B, C, h, w) with dense tasks). It is what gradient methods in `rep` mode differentiate
+        against."""
+        return self.arch.shared(features(self.backbone, x, self.spatial, self.vit))
+
+    def shared_parameters(self) -> list[Tensor]:
+        """The parameters every task shares (backbone and the architecture's shared part): what gradient methods in
+        `param` mode combine per-task gradients over."""
+        return [p for p in (*self.backbone.parameters(), *self.arch.shared_parameters()) if p.requires_grad]
 
     def setup(self, stage: str) -> None:
         # Refuse combinations a weighting cannot run correctly (fp16 or DDP for some gradient methods) up front.
         self.weighting.check(str(self.trainer.precision), self.trainer.world_size > 1)
+        check_architecture(self.arch, self.weighting)
 
     # -- training -----------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> Tensor:
@@ -63,21 +71,20 @@ class MultiTaskModule(TaskModel):
             return self.fork.step(self, batch)
         x, y = batch
         z = self.features(x)
-        losses, counts = self.task_losses(self.heads_forward(z, x.shape[-2:]), y)
+        losses, counts = self.task_losses(self.heads_forward(z, label_size(x)), y)
         self._check_finite(losses)
         if self.mixing == "sample":  # weights were spent on sampling: the loss is the plain mean over samples
             w = counts / counts.sum()
             loss = shown = (w * losses).sum()
         elif getattr(self.weighting, "gradient_based", False):
             # Heads train on their own task's loss; the backbone gets the method's combined gradient.
-            heads_loss = self.task_losses(self.heads_forward(z.detach(), x.shape[-2:]), y)[0].sum()
-            shared = [p for p in self.backbone.parameters() if p.requires_grad]
-            loss, w = self.weighting.surrogate(losses, heads_loss, z, shared)
+            heads_loss = self.task_losses(self.heads_forward(z.detach(), label_size(x)), y)[0].sum()
+            loss, w = self.weighting.surrogate(losses, heads_loss, z, self.shared_parameters())
             shown = (w * losses).sum().detach()
         else:
             loss, w = self.weighting(losses)
             shown = loss
-        shared = [p for p in self.backbone.parameters() if p.requires_grad] if self.conflict.every else []
+        shared = self.shared_parameters() if self.conflict.every else []
         self.conflict.observe(losses, shared, self.global_step, self.loggers)
         if getattr(self.weighting, "needs_post_step_losses", False):
             self._stepped_batch = batch
@@ -156,3 +163,14 @@ class MultiTaskModule(TaskModel):
                 self.tasks[k].update(m, preds[k], targets[k])
         self.train(was)
         return compute_metrics([self.tasks[k] for k in tasks], metrics)
+
+
+def check_architecture(arch, weighting) -> None:
+    """A gradient-level weighting combines per-task gradients at the shared representation: refuse an architecture
+    without one, naming the alternatives."""
+    if getattr(weighting, "gradient_based", False) and not arch.splits:
+        raise MTLError(
+            f"weighting={weighting.name} combines the tasks' gradients at one shared representation, which "
+            f"model.architecture={arch.name} does not have (its experts read task-specific mixtures at every level). "
+            "Use model.architecture=cgc or mmoe with it, or a loss weighting (uniform, fixed, uncertainty ...)."
+        )

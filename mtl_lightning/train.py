@@ -12,7 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
@@ -214,8 +214,11 @@ def check_settings(cfg: DictConfig) -> None:
         value = cfg.trainer[key]
         if value < -1 or (key == "max_epochs" and value == 0):
             raise MTLError(f"trainer.{key}={value} must be a positive number, or -1 for no limit.")
-    if cfg.grad_cos_every < 0:
-        raise MTLError(f"grad_cos_every={cfg.grad_cos_every} must be >= 0 (0: off).")
+    if cfg.grad_cos_every < 0 or cfg.trainer.early_stopping_patience < 0:
+        raise MTLError(
+            f"grad_cos_every={cfg.grad_cos_every} and trainer.early_stopping_patience="
+            f"{cfg.trainer.early_stopping_patience} must be >= 0 (0: off)."
+        )
     o = cfg.optim
     choices = {"name": OPTIMIZERS, "scheduler": SCHEDULERS}
     for key, valid in choices.items():
@@ -320,6 +323,12 @@ def train(
         ]
         if not save_checkpoints:
             checkpoints = []
+        if cfg.trainer.early_stopping_patience:  # as MTReclib: patience on the monitored metric (val, not test)
+            mode = "max" if maximise else "min"
+            stop = EarlyStopping(
+                monitor, patience=cfg.trainer.early_stopping_patience, mode=mode, check_on_train_epoch_end=False
+            )
+            callbacks = [*callbacks, stop]
         t = cfg.trainer
         trainer = L.Trainer(
             max_epochs=t.max_epochs,

@@ -183,11 +183,32 @@ def write_taskonomy(root: Path, views: int = 2, size: int = 32, seed: int = 6, l
     return n
 
 
+def write_aliexpress(root: Path, countries=("NL",), train: int = 300, test: int = 100, seed: int = 7) -> dict:
+    """MTReclib's layout: AliExpress_<CC>/{train,test}.csv with its header. Known values: categorical_j of row i is
+    (i * j) % (10 + j) (country c adds c to field 1), numerical_j is i / 100 + j, click = (i % 3 == 0), conversion =
+    click and (i % 6 == 0), so every value can be checked after parsing."""
+    from mtl_lightning.data.aliexpress import CATEGORICAL, HEADER, NUMERICAL
+
+    for c, cc in enumerate(countries):
+        for split, n in (("train", train), ("test", test)):
+            rows = [",".join(HEADER)]
+            for i in range(n):
+                cat = [(i * j) % (10 + j) + (c if j == 1 else 0) for j in range(1, CATEGORICAL + 1)]
+                num = [f"{i / 100 + j:.4f}" for j in range(1, NUMERICAL + 1)]
+                click, conv = int(i % 3 == 0), int(i % 6 == 0)
+                rows.append(",".join(map(str, [1000 + i, *cat, *num, click, conv])))
+            folder = Path(root) / f"AliExpress_{cc}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return {"train": train, "test": test}
+
+
 WRITERS = {  # data.name -> writers of the files it reads
     "cifar10": [write_cifar10],
     "svhn": [write_svhn],
     "cifar_stl": [write_cifar10, write_stl10],
     "celeba": [write_celeba],
     "domainnet": [write_domainnet],
+    "aliexpress": [write_aliexpress],
 }
 DENSE_WRITERS = {"nyuv2": [write_nyuv2], "taskonomy": [write_taskonomy]}  # their own tests: tests/test_dense.py

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from . import celeba, classic, digits, domainnet, nyuv2, shapes, synthetic, taskonomy  # noqa: F401  (registers the mixtures)
+from . import (  # noqa: F401  (registers the mixtures)
+    aliexpress,
+    celeba,
+    classic,
+    digits,
+    domainnet,
+    nyuv2,
+    shapes,
+    synthetic,
+    synthetic_recsys,
+    taskonomy,
+)
 from .base import DATASETS, DataConfig, LabelledTensors, MixtureDataModule, MixtureSampler, Task
 
 

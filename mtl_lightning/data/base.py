@@ -53,28 +53,37 @@ class Split:
 class LabelledTensors(Dataset, Split):
     """An in-memory split: images (N, C, H, W) of any dtype, labels (N, K) with -1 = unlabelled, domains (N,).
 
-    `rows` maps sample i to images[rows[i]]. Memory-mapped images (a decoded-image cache) carry it, so that
-    selecting tasks or holding out a split indexes the file instead of copying it into memory.
+    `images` may also be a dict of (N, ...) tensors (tabular data: {"cat": ids, "num": values}); a sample is then
+    the dict of its rows. `rows` maps sample i to images[rows[i]]. Memory-mapped inputs (a decoded-image or parsed
+    CSV cache) carry it, so that selecting tasks or holding out a split indexes the file instead of copying it.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, domains: Tensor, rows: Tensor | None = None):
-        assert len(labels) == len(domains) == (len(images) if rows is None else len(rows))
-        self.images, self.labels, self.domains, self.rows = images, labels.long(), domains.long(), rows
+    def __init__(self, images: Tensor | dict[str, Tensor], labels: Tensor, domains: Tensor, rows: Tensor | None = None):
+        n = len(next(iter(images.values()))) if isinstance(images, dict) else len(images)
+        assert len(labels) == len(domains) == (n if rows is None else len(rows))
+        # int8 labels and domains stay int8 (tens of millions of log rows); batches get int64 labels
+        small = lambda t: t if t.dtype == torch.int8 else t.long()  # noqa: E731
+        self.images, self.labels, self.domains, self.rows = images, small(labels), small(domains), rows
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _inputs(self, i):
+        r = i if self.rows is None else self.rows[i]
+        return {k: v[r] for k, v in self.images.items()} if isinstance(self.images, dict) else self.images[r]
+
     def __getitem__(self, i):
-        return self.images[i if self.rows is None else self.rows[i]], self.labels[i]
+        return self._inputs(i), self.labels[i].long()
 
     def __getitems__(self, idx: list[int]):  # DataLoader's batched fetch: one gather instead of B items + collate
         idx = torch.as_tensor(idx)
-        return self.images[idx if self.rows is None else self.rows[idx]], self.labels[idx]
+        return self._inputs(idx), self.labels[idx].long()
 
     def take(self, rows: Tensor, labels: Tensor, domains: Tensor) -> LabelledTensors:
-        if self.rows is None:
+        if self.rows is None and not isinstance(self.images, dict):
             return LabelledTensors(self.images[rows], labels, domains)
-        return LabelledTensors(self.images, labels, domains, self.rows[rows])
+        base = torch.arange(len(self.labels)) if self.rows is None else self.rows
+        return LabelledTensors(self.images, labels, domains, base[rows])
 
 
 def holdout(ds, fraction: float, seed: int):

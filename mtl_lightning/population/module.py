@@ -21,24 +21,33 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
+from torch.utils._pytree import tree_map
 
 from ..errors import MTLError
-from ..model import TaskModel, build_network, compute_metrics, features, metric_directions, param_groups
+from ..model import (
+    TaskModel,
+    build_network,
+    compute_metrics,
+    features,
+    label_size,
+    metric_directions,
+    param_groups,
+)
 from ..tasks import Task
 
 
 class Member(nn.Module):
-    """One member's network: backbone and heads. `forward(x)` gives the task predictions; `forward(x, targets)` the
-    task losses and labelled counts (so one `functional_call` under `vmap` computes either)."""
+    """One member's network: backbone, architecture and heads. `forward(x)` gives the task predictions;
+    `forward(x, targets)` the task losses and labelled counts (one `functional_call` under `vmap` computes either)."""
 
-    def __init__(self, backbone: nn.Module, heads: nn.ModuleList, tasks: Sequence[Task], spatial: bool, vit: bool):
+    def __init__(self, backbone, arch, heads: nn.ModuleList, tasks: Sequence[Task], spatial: bool, vit: bool):
         super().__init__()
-        self.backbone, self.heads = backbone, heads
+        self.backbone, self.arch, self.heads = backbone, arch, heads
         self._tasks, self._spatial, self._vit = list(tasks), spatial, vit
 
-    def forward(self, x: Tensor, targets: list[Tensor] | None = None):
-        z = features(self.backbone, x, self._spatial, self._vit)
-        preds = [h(z, x.shape[-2:]) for h in self.heads]
+    def forward(self, x, targets: list[Tensor] | None = None):
+        reps = self.arch(features(self.backbone, x, self._spatial, self._vit))
+        preds = [h(r, label_size(x)) for h, r in zip(self.heads, reps)]
         if targets is None:
             return tuple(preds)
         out = [t.loss(p, y) for t, p, y in zip(self._tasks, preds, targets)]
@@ -155,13 +164,13 @@ class PopulationModule(TaskModel):
         x, y = batch
         per_member = self.mixing == "sample"  # the loader stacked each member's own batch: (N * B, ...)
         if per_member:
-            x = x.view(self.N, -1, *x.shape[1:])
+            x = tree_map(lambda t: t.view(self.N, -1, *t.shape[1:]), x)
         targets = self.targets(y)
         if per_member:
             targets = [t.view(self.N, -1, *t.shape[1:]) for t in targets]
         shown, rows = [], []
         for sl in self._chunks():
-            xs = x[sl] if per_member else x
+            xs = tree_map(lambda t, sl=sl: t[sl], x) if per_member else x
             ts = [t[sl] for t in targets] if per_member else targets
             losses, counts = self._vmap(sl, xs, ts, per_member)
             for i, row in zip(range(sl.start, sl.stop), losses.detach()):

@@ -1,11 +1,13 @@
 """Tasks: a head, a loss and metrics each. Datamodules describe their tasks with these classes."""
 
 from .base import DenseHead, Task
+from .binary import Binary
 from .classification import Classification
 from .delta_m import delta_m, read_base
 from .dense import Depth, Normal, PixelRegression, Segmentation
 
 __all__ = [
+    "Binary",
     "Classification",
     "DenseHead",
     "Depth",
