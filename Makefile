@@ -29,6 +29,7 @@ bench:  ## benchmarks; results go to BENCHMARKS.md by hand, with the command
 	$(PY) benchmarks/dense.py
 	$(PY) benchmarks/study.py
 	$(PY) benchmarks/population.py --steps --grid --pbt
+	$(PY) benchmarks/recsys.py
 
 # A fresh clone has no stamp: install once (pip is quick when the packages are already there).
 .installed: pyproject.toml

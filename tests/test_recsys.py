@@ -230,3 +230,9 @@ def test_early_stopping_ends_a_run_whose_validation_auc_stops_improving(make_cfg
         )
     )
     assert torch.load(f"{m['run_dir']}/checkpoints/last.ckpt", weights_only=False)["epoch"] == 2  # it learns: no stop
+
+
+def test_a_multi_gate_architecture_over_an_image_backbone_learns(make_cfg):
+    over = ["data.num_tasks=2", "data.train_size=2000", "trainer.max_epochs=5", "model.architecture=mmoe"]
+    m = run(make_cfg("synthetic_mtl", *over, "model.experts=3", "model.bottom=[32]", "model.tower=[16]"))
+    assert m["val/acc/task0"] > 0.4 and m["val/acc/task1"] > 0.3  # 4 classes: chance is 0.25

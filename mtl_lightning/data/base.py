@@ -161,7 +161,8 @@ class MixtureSampler(Sampler[int]):
         idx = self.indices(self.epoch)[self.rank :: self.world_size]
         if self._resume[0] == self.epoch:
             idx = idx[self._resume[1] :]
-        return iter(idx.tolist())
+        for part in idx.split(1 << 16):  # not one Python int per sample of a tens-of-millions-row epoch at once
+            yield from part.tolist()
 
 
 class _BatchesSampler(Sampler[list[int]]):

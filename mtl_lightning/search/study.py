@@ -14,7 +14,8 @@ A study is a short YAML file in `experiments/studies/` (the typed `StudyConfig` 
     searches: [{name: pbt, population: 4}]   # search the weights, retrain them per seed: a row "pbt"
     references: {uniform: {test/acc/left: 0.91}}   # published numbers, shown beside ours
 
-Axis keys: `weighting` (a name, or a mapping with `name`, its options and an optional `label`), `p` (the weight of
+Axis keys: `weighting` (a name, or a mapping with `name`, its options, an optional `label` and `overrides`, other
+config keys that row sets, such as `[model.architecture=mmoe]`), `p` (the weight of
 the first task, 1 - p on the second: two tasks), `capacity` ([depth, width]), `seed`, or any config key
 (`optim.lr`, `data.tasks`, `model.kwargs.drop_rate` ...).
 """
@@ -111,9 +112,11 @@ def axis_value(key: str, value, tasks: list[str]) -> tuple[str, list[str]]:
             return value, [f"weighting={value}"]
         if not isinstance(value, dict) or "name" not in value:
             raise MTLError(f"axes.weighting value {value!r} must be a weighting name or a mapping with `name`.")
-        opts = {k: v for k, v in value.items() if k not in ("name", "label")}
-        label = value.get("label") or value["name"] + "".join(f" {k}={_fmt(v)}" for k, v in opts.items())
-        return label, [f"weighting={value['name']}", *(f"weighting.{k}={_fmt(v)}" for k, v in opts.items())]
+        opts = {k: v for k, v in value.items() if k not in ("name", "label", "overrides")}
+        extra = list(value.get("overrides", []))  # other keys the row sets (model.architecture=mmoe ...)
+        label = value.get("label") or value["name"] + "".join(f" {k}={_fmt(v)}" for k, v in [*opts.items()])
+        label += "".join(f" {o}" for o in extra) if not value.get("label") else ""
+        return label, [f"weighting={value['name']}", *(f"weighting.{k}={_fmt(v)}" for k, v in opts.items()), *extra]
     if key == "p":
         if len(tasks) != 2:
             raise MTLError(
