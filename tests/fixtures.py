@@ -209,6 +209,6 @@ WRITERS = {  # data.name -> writers of the files it reads
     "cifar_stl": [write_cifar10, write_stl10],
     "celeba": [write_celeba],
     "domainnet": [write_domainnet],
-    "aliexpress": [write_aliexpress],
 }
 DENSE_WRITERS = {"nyuv2": [write_nyuv2], "taskonomy": [write_taskonomy]}  # their own tests: tests/test_dense.py
+TABULAR_WRITERS = {"aliexpress": [write_aliexpress]}  # their own tests: tests/test_recsys.py

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from fixtures import DENSE_WRITERS, WRITERS
+from fixtures import DENSE_WRITERS, TABULAR_WRITERS, WRITERS
 
 from experiments.run import run
 from mtl_lightning.config import compose, list_experiments
@@ -22,7 +22,7 @@ LIGHTER["nyuv2_forkmerge"] += ["weighting.pruning_epochs=1", "weighting.topk=[0,
 @pytest.mark.parametrize("exp", list_experiments())
 def test_experiment_smoke(exp, make_cfg, tmp_path):
     data = []  # real datasets train on a tiny fixture in their official format
-    for write in {**WRITERS, **DENSE_WRITERS}.get(compose(exp).data.name, []):
+    for write in {**WRITERS, **DENSE_WRITERS, **TABULAR_WRITERS}.get(compose(exp).data.name, []):
         write(tmp_path / "data")
         data = [f"data.root={tmp_path / 'data'}"]
     # tests never download: pretrained backbones (the papers' settings) train from scratch here; training batches of 2
