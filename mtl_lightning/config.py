@@ -49,9 +49,10 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05  # not applied to biases and norm weights
     momentum: float = 0.9  # sgd only
-    scheduler: str = "cosine"  # cosine | step | constant
+    scheduler: str = "cosine"  # cosine | step | milestones | constant
     warmup: float = 0.1  # cosine: fraction of the total steps with a linear warm-up
     step_epochs: int = 100  # step: multiply the lr by gamma every step_epochs epochs
+    milestones: list[float] = field(default_factory=list)  # milestones: multiply by gamma at these step fractions
     gamma: float = 0.5
 
 

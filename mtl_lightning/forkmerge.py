@@ -155,11 +155,10 @@ class ForkMerge(Callback):
             module._reseed()  # every branch draws the randomness a plain run would at this step
             if module.mixing == "sample":  # each branch drew its own batch (BranchBatchSampler): its slice, plain mean
                 x, y = tree_map(lambda t, b=b: t.chunk(self.B)[b], batch)
-                losses, counts = module.task_losses(module(x), y)
+                losses, counts, _ = module.batch_losses(x, y)
                 loss = (counts / counts.sum() * losses).sum()
             else:
-                x, y = batch
-                losses, _ = module.task_losses(module(x), y)
+                losses, _, _ = module.batch_losses(*batch)
                 loss, _ = self.weighting(losses)
             module._check_finite(losses)
             opt.zero_grad()
@@ -174,6 +173,7 @@ class ForkMerge(Callback):
         if sched is not None:
             sched.step()
         self.after_step(module)
+        module.after_update()  # EMA teachers follow the merged parameters
         shown = torch.stack(shown)
         module.log("train/loss", shown.mean(), prog_bar=True)
         if module.loggers and module.global_step % module.trainer.log_every_n_steps == 0:

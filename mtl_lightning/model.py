@@ -19,6 +19,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from . import wrn  # noqa: F401  (registers wrn28_2 in timm)
 from .errors import MTLError, NonFiniteLossError
 from .tabular import EmbeddingBackbone, Fields
 from .tasks import Binary, Classification, Task, delta_m
@@ -26,7 +27,7 @@ from .tasks import Binary, Classification, Task, delta_m
 VIT_MODULES = ("vision_transformer", "deit")
 TABULAR = ("embedding",)
 OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("cosine", "step", "constant")
+SCHEDULERS = ("cosine", "step", "milestones", "constant")
 
 
 def is_vit(name: str) -> bool:
@@ -204,7 +205,7 @@ class TaskModel(L.LightningModule):
     def stage_results(self, stage: str, results: dict[str, float]) -> dict[str, float]:
         """The logged values of one model's metrics at `stage`: each task's, acc_mean, Δm% (named without stage)."""
         out = dict(results)
-        accs = [results[f"acc/{t.name}"] for t in self.tasks if isinstance(t, Classification)]
+        accs = [results[f"acc/{t.name}"] for t in self.tasks if _classifies(t)]
         if accs:
             out["acc_mean"] = sum(accs) / len(accs)
         aucs = [results[f"{t.name}/auc"] for t in self.tasks if isinstance(t, Binary)]
@@ -249,9 +250,17 @@ class TaskModel(L.LightningModule):
         elif c.scheduler == "step":  # x gamma every step_epochs epochs, as MTAN/LibMTL/ForkMerge on NYUv2
             every = c.step_epochs * max(1, total // max(1, self.trainer.max_epochs))
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=every, gamma=c.gamma)
+        elif c.scheduler == "milestones":  # x gamma at each fraction of the steps (ARML: x 0.2 at 160k of 200k)
+            marks = [max(1, int(f * total)) for f in c.milestones]
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=marks, gamma=c.gamma)
         else:
             raise MTLError(f"Unknown optim.scheduler={c.scheduler!r}. Valid choices: {', '.join(SCHEDULERS)}.")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _classifies(task: Task) -> bool:
+    """A classification task of the data (what acc_mean averages), not a self-supervised one (rotation)."""
+    return isinstance(task, Classification) and not task.view
 
 
 def compute_metrics(tasks: Sequence[Task], metrics: Sequence[nn.ModuleDict]) -> dict[str, float]:
@@ -270,7 +279,7 @@ def metric_directions(tasks: Sequence[Task], stage: str = "val", delta: bool = F
     """Every metric the module logs at `stage`, mapped to whether higher is better."""
     out = {t.key(stage, m): higher for t in tasks for m, higher in t.metrics.items()}
     out.update({f"{stage}/loss/{t.name}": False for t in tasks})
-    if any(isinstance(t, Classification) for t in tasks):
+    if any(_classifies(t) for t in tasks):
         out[f"{stage}/acc_mean"] = True
     if any(isinstance(t, Binary) for t in tasks):
         out[f"{stage}/auc_mean"] = True
@@ -285,7 +294,7 @@ def default_monitor(tasks: Sequence[Task], delta: bool) -> str:
     one)."""
     if delta:
         return "val/delta_m"
-    if any(isinstance(t, Classification) for t in tasks):
+    if any(_classifies(t) for t in tasks):
         return "val/acc_mean"
     if any(isinstance(t, Binary) for t in tasks):
         return "val/auc_mean"

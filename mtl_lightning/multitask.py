@@ -42,9 +42,33 @@ class MultiTaskModule(TaskModel):
         self.clip_val = None  # gradient clipping done by the module itself under manual optimisation
         self.metrics = nn.ModuleDict({stage: self.make_stage_metrics() for stage in ("val", "test")})
         self.conflict = GradConflict([t.name for t in self.tasks], grad_cos_every)
+        for head in self.heads:  # a view task's EMA teacher: a copy of the backbone and architecture
+            if hasattr(head, "attach"):
+                head.attach(self.backbone, self.arch)
 
     def forward(self, x) -> list[Tensor]:
         return self.heads_forward(self.features(x), label_size(x))
+
+    def predict_task(self, k: int, x, detach: bool = False) -> Tensor:
+        """Task k's prediction on inputs of its own (a view task's transformed images)."""
+        z = self.features(x)
+        return self.heads[k](self.arch.specific(z.detach() if detach else z)[k], label_size(x))
+
+    def predictions(self, x, y, detach: bool = False) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Every task's prediction and target on a batch, and the shared representation z of x: from z for most
+        tasks, from its own view for a view task (tasks/views.py). `detach`: the heads' own-task path (features
+        detached), which gradient methods train the heads with."""
+        z = self.features(x)
+        preds, targets = self.heads_forward(z.detach() if detach else z, label_size(x)), self.targets(y)
+        for k, t in enumerate(self.tasks):
+            if t.view:
+                preds[k], targets[k] = t.view_forward(self, k, x, targets[k], detach)
+        return preds, targets, z
+
+    def batch_losses(self, x, y, detach: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """(each task's loss, its labelled count, z) on a batch."""
+        preds, targets, z = self.predictions(x, y, detach)
+        return (*self.task_losses(preds, targets), z)
 
     def heads_forward(self, z: Tensor, size) -> list[Tensor]:
         return [head(rep, size) for head, rep in zip(self.heads, self.arch.specific(z))]
@@ -64,21 +88,26 @@ class MultiTaskModule(TaskModel):
         # Refuse combinations a weighting cannot run correctly (fp16 or DDP for some gradient methods) up front.
         self.weighting.check(str(self.trainer.precision), self.trainer.world_size > 1)
         check_architecture(self.arch, self.weighting)
+        views = [t.name for t in self.tasks if t.view]
+        if views and getattr(self.weighting, "gradient_based", False) and self.weighting.cfg.mode == "rep":
+            raise MTLError(
+                f"weighting.mode=rep differentiates every task's loss against one shared representation of the batch, "
+                f"but task(s) {views} read their own view of the input (transformed copies): use weighting.mode=param."
+            )
 
     # -- training -----------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> Tensor:
         if self.fork is not None:
             return self.fork.step(self, batch)
         x, y = batch
-        z = self.features(x)
-        losses, counts = self.task_losses(self.heads_forward(z, label_size(x)), y)
+        losses, counts, z = self.batch_losses(x, y)
         self._check_finite(losses)
         if self.mixing == "sample":  # weights were spent on sampling: the loss is the plain mean over samples
             w = counts / counts.sum()
             loss = shown = (w * losses).sum()
         elif getattr(self.weighting, "gradient_based", False):
             # Heads train on their own task's loss; the backbone gets the method's combined gradient.
-            heads_loss = self.task_losses(self.heads_forward(z.detach(), label_size(x)), y)[0].sum()
+            heads_loss = self.batch_losses(x, y, detach=True)[0].sum()
             loss, w = self.weighting.surrogate(losses, heads_loss, z, self.shared_parameters())
             shown = (w * losses).sum().detach()
         else:
@@ -117,7 +146,14 @@ class MultiTaskModule(TaskModel):
         if batch is not None:  # FAMO: the same batch's losses after the step update its task logits
             self._stepped_batch = None
             with torch.no_grad():
-                self.weighting.update(self.task_losses(self(batch[0]), batch[1])[0])
+                self.weighting.update(self.batch_losses(*batch)[0])
+        self.after_update()
+
+    def after_update(self) -> None:
+        """After the parameters changed (an optimiser step, or ForkMerge's merge): EMA teachers follow them."""
+        for head in self.heads:
+            if hasattr(head, "ema_update"):
+                head.ema_update(self, self.global_step)
 
     def on_train_start(self) -> None:
         # Lightning skips on_train_epoch_start when it resumes mid-epoch: tell the weighting which epoch it is in
@@ -132,9 +168,9 @@ class MultiTaskModule(TaskModel):
     # -- evaluation ---------------------------------------------------------------------------------------
     def _eval_step(self, stage: str, batch) -> None:
         x, y = batch
-        preds = self(x)
-        losses, counts = self.task_losses(preds, y)
-        for t, m, p, target in zip(self.tasks, self.metrics[stage], preds, self.targets(y)):
+        preds, targets, _ = self.predictions(x, y)
+        losses, counts = self.task_losses(preds, targets)
+        for t, m, p, target in zip(self.tasks, self.metrics[stage], preds, targets):
             t.update(m, p, target)
         for t, loss, n in zip(self.tasks, losses, counts):
             self.log(f"{stage}/loss/{t.name}", loss, batch_size=max(1, int(n)))
@@ -158,7 +194,7 @@ class MultiTaskModule(TaskModel):
             if max_batches is not None and i >= max_batches:
                 break
             x, y = self.transfer_batch_to_device((x, y), self.device, 0)
-            preds, targets = self(x), self.targets(y)
+            preds, targets, _ = self.predictions(x, y)
             for k, m in zip(tasks, metrics):
                 self.tasks[k].update(m, preds[k], targets[k])
         self.train(was)

@@ -11,7 +11,7 @@ Each split dataset also exposes `domains` (N,), the domain index of every sample
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lightning as L
 import torch
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import MTLError
 from ..registry import Registry
 from ..tasks import Task
+from . import ssl
 
 DATASETS: Registry = Registry("dataset", "data")
 
@@ -249,6 +250,28 @@ class PopulationBatchSampler(_BatchesSampler):
         return out.transpose(0, 1)
 
 
+class SemiSupervisedBatchSampler(_BatchesSampler):
+    """Semi-supervised batches: `labelled_share` of each from the labelled images' shuffled stream, the rest from the
+    unlabelled images' (data/ssl.py). Deterministic in (seed, epoch), resumable at a batch."""
+
+    def __init__(self, labelled: Tensor, size: int, cfg, num_batches: int, seed: int):
+        super().__init__(torch.zeros(0), torch.zeros(1, 1), cfg.batch_size, max(1, num_batches), seed)
+        mask = torch.ones(size, dtype=torch.bool)
+        mask[labelled] = False
+        self.labelled, self.unlabelled = labelled, mask.nonzero().squeeze(1)
+        if not len(self.unlabelled):  # every image kept its label: all of each batch is labelled
+            self.unlabelled = labelled
+        self.n_l = min(cfg.batch_size - 1, max(1, round(cfg.labelled_share * cfg.batch_size)))
+
+    def batches(self, epoch: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        S, n_l, n_u = self.num_batches, self.n_l, self.batch_size - self.n_l
+        unlabelled = self.unlabelled
+        lab = MixtureSampler._stream(self.labelled, S * n_l, g).view(S, n_l)
+        unl = MixtureSampler._stream(unlabelled, S * n_u, g).view(S, n_u)
+        return torch.cat([lab, unl], 1)[:, None]
+
+
 @dataclass
 class DataConfig:
     name: str = "digits"
@@ -260,6 +283,14 @@ class DataConfig:
     epoch_size: int | None = None  # training samples per epoch; default: the training split's size
     train_fraction: float = 1.0  # < 1: hold out the rest of the training split (seeded, per domain) as `val`
     split_seed: int = 0  # fixes generated data and held-out splits, independent of the training seed
+    # semi-supervised learning (ARML's protocol after Oliver et al. 2018; data/ssl.py): self-supervised tasks on every
+    # image, `val_count` training images held out as validation, `labels_per_class` labels kept per class (balanced,
+    # seeded), the rest of train unlabelled; each batch `labelled_share` labelled
+    aux_tasks: list[str] = field(default_factory=list)  # rotation, exemplar
+    val_count: int | None = None
+    labels_per_class: int | None = None
+    labelled_share: float = 0.5
+    augment_ops: list[str] = field(default_factory=list)  # training batches, on the device: flip, translate, noise
 
 
 class MixtureDataModule(L.LightningDataModule):
@@ -288,6 +319,7 @@ class MixtureDataModule(L.LightningDataModule):
         if not 0.0 < cfg.train_fraction <= 1.0:
             raise MTLError(f"data.train_fraction={cfg.train_fraction} must be within (0, 1].")
         self.all_tasks = self.describe()
+        self.all_tasks += ssl.auxiliary_tasks(cfg, self)
         names = [t.name for t in self.all_tasks]
         if cfg.tasks is not None and len(cfg.tasks) == 0:
             raise MTLError(f"data.tasks=[] selects no task/domain: name at least one of {names}.")
@@ -299,6 +331,8 @@ class MixtureDataModule(L.LightningDataModule):
             twice = sorted({t for t in chosen if list(chosen).count(t) > 1})
             raise MTLError(f"data.tasks={list(chosen)} names {', '.join(twice)} twice; each task may appear once.")
         self.keep = [names.index(t) for t in chosen]
+        self.n_base = len(self.all_tasks) - len(cfg.aux_tasks)  # the dataset's own tasks, then self-supervised ones
+        self.keep.sort(key=lambda i: i >= self.n_base)  # the dataset's tasks first: their columns come first
         self.tasks = [self.all_tasks[i] for i in self.keep]
         self.probs: Tensor | None = None  # set by the runner for data.mixing=sample
         self.branch_probs: Tensor | None = None  # ForkMerge with data.mixing=sample: one row per branch
@@ -323,6 +357,8 @@ class MixtureDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             splits = self.load()
+            if self.cfg.val_count:  # ARML: a seeded count of training images validates
+                splits["train"], splits["val"] = ssl.hold_out(splits["train"], self.cfg.val_count, self.cfg.split_seed)
             if self.cfg.train_fraction < 1:  # the ranking split: part of train, never the test split
                 splits["train"], splits["val"] = holdout(splits["train"], self.cfg.train_fraction, self.cfg.split_seed)
             elif "val" not in splits:
@@ -332,8 +368,12 @@ class MixtureDataModule(L.LightningDataModule):
                     "data.train_fraction < 1 to hold out part of the training split instead."
                 )
                 splits["val"] = splits["test"]
-            if self.keep != list(range(len(self.all_tasks))):
-                splits = {k: v.select(self.keep, self.kind == "mdl") for k, v in splits.items()}
+            base = [i for i in self.keep if i < self.n_base]
+            if base != list(range(self.n_base)):
+                splits = {k: v.select(base, self.kind == "mdl") for k, v in splits.items()}
+            splits = ssl.with_auxiliary_labels(splits, len(self.tasks))  # every image, for the chosen ones
+            if self.cfg.labels_per_class is not None:  # semi-supervised: most of train loses its class labels
+                splits["train"], self._labelled = ssl.keep_labels(splits["train"], self.tasks, self.cfg)
             self.splits = splits
 
     def _loader(self, split: str, batch_size: int, sampler=None, batch_sampler=None) -> DataLoader:
@@ -375,6 +415,13 @@ class MixtureDataModule(L.LightningDataModule):
             self._sampler = kind(ds.domains, rows, self.cfg.batch_size, n, self.seed)
             self._sampler.resume(epoch, batches)
             return self._loader("train", 0, batch_sampler=self._sampler)
+        if self.cfg.labels_per_class is not None:  # each batch: a share labelled, the rest unlabelled
+            if world > 1:
+                raise MTLError("Semi-supervised batches (data.labels_per_class) are drawn on one device.")
+            n = (self.cfg.epoch_size or len(ds)) // self.cfg.batch_size
+            self._sampler = SemiSupervisedBatchSampler(self._labelled, len(ds), self.cfg, n, self.seed)
+            self._sampler.resume(epoch, batches)
+            return self._loader("train", 0, batch_sampler=self._sampler)
         self._sampler = MixtureSampler(ds.domains, probs, self.cfg.epoch_size, self.seed, rank, world)
         self._sampler.resume(epoch, batches * self.cfg.batch_size)
         return self._loader("train", self.cfg.batch_size, self._sampler)
@@ -391,6 +438,13 @@ class MixtureDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.training and self._sampler is not None:
             epoch, n = self._consumed
             self._consumed = (self._sampler.epoch, n + 1 if epoch == self._sampler.epoch else 1)
+        return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.cfg.augment_ops and self.trainer is not None and self.trainer.training:
+            epoch, n = self._consumed  # this batch's place in the run: a resumed run repeats it
+            g = torch.Generator(device=batch[0].device).manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + n)
+            batch = (ssl.augment(batch[0], self.cfg.augment_ops, g), batch[1])
         return batch
 
     def state_dict(self) -> dict:

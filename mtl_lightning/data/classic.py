@@ -11,6 +11,8 @@ of each training set for validation; the official test split is only ever the te
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..errors import MTLError
 from ..tasks import Classification
@@ -136,6 +139,7 @@ SOURCES = {
 class ClassicConfig(FileDataConfig):
     train_fraction: float = 0.9  # no official validation split: hold out 10% of train (seeded)
     domains: list[str] = field(default_factory=lambda: ["cifar10", "stl10"])  # one head each; any of SOURCES
+    whiten: bool = False  # global contrast normalisation + ZCA fitted on the training images, as ARML's CIFAR-10
 
 
 @dataclass
@@ -214,7 +218,52 @@ class ClassicDataModule(FileDataModule):
             labels = torch.full((len(domains), K), -1, dtype=torch.long)
             labels[torch.arange(len(domains)), domains] = torch.cat(ys).long()
             out[split] = LabelledTensors(torch.cat(xs), labels, domains)
+        if self.cfg.whiten:  # fitted on every training image (as ARML), cached, applied to both splits
+            mean, W = zca_fit_cached(out["train"].images, self.cache_dir())
+            for split, ds in out.items():
+                out[split] = LabelledTensors(zca_apply(gcn(ds.images), mean, W), ds.labels, ds.domains)
         return out
+
+    def cache_dir(self) -> Path:
+        return Path(self.cfg.cache_dir) if self.cfg.cache_dir else Path(self.cfg.root).expanduser() / ".cache"
+
+
+def gcn(images: Tensor, multiplier: float = 55.0, eps: float = 1e-10) -> Tensor:
+    """Global contrast normalisation (ARML's, after Oliver et al.): each image centred and scaled to norm 55."""
+    x = images.double().flatten(1)
+    x = x - x.mean(1, keepdim=True)
+    norm = x.norm(dim=1, keepdim=True)
+    return (multiplier * x / torch.where(norm < eps, 1.0, norm)).view(images.shape)
+
+
+def zca_fit(images: Tensor, scale: float = 0.1, eps: float = 1e-10) -> tuple[Tensor, Tensor]:
+    """ZCA whitening fitted on `images` (already normalised): their mean and W = U diag(1 / sqrt(S + eps)) U^T of
+    the eigendecomposition of (cov + scale I), ARML's `scale` 0.1 regularising the small eigenvalues."""
+    x = images.double().flatten(1)
+    mean = x.mean(0)
+    cov = torch.cov((x - mean).T)
+    S, U = torch.linalg.eigh(cov + scale * torch.eye(len(cov), dtype=cov.dtype))
+    return mean, (U * (1 / torch.sqrt(S.clamp(min=0) + eps))) @ U.T
+
+
+def zca_apply(images: Tensor, mean: Tensor, W: Tensor) -> Tensor:
+    return ((images.double().flatten(1) - mean) @ W).float().view(images.shape)
+
+
+def zca_fit_cached(train_images: Tensor, cache: Path) -> tuple[Tensor, Tensor]:
+    """`zca_fit` of the GCN-normalised training images, kept under `cache` keyed by a hash of the images (a 3072 x
+    3072 eigendecomposition is seconds, not worth repeating per run)."""
+    key = hashlib.sha1(train_images.numpy().tobytes()).hexdigest()[:12]
+    path = cache / f"zca-{key}.pt"
+    if path.exists():
+        d = torch.load(path, weights_only=True)
+        return d["mean"], d["W"]
+    mean, W = zca_fit(gcn(train_images))
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"mean": mean, "W": W}, tmp)
+    os.replace(tmp, path)
+    return mean, W
 
 
 @DATASETS.register("cifar10")

@@ -5,14 +5,18 @@ from .binary import Binary
 from .classification import Classification
 from .delta_m import delta_m, read_base
 from .dense import Depth, Normal, PixelRegression, Segmentation
+from .views import AUXILIARY, Exemplar, Rotation
 
 __all__ = [
+    "AUXILIARY",
     "Binary",
     "Classification",
     "DenseHead",
     "Depth",
+    "Exemplar",
     "Normal",
     "PixelRegression",
+    "Rotation",
     "Segmentation",
     "Task",
     "delta_m",

@@ -22,6 +22,7 @@ class Task:
 
     kind: ClassVar[str]
     dense: ClassVar[bool] = False
+    view: ClassVar[bool] = False  # owns its view of the input (tasks/views.py): the module calls view_forward
     metrics: ClassVar[dict[str, bool]]  # metric name -> higher is better
     primary: ClassVar[str]
 
