@@ -230,3 +230,18 @@ def test_baselines_are_trained_only_for_the_reported_tasks():
         "single-task left",
         "single-task right",
     }
+
+
+def test_the_embedded_semi_supervised_study_runs_at_a_tiny_budget(tmp_path):
+    row = "[{name: forkmerge, target: [clean], aux_weight: 10, label: forkmerge-10}]"  # ForkMerge with a view task
+    over = [f"study.out_dir={tmp_path / 'st'}", "study.axes.seed=[0]", f"study.axes.weighting={row}", "logger=csv"]
+    over += ["data.train_size=300", "data.val_size=100", "data.test_size=100", "trainer.max_epochs=1"]
+    try:
+        out = run_study(*load_study("ssl_digits", over))
+    finally:
+        ray.shutdown()
+    cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    assert sorted(cells) == ["forkmerge-10__seed0", "single-task_clean__seed0"]
+    assert all(0 <= c["metrics"]["test/acc/clean"] <= 1 for c in cells.values())
+    assert "rotation" not in json.dumps(cells["single-task_clean__seed0"]["metrics"])  # supervised only
+    assert "val/acc/rotation" in cells["forkmerge-10__seed0"]["metrics"] and (out / "report.md").exists()
