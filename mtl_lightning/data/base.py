@@ -371,7 +371,8 @@ class MixtureDataModule(L.LightningDataModule):
             base = [i for i in self.keep if i < self.n_base]
             if base != list(range(self.n_base)):
                 splits = {k: v.select(base, self.kind == "mdl") for k, v in splits.items()}
-            splits = ssl.with_auxiliary_labels(splits, len(self.tasks))  # every image, for the chosen ones
+            if any(i >= self.n_base for i in self.keep):  # every image, for the chosen self-supervised tasks
+                splits = ssl.with_auxiliary_labels(splits, len(self.tasks))
             if self.cfg.labels_per_class is not None:  # semi-supervised: most of train loses its class labels
                 splits["train"], self._labelled = ssl.keep_labels(splits["train"], self.tasks, self.cfg)
             self.splits = splits
