@@ -139,3 +139,9 @@ def test_every_weighting_trains_a_step_with_view_tasks(name, make_cfg):
     if name in GRADIENT and name != "excess_mtl":  # excess_mtl refuses rep mode for every model
         with pytest.raises(MTLError, match="task\\(s\\) \\['rotation', 'exemplar'\\] read their own view"):
             run(make_cfg("digits_ssl", *over, "weighting.mode=rep"))
+
+
+def test_a_population_refuses_view_tasks(make_cfg, tmp_path):
+    with pytest.raises(MTLError, match=r"Task\(s\) \['rotation', 'exemplar'\] read their own view.*search.backend=ray"):
+        run(make_cfg("digits_ssl", *SSL, "population.weights=[[1,1,1],[1,2,1]]"))
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made

@@ -77,6 +77,12 @@ class PopulationModule(TaskModel):
         clip_val: float | None = None,
     ):
         super().__init__(tasks, model_cfg, optim_cfg, seed, hparams, delta_base)
+        views = [t.name for t in self.tasks if t.view]
+        if views:  # a view task runs its own forwards (and an EMA teacher): not one vmapped pass over a shared batch
+            raise MTLError(
+                f"Task(s) {views} read their own view of the input, which a vectorised population does not run. "
+                "Train these runs separately (search.backend=ray or study.backend=ray)."
+            )
         self.N, self.mixing, self.member_seeds = len(seeds), mixing, list(seeds)
         members = []
         for s in self.member_seeds:
