@@ -54,20 +54,22 @@ class MultiTaskModule(TaskModel):
         z = self.features(x)
         return self.heads[k](self.arch.specific(z.detach() if detach else z)[k], label_size(x))
 
-    def predictions(self, x, y, detach: bool = False) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    def predictions(
+        self, x, y, detach: bool = False, z: Tensor | None = None
+    ) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """Every task's prediction and target on a batch, and the shared representation z of x: from z for most
         tasks, from its own view for a view task (tasks/views.py). `detach`: the heads' own-task path (features
-        detached), which gradient methods train the heads with."""
-        z = self.features(x)
+        detached), which gradient methods train the heads with. `z`: x's representation, when already computed."""
+        z = self.features(x) if z is None else z
         preds, targets = self.heads_forward(z.detach() if detach else z, label_size(x)), self.targets(y)
         for k, t in enumerate(self.tasks):
             if t.view:
                 preds[k], targets[k] = t.view_forward(self, k, x, targets[k], detach)
         return preds, targets, z
 
-    def batch_losses(self, x, y, detach: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    def batch_losses(self, x, y, detach: bool = False, z: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(each task's loss, its labelled count, z) on a batch."""
-        preds, targets, z = self.predictions(x, y, detach)
+        preds, targets, z = self.predictions(x, y, detach, z)
         return (*self.task_losses(preds, targets), z)
 
     def heads_forward(self, z: Tensor, size) -> list[Tensor]:
@@ -107,7 +109,7 @@ class MultiTaskModule(TaskModel):
             loss = shown = (w * losses).sum()
         elif getattr(self.weighting, "gradient_based", False):
             # Heads train on their own task's loss; the backbone gets the method's combined gradient.
-            heads_loss = self.batch_losses(x, y, detach=True)[0].sum()
+            heads_loss = self.batch_losses(x, y, detach=True, z=z)[0].sum()  # the batch's z again, not a new forward
             loss, w = self.weighting.surrogate(losses, heads_loss, z, self.shared_parameters())
             shown = (w * losses).sum().detach()
         else:

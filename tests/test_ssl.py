@@ -8,7 +8,7 @@ from experiments.run import run
 from mtl_lightning.data import create_datamodule
 from mtl_lightning.data.base import LabelledTensors, SemiSupervisedBatchSampler
 from mtl_lightning.data.classic import gcn, zca_apply, zca_fit
-from mtl_lightning.data.ssl import hold_out, keep_labels
+from mtl_lightning.data.ssl import augment, hold_out, keep_labels
 from mtl_lightning.errors import MTLError
 from mtl_lightning.tasks import Classification, Exemplar, Rotation
 from mtl_lightning.tasks.views import ExemplarHead
@@ -26,6 +26,19 @@ def test_rotation_views_come_back_with_their_rotation():
     # the view's label is the rotation that produced it: undoing it gives the image back
     for k in range(4):
         assert torch.equal(torch.rot90(views[k], -int(labels[k]), dims=(-2, -1)), x[0])
+
+
+def test_translation_is_a_window_of_the_reflected_image_and_seeded():
+    x = torch.randn(32, 3, 8, 8)
+    out = augment(x, ["translate"], torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    shifts = []
+    for i in range(len(x)):  # each image is one 8 x 8 window of its own padded copy, shifted by at most 2 pixels
+        hits = [(a, b) for a in range(5) for b in range(5) if torch.equal(out[i], padded[i, :, a : a + 8, b : b + 8])]
+        assert hits
+        shifts.append(hits[0])
+    assert len(set(shifts)) > 5  # per image, not one shift for the batch
+    assert torch.equal(out, augment(x, ["translate"], torch.Generator().manual_seed(0)))  # a resumed run repeats it
 
 
 def ids_split(n=600, classes=10):

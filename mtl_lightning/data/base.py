@@ -266,9 +266,8 @@ class SemiSupervisedBatchSampler(_BatchesSampler):
     def batches(self, epoch: int) -> Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         S, n_l, n_u = self.num_batches, self.n_l, self.batch_size - self.n_l
-        unlabelled = self.unlabelled
         lab = MixtureSampler._stream(self.labelled, S * n_l, g).view(S, n_l)
-        unl = MixtureSampler._stream(unlabelled, S * n_u, g).view(S, n_u)
+        unl = MixtureSampler._stream(self.unlabelled, S * n_u, g).view(S, n_u)
         return torch.cat([lab, unl], 1)[:, None]
 
 

@@ -109,7 +109,10 @@ def augment(x: Tensor, ops, g: torch.Generator) -> Tensor:
         padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
         dy = torch.randint(0, 5, (B,), generator=g, device=g.device)
         dx = torch.randint(0, 5, (B,), generator=g, device=g.device)
-        x = torch.stack([padded[i, :, dy[i] : dy[i] + H, dx[i] : dx[i] + W] for i in range(B)])
+        # one gather of every image's window (a slice per image would sync the device on each offset)
+        ar = lambda n: torch.arange(n, device=x.device)  # noqa: E731
+        rows, cols = (dy[:, None] + ar(H))[:, None, :, None], (dx[:, None] + ar(W))[:, None, None, :]
+        x = padded[ar(B)[:, None, None, None], ar(x.shape[1])[:, None, None], rows, cols]
     if "noise" in ops:
         x = x + 0.15 * torch.randn(x.shape, generator=g, device=g.device)
     return x
