@@ -44,7 +44,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the fixture sizes")
     p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help="a tiny run that only checks the script works (tests)")
     a = p.parse_args()
+    if a.smoke:
+        a.scale, a.passes = 0.002, 1
     s = lambda n: max(2, int(n * a.scale))  # noqa: E731
     root = Path(tempfile.mkdtemp()) / "data"
     t0 = time.perf_counter()

@@ -40,9 +40,9 @@ def loader_rate(exp: str, root: Path, workers: int, *over: str) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def loaders(root: Path) -> None:
-    write_nyuv2(root, train=64, val=1)
-    write_taskonomy(root, views=16, size=512)  # 2 train buildings x 16 views
+def loaders(a, root: Path) -> None:
+    write_nyuv2(root, train=2 if a.smoke else 64, val=1)
+    write_taskonomy(root, views=1 if a.smoke else 16, size=64 if a.smoke else 512)  # 2 train buildings x 16 views
     print("| loader | 0 workers img/s | 2 workers img/s |\n|---|---|---|")
     for exp, over in (("nyuv2_mtl", ["data.batch_size=8"]), ("taskonomy_mtl", ["data.batch_size=8"])):
         rates = [loader_rate(exp, root, w, *over) for w in (0, 2)]
@@ -51,6 +51,8 @@ def loaders(root: Path) -> None:
 
 def steps(a) -> None:
     common = ["data.batch_size=32", "data.train_size=512", "model.pretrained=false"]
+    if a.smoke:
+        common = ["data.batch_size=2", "data.train_size=8", "model.pretrained=false"]
     rows = [
         ("ViT depth 4, width 128, /4", VIT),
         ("ResNet-18 (features_only, /32)", ["model.backbone=resnet18", *NOT_VIT]),
@@ -67,16 +69,19 @@ def steps(a) -> None:
 
 
 def methods(a, root: Path) -> None:
-    write_taskonomy(root, views=16, size=64)
+    write_taskonomy(root, views=1 if a.smoke else 16, size=64)
     five = "segment_semantic,depth_zbuffer,normal,keypoints2d,edge_texture"
     sets = {3: "data.tasks=[segment_semantic,depth_zbuffer,normal]", 5: f"data.tasks=[{five}]"}
     common = [f"data.root={root}", "data.img_size=64", "data.batch_size=16", *VIT]
+    if a.smoke:
+        common = [f"data.root={root}", "data.img_size=16", "data.batch_size=2", "model.depth=1", "model.width=16"]
+        common += ["model.patch_size=4"]
     print("| method | mode | K=3 time, mem | K=5 time, mem |\n|---|---|---|---|")
     timed_run("taskonomy_mtl", [*common, sets[3], "weighting=pcgrad"], a.warmup, a.steps)  # warm-up, discarded
     ref = {k: timed_run("taskonomy_mtl", [*common, s], a.warmup, a.steps) for k, s in sets.items()}
     print("| uniform | loss | " + " | ".join(f"{t * 1000:.0f} ms, {m:.0f} MiB" for t, m in ref.values()) + " |")
     for mode in ("rep", "param"):
-        for name in METHODS:
+        for name in METHODS[:1] if a.smoke else METHODS:
             cells = []
             for k, s in sets.items():
                 t, m = timed_run(
@@ -92,10 +97,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--parts", nargs="+", default=["loaders", "steps", "methods"])
+    p.add_argument("--smoke", action="store_true", help="a tiny run that only checks the script works (tests)")
     a = p.parse_args()
+    if a.smoke:
+        a.steps, a.warmup = 1, 1
     with tempfile.TemporaryDirectory() as d:
         if "loaders" in a.parts:
-            loaders(Path(d) / "loaders")
+            loaders(a, Path(d) / "loaders")
         if "steps" in a.parts:
             steps(a)
         if "methods" in a.parts:

@@ -75,7 +75,17 @@ def main() -> None:
     p.add_argument("--whole", action="store_true")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("overrides", nargs="*")
+    p.add_argument("--smoke", action="store_true", help="a tiny run that only checks the script works (tests)")
     a = p.parse_args()
+    if a.smoke:  # a tiny model, a merge every step, one timed step; --whole: one epoch of little data
+        a.steps, a.warmup, a.interval, a.epochs = 1, 1, 1, 1
+        a.overrides += [
+            "model.depth=1",
+            "model.width=16",
+            "data.train_size=64",
+            "data.val_size=32",
+            "data.batch_size=16",
+        ]
     if a.whole:
         return whole(a)
     base = ["data.num_tasks=4", "model.depth=4", "model.width=128", "data.img_size=8", "data.batch_size=64"]

@@ -114,7 +114,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.width=256")
+    p.add_argument("--smoke", action="store_true", help="a tiny run that only checks the script works (tests)")
     a = p.parse_args()
+    if a.smoke:  # uniform and one gradient method in both modes, one timed step of a tiny model
+        a.tasks, a.steps, a.warmup, a.methods = [2], 1, 1, a.methods or ["pcgrad"]
+        a.overrides += ["model.depth=1", "model.width=16", "data.train_size=64", "data.batch_size=16"]
     base = [
         "model.depth=4",
         "model.width=128",

@@ -90,7 +90,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--exp", default="digits_mtl")
+    ap.add_argument("--smoke", action="store_true", help="a tiny run that only checks the script works (tests)")
     args, overrides = ap.parse_known_args()
+    if args.smoke:
+        args.steps, args.warmup, args.rounds = 3, 1, 1
+        overrides += ["data.train_size=64", "data.batch_size=8", "model.depth=1", "model.width=16"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as out:
         cfg = compose(

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 
+BACKENDS = ("population", "ray")  # --grid and --pbt: the same search through each
 MODELS = {  # name: (depth, width, patch, image size, in_chans)
     "digits ViT 3x64": (3, 64, 4, 16, 1),
     "ViT-S/4 6x48": (6, 48, 4, 32, 3),
@@ -70,18 +71,18 @@ def one(model: str, n: int, mode: str, steps: int, batch: int, fused: bool, chun
         nets = []
         for s in range(n):
             torch.manual_seed(s)
-            backbone, heads = build_network(tasks, chans, size, mcfg)
+            backbone, arch, heads = build_network(tasks, chans, size, mcfg)
             for mod in backbone.modules():
                 if hasattr(mod, "fused_attn"):
                     mod.fused_attn = fused
-            nets.append(torch.nn.ModuleDict({"backbone": backbone, "heads": heads}))
+            nets.append(torch.nn.ModuleDict({"backbone": backbone, "arch": arch, "heads": heads}))
         opts = [torch.optim.AdamW(param_groups(net, 0.05), lr=1e-3) for net in nets]
 
         def step():
             for net, opt in zip(nets, opts):
                 opt.zero_grad(set_to_none=True)
-                z = net["backbone"](x)
-                loss = sum(0.5 * t.loss(h(z), tgt)[0] for t, h, tgt in zip(tasks, net["heads"], targets))
+                reps = net["arch"](net["backbone"](x))
+                loss = sum(0.5 * t.loss(h(r), tgt)[0] for t, h, r, tgt in zip(tasks, net["heads"], reps, targets))
                 loss.backward()
                 opt.step()
 
@@ -125,23 +126,24 @@ def search(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "experiments.search", "exp=digits_mdl", *argv, "logger=csv"]
 
 
-def grid(epochs: int) -> None:
+def grid(epochs: int, overrides: list[str]) -> None:
     tmp = tempfile.mkdtemp()
-    common = [f"trainer.max_epochs={epochs}", "search=grid", "trainer.enable_progress_bar=false"]
+    common = [f"trainer.max_epochs={epochs}", "search=grid", "trainer.enable_progress_bar=false", *overrides]
     walls = {}
-    for backend in ("population", "ray"):
+    for backend in BACKENDS:
         walls[backend], out = timed(search([*common, f"search.backend={backend}", f"out_dir={tmp}/{backend}"]))
         rows = open(f"{tmp}/{backend}/search/digits_mdl-grid/grid.csv").read().splitlines()
         print(f"{backend}: {walls[backend]:.1f} s, {len(rows) - 1} rows; " + out.strip().splitlines()[-2])
-    ratio = walls["population"] / walls["ray"]
-    print(f"population / ray wall time: {ratio:.2f}x ({1 / ratio:.1f}x faster)")
+    if "ray" in walls:
+        ratio = walls["population"] / walls["ray"]
+        print(f"population / ray wall time: {ratio:.2f}x ({1 / ratio:.1f}x faster)")
 
 
-def pbt(epochs: int, population: int) -> None:
+def pbt(epochs: int, population: int, overrides: list[str]) -> None:
     tmp = tempfile.mkdtemp()
     common = [f"trainer.max_epochs={epochs}", "search=pbt", f"search.population={population}"]
-    common += ["trainer.enable_progress_bar=false"]
-    for backend in ("population", "ray"):
+    common += ["trainer.enable_progress_bar=false", *overrides]
+    for backend in BACKENDS:
         wall, out = timed(search([*common, f"search.backend={backend}", f"out_dir={tmp}/{backend}"]))
         best = [x for x in out.splitlines() if x.startswith("best validation")][0]
         print(f"{backend}: {wall:.1f} s; {best}")
@@ -164,13 +166,21 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--population", type=int, default=8)
+    p.add_argument("--smoke", action="store_true", help="a tiny run that only checks the script works (tests)")
     a = p.parse_args()
+    over = []
+    if a.smoke:  # one member, the smallest model, one step; the population backend's searches on little data (the
+        # Ray backend runs the same search command, which tests/test_search.py covers)
+        global BACKENDS
+        BACKENDS = ("population",)
+        a.members, a.models, a.timed_steps, a.batch, a.epochs, a.population = [1], [next(iter(MODELS))], 1, 4, 1, 2
+        over = ["data.train_size=64", "data.val_size=32", "data.test_size=32", "search.grid=[0.5]", "search.num_cpus=2"]
     if a.steps:
         steps_table(a.members, a.timed_steps, a.batch, a.fused, a.chunk, a.models)
     if a.grid:
-        grid(a.epochs)
+        grid(a.epochs, over)
     if a.pbt:
-        pbt(a.epochs, a.population)
+        pbt(a.epochs, a.population, over)
 
 
 if __name__ == "__main__":

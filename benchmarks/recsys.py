@@ -51,7 +51,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=2_000_000)
     p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--smoke", action="store_true", help="a tiny run that only checks the script works (tests)")
     a = p.parse_args()
+    if a.smoke:
+        a.rows, a.batches = 3000, 1
     import torch
 
     from mtl_lightning.config import compose

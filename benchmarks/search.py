@@ -18,6 +18,7 @@ import tempfile
 import time
 
 from mtl_lightning.search import compose_search, run_search
+from mtl_lightning.search.ray_session import ray_session
 
 DATA = ["data.num_tasks=2", "data.sizes=null", "data.label_noise=[0,1.0]", "data.train_size=3000"]
 DATA += ["data.num_classes=2", "data.latent_dim=8"]
@@ -28,22 +29,29 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("overrides", nargs="*")
+    p.add_argument("--smoke", action="store_true", help="a tiny run that only checks the script works (tests)")
     a = p.parse_args()
+    start, size = START, 4
+    if a.smoke:  # two trials of one epoch on little data, a one-point grid
+        a.epochs, start, size = 1, "search.initial=[[0.3,0.7],[0.7,0.3]]", 2
+        a.overrides += ["data.train_size=64", "data.val_size=32", "data.test_size=32", "search.grid=[0.5]"]
+        a.overrides += ["model.depth=1", "model.width=16"]
     out = tempfile.mkdtemp()
     common = [*DATA, f"trainer.max_epochs={a.epochs}", f"out_dir={out}", "logger=csv", *a.overrides]
-    population = [START, "search.population=4", "search.cpus_per_trial=0.5"]
+    population = [start, f"search.population={size}", "search.cpus_per_trial=0.5"]
     rows = []
     runs = [("grid", ["search.baselines=false"]), ("pbt", population), ("pb2", population)]
-    for reuse in ("true", "false"):
+    for reuse in () if a.smoke else ("true", "false"):  # the same search twice: not what a smoke run checks
         runs.append(("pbt", [*population, f"search.reuse_actors={reuse}", f"search.name_suffix=reuse-{reuse}"]))
     wall = []
-    for name, extra in runs:
-        scfg, rest = compose_search("synthetic_mdl", [f"search={name}", *extra, *common])
-        t0 = time.perf_counter()
-        r = run_search("synthetic_mdl", rest, scfg)
-        wall.append(time.perf_counter() - t0)
-        mean = r.get("final_weights_mean", [float("nan")])[0]
-        rows.append((name, r["best_value"], r["best_weights"][0], mean, r["compute_trial_epochs"]))
+    with ray_session(2 if a.smoke else None):  # one local Ray for every search: its start-up is in none of the times
+        for name, extra in runs:
+            scfg, rest = compose_search("synthetic_mdl", [f"search={name}", *extra, *common])
+            t0 = time.perf_counter()
+            r = run_search("synthetic_mdl", rest, scfg)
+            wall.append(time.perf_counter() - t0)
+            mean = r.get("final_weights_mean", [float("nan")])[0]
+            rows.append((name, r["best_value"], r["best_weights"][0], mean, r["compute_trial_epochs"]))
     print("| search | best rank-split acc_mean | best trial's p (optimum 1) | population mean p | trial-epochs |")
     print("|---|---|---|---|---|")
     for name, acc, w0, mean, c in rows[:3]:
@@ -51,6 +59,8 @@ def main() -> None:
     (_, ga, _, _, gc) = rows[0]
     for name, acc, _, _, c in rows[1:3]:
         print(f"\n{name.upper()} / grid: accuracy {acc / ga:.3f}, compute {c / gc:.2f}")
+    if a.smoke:
+        return
     reuse, fresh = wall[3:]
     print(f"\nPBT wall time, reused workers / fresh processes: {reuse:.0f} s / {fresh:.0f} s = {reuse / fresh:.2f}")
 

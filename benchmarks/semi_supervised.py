@@ -57,7 +57,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=3, help="steps per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is shown")
+    p.add_argument("--smoke", action="store_true", help="a tiny run that only checks the script works (tests)")
     a = p.parse_args()
+    if a.smoke:
+        a.batch, a.steps, a.rounds = 2, 1, 1
     print(f"batch {a.batch}, {torch.get_num_threads()} threads")
     print("| model | supervised (ms) | + rotation | + exemplar | + both |")
     print("|---|---|---|---|---|")

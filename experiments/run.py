@@ -1,6 +1,7 @@
 """Train one experiment: `python -m experiments.run exp=digits_mtl [key=value ...]`.
 
-`python -m experiments.run --list` lists the experiments; `--help` prints this text.
+`python -m experiments.run --list` lists the experiments; `--help` prints this text; `--print-config` prints the
+resolved configuration before training (it is always written to the run's config.yaml).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        cfg = compose(exps[0], [a for a in argv if not a.startswith("exp=")])
-        run(cfg, show_config=True)
+        cfg = compose(exps[0], [a for a in argv if not a.startswith(("exp=", "--"))])
+        run(cfg, show_config="--print-config" in argv)
     except MTLError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2

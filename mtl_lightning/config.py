@@ -70,8 +70,8 @@ class TrainerConfig:
     limit_val_batches: Any = None
     gradient_clip_val: float | None = None
     num_sanity_val_steps: int = 0
-    enable_progress_bar: bool = True
-    enable_model_summary: bool = True
+    enable_progress_bar: bool = True  # a bar in a terminal; else (or with false) a line per epoch
+    enable_model_summary: bool = False  # Lightning's table of modules (the run's summary line counts parameters)
     deterministic: bool = False  # deterministic CUDA kernels: a resumed GPU run then matches bit for bit
     early_stopping_patience: int = 0  # stop after this many validations without a better checkpoint.monitor (0: off)
 
@@ -200,11 +200,43 @@ def compose(exp: str, overrides: Sequence[str] = (), config_dir: Path = CONFIG_D
         # the experiment's weighting options belong to its own method: another one starts from its defaults
         # (exp=domainnet_forkmerge weighting=uniform is joint training, not an error about weighting.target)
         delta = OmegaConf.masked_copy(delta, [k for k in delta if k != "weighting"])
+    delta = _vit_shape_for(cli, delta)
+    for src, where in ((delta, f"experiment file {path}"), (cli, "the command line")):
+        _check_nested_lists(src, where)
     schema = _schema(chosen("data", "digits"), weighting)
     cfg = _merge(schema, delta, f"experiment file {path}")
     cfg = _merge(cfg, cli, "the command line")
     cfg.exp = exp
     return cfg
+
+
+VIT_SHAPE = ("depth", "width", "num_heads", "patch_size", "mlp_ratio")  # model keys that shape a ViT only
+NESTED = {"population.weights": "one weight vector per member, e.g. population.weights=[[0.5,0.5],[0.9,0.1]]"}
+
+
+def _vit_shape_for(cli: DictConfig, delta: DictConfig) -> DictConfig:
+    """The experiment's ViT shape keys dropped when the command line picks a timm backbone that is not a ViT (and
+    does not set them itself): they shaped the experiment's ViT, not the backbone asked for."""
+    backbone = OmegaConf.select(cli, "model.backbone")
+    if backbone is None or "model" not in delta:
+        return delta
+    import timm
+
+    from .model import is_vit
+
+    if not timm.is_model(backbone) or is_vit(backbone):
+        return delta
+    given = OmegaConf.select(cli, "model") or {}
+    model = {k: v for k, v in delta.model.items() if k not in VIT_SHAPE or k in given}
+    return OmegaConf.merge(OmegaConf.masked_copy(delta, [k for k in delta if k != "model"]), {"model": model})
+
+
+def _check_nested_lists(src: DictConfig, where: str) -> None:
+    """A flat list where a list of lists belongs, named with the key (OmegaConf names only the list's index)."""
+    for key, shape in NESTED.items():
+        value = OmegaConf.select(src, key)
+        if OmegaConf.is_list(value) and not all(OmegaConf.is_list(v) for v in value):
+            raise MTLError(f"{key}={OmegaConf.to_container(value)} (from {where}) must be {shape}.")
 
 
 def _schema(data: str, weighting: str) -> DictConfig:
@@ -229,6 +261,17 @@ def with_weighting(cfg: DictConfig, weighting: dict, **changes) -> DictConfig:
     rest = OmegaConf.to_container(cfg, resolve=True)
     rest.update(weighting=weighting, **changes)
     return _merge(_schema(cfg.data.name, weighting["name"]), OmegaConf.create(rest), "a derived run")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested dict as {"a.b.c": value}: what two configs are compared by, key by key."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

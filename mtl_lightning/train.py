@@ -17,7 +17,8 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import AtomicCheckpointIO, LastCheckpoint
-from .config import save_config, with_weighting, write_atomic
+from .config import flatten, save_config, with_weighting, write_atomic
+from .console import progress_callbacks, quiet_lightning, say, summary, warn
 from .data import create_datamodule
 from .errors import MTLError
 from .forkmerge import ForkMerge, target_score
@@ -139,8 +140,8 @@ def save_run_config(cfg: DictConfig, run_dir: Path, resumed: bool) -> Path:
     n = 1
     while (run_dir / f"config.resume-{n}.yaml").exists():
         n += 1
-    old = _flat(OmegaConf.to_container(OmegaConf.load(path)))
-    new = _flat(OmegaConf.to_container(cfg, resolve=True))
+    old = flatten(OmegaConf.to_container(OmegaConf.load(path)))
+    new = flatten(OmegaConf.to_container(cfg, resolve=True))
     changed = [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
     ]
@@ -148,16 +149,6 @@ def save_run_config(cfg: DictConfig, run_dir: Path, resumed: bool) -> Path:
     path = run_dir / f"config.resume-{n}.yaml"
     write_atomic(path, f"# Resumed from config.yaml; the keys this command changed:\n{head}" + OmegaConf.to_yaml(cfg))
     return path
-
-
-def _flat(d, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def wandb_mode(cfg: DictConfig) -> str:
@@ -239,6 +230,53 @@ def check_settings(cfg: DictConfig) -> None:
     for key, (ok, why) in bounds.items():
         if not ok:
             raise MTLError(f"optim.{key}={o[key]} {why}.")
+    p = cfg.population
+    if p.pbt and not p.weights:
+        raise MTLError(
+            "population.pbt=true runs PBT over a population's members, and population.weights gives none: set "
+            "population.weights=[[...],[...],...] (one starting vector per member), or search=pbt "
+            "search.backend=population, which draws them."
+        )
+    if p.pbt:
+        warn_no_perturbation(cfg.trainer.max_epochs, p.perturbation_interval, "population.perturbation_interval")
+
+
+def warn_no_perturbation(epochs: int, interval: int, key: str) -> None:
+    """PBT exploits and explores every `interval` epochs, never after the last: say so when none can happen."""
+    if 0 < epochs <= interval:
+        warn(
+            f"PBT perturbs every {key}={interval} epoch(s), never after the last, and trainer.max_epochs={epochs} "
+            "leaves no perturbation: every member keeps its starting weights (a random search of them). Give "
+            f"trainer.max_epochs > {key}."
+        )
+
+
+def requested_devices(t) -> int:
+    """How many processes `trainer.devices` (with `trainer.accelerator`) starts, as Lightning counts them: "auto" and
+    -1 are every GPU when one is used, else 1 (the CPU)."""
+    if OmegaConf.is_list(t.devices) or isinstance(t.devices, list | tuple):
+        return len(t.devices)
+    if str(t.devices) not in ("auto", "-1"):
+        return int(t.devices)
+    gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+    return torch.cuda.device_count() if gpu else 1
+
+
+def check_one_device(cfg: DictConfig, dm, forks: bool) -> None:
+    """Refuse, before anything starts, several devices for a run whose batches are drawn on one (Lightning would
+    start every rank first, and each would refuse)."""
+    reason = None
+    if cfg.data.labels_per_class is not None:
+        reason = "semi-supervised batches (data.labels_per_class) are drawn on one device"
+    elif forks and cfg.data.mixing == "sample":
+        reason = "ForkMerge with data.mixing=sample draws one batch per branch on one device"
+    n = requested_devices(cfg.trainer)
+    if reason and n > 1:
+        raise MTLError(
+            f"This run's {reason}, and trainer.devices={cfg.trainer.devices} asks for {n}. Train it on one device "
+            "(trainer.devices=1), or use the devices for several runs at once: a search or study places its trials "
+            "side by side (search.gpus_per_trial, study.gpus_per_trial)."
+        )
 
 
 def train(
@@ -254,6 +292,7 @@ def train(
     step leaves no folder behind. `save_checkpoints=False` writes no best/last.ckpt: a search trial's checkpoints
     are the ones it reports to Tune.
     """
+    quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     check_settings(cfg)
     dm = create_datamodule(cfg.data, cfg.seed)
@@ -267,6 +306,7 @@ def train(
     elif cfg.data.mixing == "sample" and not forks:  # ForkMerge's branches sample with their own weights (below)
         dm.probs = weighting.mixture_probs()
     dm.check()
+    check_one_device(cfg, dm, forks)
     weighting.check(str(cfg.trainer.precision), distributed=False)  # again with the world size in setup()
     bases = delta_bases(cfg, dm.tasks)
     monitor = cfg.checkpoint.monitor
@@ -294,6 +334,7 @@ def train(
     fresh = not run_dir.exists()
     if announce is not None:
         announce(cfg)
+    say(summary(cfg, dm.tasks, model, run_dir))
     trainer = None
     try:
         if not worker:
@@ -334,6 +375,7 @@ def train(
             )
             callbacks = [*callbacks, stop]
         t = cfg.trainer
+        shown, bar = progress_callbacks(t.enable_progress_bar, monitor)
         trainer = L.Trainer(
             max_epochs=t.max_epochs,
             max_steps=t.max_steps,
@@ -348,10 +390,10 @@ def train(
             gradient_clip_val=clip,
             num_sanity_val_steps=t.num_sanity_val_steps,
             deterministic=t.deterministic,
-            enable_progress_bar=t.enable_progress_bar,
+            enable_progress_bar=bar,
             enable_model_summary=t.enable_model_summary,
             logger=build_loggers(cfg, run_dir) or False,
-            callbacks=[*checkpoints, *callbacks],
+            callbacks=[*checkpoints, *callbacks, *shown],
             enable_checkpointing=save_checkpoints,
             plugins=[AtomicCheckpointIO()],
             default_root_dir=run_dir,

@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 
@@ -26,3 +27,25 @@ def make_cfg(tmp_path):
         return compose(exp, [f"out_dir={out_dir or tmp_path / 'runs'}", *QUIET, *overrides])
 
     return make
+
+
+def _ray_up() -> bool:
+    ray = sys.modules.get("ray")  # not imported: certainly not up (and no import of Ray for every test)
+    return ray is not None and ray.is_initialized()
+
+
+@pytest.fixture(autouse=True)
+def no_ray_left_behind(request):
+    """Fail the test that leaves a Ray session behind, where it happens: a leaked local cluster would make a later
+    test's ray.init fail, or share the cores with the "ray" group, depending on which worker runs what."""
+    before = _ray_up()
+    yield
+    if not before and _ray_up():
+        import ray
+
+        ray.shutdown()  # so the next test starts clean
+        pytest.fail(
+            f"{request.node.nodeid} left Ray initialised: shut down what a test starts (a fixture), and put every test "
+            'that starts Ray in xdist_group("ray").',
+            pytrace=False,
+        )

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -81,3 +82,64 @@ def test_bad_numbers_are_clear_errors(override, message, tmp_path, capsys):
     assert main(["exp=digits_mtl", f"out_dir={tmp_path}", override]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # a self-supervised task alone serves nothing
+        (["exp=digits_ssl", "data.tasks=[rotation]"], r"only self-supervised task\(s\).*data.tasks=\[clean,rotation\]"),
+        # a flat list where one weight vector per member belongs: the key and the expected shape
+        (["exp=digits_mtl", "population.weights=[0.5,0.5]"], r"population.weights=\[0.5, 0.5\].*one weight vector per"),
+        # several devices for batches drawn on one: refused before start-up, with what to do instead
+        (
+            ["exp=digits_ssl", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"],
+            r"semi-supervised batches .* trainer.devices=2 asks for 2\. Train it on one device \(trainer.devices=1\)",
+        ),
+        (["exp=digits_mtl", "population.pbt=true"], r"population.pbt=true runs PBT .* gives none"),
+    ],
+)
+def test_newcomer_mistakes_are_one_clear_paragraph(argv, message, tmp_path, capsys):
+    assert main([*argv, f"out_dir={tmp_path}", "trainer.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1  # once, in one paragraph
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_non_vit_backbone_drops_the_experiments_vit_shape():
+    # digits_ssl shapes a ViT (depth, width, heads, patch); model.backbone=wrn28_2 asks for another model
+    cfg = compose("digits_ssl", ["model.backbone=wrn28_2"])
+    assert [cfg.model[k] for k in ("depth", "width", "num_heads", "patch_size")] == [None] * 4
+    assert compose("digits_ssl", ["model.backbone=vit_tiny_patch16_224"]).model.depth == 3  # a ViT keeps them
+    with pytest.raises(MTLError, match="model.depth shape ViT backbones only"):  # what the user set is theirs
+        from mtl_lightning.model import create_backbone
+
+        create_backbone(compose("digits_ssl", ["model.backbone=wrn28_2", "model.depth=2"]).model, 1, 16)
+
+
+def test_pbt_without_a_perturbation_says_so(capsys):
+    from mtl_lightning.search import compose_search
+
+    compose_search("synthetic_mtl", ["search=pbt", "trainer.max_epochs=1"])
+    assert "warning: PBT perturbs every search.perturbation_interval=1 epoch(s)" in capsys.readouterr().err
+    compose_search("synthetic_mtl", ["search=pbt", "trainer.max_epochs=2"])
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_the_console_shows_a_summary_and_epochs_not_the_config(tmp_path, capsys):
+    argv = ["exp=digits_mtl", f"out_dir={tmp_path}", "data.train_size=64", "data.val_size=32", "data.test_size=32"]
+    assert main([*argv, "trainer.max_epochs=2"]) == 0
+    printed = capsys.readouterr()
+    lines = printed.out.strip().splitlines()
+    assert (
+        lines[0].startswith("exp=digits_mtl: tasks left, right; vit_small_patch16_224 (") and "outputs in" in lines[0]
+    )
+    assert [x.split(",")[0] for x in lines[1:3]] == ["epoch 1/2", "epoch 2/2"] and "val/acc_mean" in lines[2]
+    assert "data:" not in printed.out and "GPU available" not in printed.out + printed.err
+    assert "litlogger" not in printed.out + printed.err and "LeafSpec" not in printed.err
+    assert len(lines) < 20  # summary, epochs, the metrics table
+    config = next(tmp_path.glob("digits_mtl/*/config.yaml")).read_text()  # the full config is in the run folder
+    assert "data:" in config and "batch_size" in config
+    assert main([*argv, "trainer.max_epochs=1", "--print-config"]) == 0
+    assert "batch_size:" in capsys.readouterr().out  # and behind a flag

@@ -24,10 +24,12 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.xdist_group("ray")  # every Ray test on one xdist worker, in turn (conftest.py says why)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def local_ray():
+    """A caller's own Ray (as a notebook's): the search uses it and leaves it up; the fixture shuts it down."""
     ray.init(num_cpus=2, include_dashboard=False)
     yield
+    assert ray.is_initialized()
     ray.shutdown()
 
 
@@ -214,11 +216,30 @@ def test_bad_search_config(argv, message, tmp_path, capsys):
     assert message in err and "Traceback" not in err
 
 
-def test_pb2_ranks_by_a_lower_is_better_dense_metric(local_ray, tmp_path, capsys):
+def test_ray_session_shuts_down_what_it_started_and_leaves_the_callers_ray():
+    from mtl_lightning.search.ray_session import ray_session
+
+    assert not ray.is_initialized()
+    with pytest.raises(RuntimeError, match="inside"):
+        with ray_session(1, quiet=True):
+            assert ray.is_initialized()
+            raise RuntimeError("inside")
+    assert not ray.is_initialized()  # started here: shut down, on an error too
+    ray.init(num_cpus=1, include_dashboard=False)  # a caller's own Ray (a notebook's): used, and left up
+    try:
+        with ray_session(1, quiet=True):
+            pass
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()
+
+
+def test_pb2_ranks_by_a_lower_is_better_dense_metric(tmp_path, capsys):
     over = ["data.train_size=64", "data.val_size=32", "data.batch_size=16", "data.img_size=16", "model.depth=1"]
     over += ["model.width=32", "trainer.max_epochs=2", f"out_dir={tmp_path}", "logger=csv"]
     argv = ["exp=shapes_dense", "search=pb2", "search.population=2", "search.metric=val/depth/abs_err", *over]
     assert main(argv) == 0
+    assert not ray.is_initialized()  # the search started its Ray, and shut it down
     printed = capsys.readouterr()
     assert "trial(s) failed" not in printed.err and "compute: 4 trial-epochs" in printed.out  # 2 trials x 2 epochs
     weights = re.search(r"best weights: \[(.*)\]", printed.out).group(1)

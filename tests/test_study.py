@@ -20,7 +20,7 @@ from mtl_lightning.search.report import analyse, paired_test, pearson, write_rep
 from mtl_lightning.search.study import load_study, native_context, plan_study, run_study, study_files
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.xdist_group("ray")  # every Ray test on one xdist worker, in turn (conftest.py says why)
+RAY = pytest.mark.xdist_group("ray")  # every Ray test on one xdist worker, in turn (conftest.py says why)
 
 TINY = """
 description: two weightings x two seeds on two synthetic tasks
@@ -41,17 +41,26 @@ def write(tmp_path, text, name="tiny.yaml"):
     return str(p)
 
 
+@RAY
 def test_a_tiny_study_killed_resumed_and_reported(tmp_path, capfd):
     study = write(tmp_path, TINY)
     out = tmp_path / "st"
     args = [study, f"study.out_dir={out}", "logger=csv"]
     # the whole study (driver, Ray, trial workers) is killed once its first cell has finished
     cmd = [sys.executable, "-m", "experiments.study", *args]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed-study.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not list((out / "cells").glob("*.json")):
+    while not list((out / "cells").glob("*.json")):  # only a finished cell ends the wait: not a fast exit
+        said = lambda: log.read_text()[-4000:]  # noqa: E731
+        assert proc.poll() is None, f"the study ended (exit {proc.returncode}) before a cell finished:\n{said()}"
+        assert time.time() < deadline, f"no cell finished within 300 s; the study printed:\n{said()}"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it ended between the check and the kill: what it printed says why
+        pytest.fail(f"the study ended on its own (exit {proc.poll()}) instead of being killed:\n{log.read_text()}")
     proc.wait()
     kept = {p.name: p.read_bytes() for p in (out / "cells").glob("*.json")}
     assert 1 <= len(kept) < 8, f"{len(kept)} cells had finished when the study was killed"
@@ -65,7 +74,7 @@ def test_a_tiny_study_killed_resumed_and_reported(tmp_path, capfd):
         # progress and the report's path, not the cells' Lightning and Ray output (that goes to their console.log)
         assert "[8/8] done" in console.out and "training" in console.out and "left" in console.out
         assert len(lines) <= 2 * (8 - len(kept)) + 4, lines
-        assert not any("Checkpoint successfully created" in x or "GPU available" in x for x in lines)
+        assert not any("Checkpoint successfully created" in x or "exp=synthetic_mtl" in x for x in lines)
         runs = sorted((out / "tune").glob("cells-*"))
         assert len(runs) == 2 and len(list(runs[-1].glob("trial_*"))) == 8 - len(kept)  # only the missing cells
         assert all((out / "cells" / n).read_bytes() == b for n, b in kept.items())  # finished cells kept as they were
@@ -78,7 +87,7 @@ def test_a_tiny_study_killed_resumed_and_reported(tmp_path, capfd):
         # every cell's own run directory (config, logs), also for the cells that followed another in a reused worker
         # (named relative to the study's folder) with the cell's console output
         assert all(json.loads((out / c["run_dir"] / "metrics.json").read_text()) for c in cells.values())
-        assert all("GPU available" in (out / c["run_dir"] / "console.log").read_text() for c in cells.values())
+        assert all("epoch 1, step" in (out / c["run_dir"] / "console.log").read_text() for c in cells.values())
         rows = list(csv.DictReader(open(out / "results.csv")))
         assert len(rows) == 8
         for r in rows:
@@ -232,16 +241,89 @@ def test_baselines_are_trained_only_for_the_reported_tasks():
     }
 
 
+@RAY
 def test_the_embedded_semi_supervised_study_runs_at_a_tiny_budget(tmp_path):
     row = "[{name: forkmerge, target: [clean], aux_weight: 10, label: forkmerge-10}]"  # ForkMerge with a view task
     over = [f"study.out_dir={tmp_path / 'st'}", "study.axes.seed=[0]", f"study.axes.weighting={row}", "logger=csv"]
     over += ["data.train_size=300", "data.val_size=100", "data.test_size=100", "trainer.max_epochs=1"]
-    try:
-        out = run_study(*load_study("ssl_digits", over))
-    finally:
-        ray.shutdown()
+    out = run_study(*load_study("ssl_digits", over))
     cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
     assert sorted(cells) == ["forkmerge-10__seed0", "single-task_clean__seed0"]
     assert all(0 <= c["metrics"]["test/acc/clean"] <= 1 for c in cells.values())
     assert "rotation" not in json.dumps(cells["single-task_clean__seed0"]["metrics"])  # supervised only
     assert "val/acc/rotation" in cells["forkmerge-10__seed0"]["metrics"] and (out / "report.md").exists()
+
+
+# a population study (no Ray): two weightings of two tasks and a PBT row, searched in process
+POPULATION = """
+exp: synthetic_mtl
+overrides: [data.num_tasks=2, data.train_size=200, data.val_size=64, data.test_size=64, trainer.max_epochs=2]
+axes: {p: [0.3, 0.7], seed: [0]}
+baselines: false
+backend: population
+searches: [{name: pbt, backend: population, population: 2}]
+"""
+
+
+def _listing(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+def test_a_study_folder_is_reused_only_by_the_study_that_made_it(tmp_path, monkeypatch, capsys):
+    import mtl_lightning.search.study as S
+
+    study, out = write(tmp_path, POPULATION), tmp_path / "st"
+    args = [f"study.out_dir={out}", "logger=csv"]
+
+    def fail(*a, **k):
+        raise MTLError("the cells failed")
+
+    monkeypatch.setattr(S, "_population_cells", fail)  # the first command fails after its search, before any cell
+    with pytest.raises(MTLError, match="the cells failed"):
+        run_study(*load_study(study, args))
+    monkeypatch.undo()
+    assert (out / "searches" / "pbt.json").exists() and not list(out.glob("cells/*.json"))
+    before = _listing(out)
+    # another command must not inherit that search: refused without resume, and with resume when anything differs
+    with pytest.raises(MTLError, match=r"holds a study already \(made by .*\): continue it with resume=true"):
+        run_study(*load_study(study, [*args, "trainer.max_steps=5"]))
+    with pytest.raises(MTLError, match=r"another study: trainer.max_steps -1 there, 5 here\. Resume it with"):
+        run_study(*load_study(study, [*args, "trainer.max_steps=5", "resume=true"]))
+    with pytest.raises(MTLError, match=r"study.axes \{.*0.7.*\} there, \{.*0.9.*\} here"):
+        run_study(*load_study(study, [*args, "study.axes.p=[0.3,0.9]", "resume=true"]))
+    assert _listing(out) == before  # nothing written by the refused commands
+    capsys.readouterr()
+    # the command that made it, resumed: its search is reused (no new search), and the cells train
+    run_study(*load_study(study, [*args, "resume=true", "study.num_cpus=1"]))  # num_cpus changes no result
+    printed = capsys.readouterr().out
+    assert "searching" not in printed and "cells as 1 population(s)" in printed
+    assert sorted(p.stem for p in out.glob("cells/*.json")) == ["p=0.3__seed0", "p=0.7__seed0", "pbt__seed0"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["weighting=pcgrad"], "weighting=pcgrad learns or combines weights per step"),
+        (
+            [
+                "model.backbone=resnet18",
+                "model.depth=null",
+                "model.width=null",
+                "model.num_heads=null",
+                "model.patch_size=null",
+            ],
+            "BatchNorm2d layers",
+        ),
+        (["data.aux_tasks=[rotation]"], r"Task\(s\) \['rotation'\] read their own view"),
+        (["study.backend=spark"], "Unknown study.backend='spark'. Valid choices: ray, population"),
+    ],
+)
+def test_a_population_study_is_checked_before_anything_trains(tmp_path, overrides, message):
+    study = write(tmp_path, POPULATION.replace("data.num_tasks=2,", "data.num_tasks=2, data.mode=mtl,"))
+    out = tmp_path / "st"
+    if "data.aux_tasks=[rotation]" in overrides:  # a view task needs images with classes: the digits
+        study = write(tmp_path, POPULATION.replace("synthetic_mtl", "digits_ssl").replace("data.num_tasks=2, ", ""))
+    t0 = time.monotonic()
+    with pytest.raises(MTLError, match=message):
+        run_study(*load_study(study, [f"study.out_dir={out}", *overrides]))
+    assert not out.exists() and time.monotonic() - t0 < 30  # refused before the search, before any folder

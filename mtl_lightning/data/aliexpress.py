@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..console import say
 from ..errors import MTLError
 from ..tabular import Fields
 from ..tasks import Binary
@@ -159,6 +160,7 @@ def parse(path: Path, cache_root: Path) -> Path:
             f"column {where + 1} is {got!r}, expected {want!r} (search_id, categorical_1..16, numerical_1..63, click, "
             "conversion)."
         )
+    say(f"parsing {path} ({n:,} rows) once into {out} (later runs memory-map it)")
     tmp = cache_root / f".{out.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -331,6 +331,12 @@ class MixtureDataModule(L.LightningDataModule):
             raise MTLError(f"data.tasks={list(chosen)} names {', '.join(twice)} twice; each task may appear once.")
         self.keep = [names.index(t) for t in chosen]
         self.n_base = len(self.all_tasks) - len(cfg.aux_tasks)  # the dataset's own tasks, then self-supervised ones
+        if all(i >= self.n_base for i in self.keep):
+            raise MTLError(
+                f"data.tasks={list(chosen)} holds only self-supervised task(s), which serve the dataset's own tasks "
+                f"and have nothing to serve alone: add at least one of {', '.join(names[: self.n_base])} (e.g. "
+                f"data.tasks=[{names[0]},{chosen[0]}])."
+            )
         self.keep.sort(key=lambda i: i >= self.n_base)  # the dataset's tasks first: their columns come first
         self.tasks = [self.all_tasks[i] for i in self.keep]
         self.probs: Tensor | None = None  # set by the runner for data.mixing=sample

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..console import say
 from ..errors import MTLError
 from ..tasks import Classification
 from .base import DATASETS, LabelledTensors
@@ -258,6 +259,7 @@ def zca_fit_cached(train_images: Tensor, cache: Path) -> tuple[Tensor, Tensor]:
     if path.exists():
         d = torch.load(path, weights_only=True)
         return d["mean"], d["W"]
+    say(f"fitting ZCA whitening on {len(train_images):,} training images once (cached in {cache})")
     mean, W = zca_fit(gcn(train_images))
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")

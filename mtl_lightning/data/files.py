@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..console import say
 from ..errors import MTLError
 from .base import DataConfig, LabelledTensors, MixtureDataModule, Split
 
@@ -117,6 +118,7 @@ def cached(ds: ImageFiles, cache_dir: Path, tag: str, num_workers: int = 0) -> L
     key = hashlib.sha1("\n".join(map(str, ds.paths)).encode() + str(ds.size).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"{tag}-{ds.size}px-{key}.npy"
     if not path.exists():
+        say(f"decoding {len(ds):,} images of {tag} once into {path} (later runs memory-map it)")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ds), 3, ds.size, ds.size))

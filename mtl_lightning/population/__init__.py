@@ -11,9 +11,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import PopulationConfig, config_from_dict, with_weighting, write_atomic
+from ..data import create_datamodule
 from ..errors import MTLError
+from ..model import build_network, is_vit
 from ..weighting import check_weights
-from .module import PopulationModule
+from .module import Member, PopulationModule, check_vectorisable
 from .pbt import PopulationPBT, copy_member
 
 FUSED = ("auto", "on", "off")
@@ -57,6 +59,19 @@ def plan_population(cfg: DictConfig, tasks: list[str]) -> tuple[torch.Tensor, li
         if not 0 < p.weight_low <= 1:
             raise MTLError(f"population.weight_low={p.weight_low} must lie in (0, 1].")
     return W, seeds
+
+
+def check_population(cfg: DictConfig) -> None:
+    """Every refusal a population run of `cfg` gives before its first step, without training or writing anything:
+    what a study checks before its first cell. The network is built on the meta device (no memory, no init)."""
+    dm = create_datamodule(cfg.data, cfg.seed)
+    plan_population(cfg, [t.name for t in dm.tasks])
+    if dm.in_chans is None:  # tabular fields, whose sizes come from the data files: checked when the run starts
+        return
+    with torch.device("meta"):
+        net = build_network(dm.tasks, dm.in_chans, dm.img_size, cfg.model)
+    spatial = any(t.dense for t in dm.tasks)
+    check_vectorisable(Member(*net, dm.tasks, spatial, is_vit(cfg.model.backbone)), cfg.model.backbone)
 
 
 def member_config(cfg: DictConfig, weights: list[float], seed: int) -> DictConfig:
@@ -126,6 +141,7 @@ def write_member_metrics(
 __all__ = [
     "PopulationModule",
     "PopulationPBT",
+    "check_population",
     "copy_member",
     "export_member",
     "member_config",

@@ -77,12 +77,6 @@ class PopulationModule(TaskModel):
         clip_val: float | None = None,
     ):
         super().__init__(tasks, model_cfg, optim_cfg, seed, hparams, delta_base)
-        views = [t.name for t in self.tasks if t.view]
-        if views:  # a view task runs its own forwards (and an EMA teacher): not one vmapped pass over a shared batch
-            raise MTLError(
-                f"Task(s) {views} read their own view of the input, which a vectorised population does not run. "
-                "Train these runs separately (search.backend=ray or study.backend=ray)."
-            )
         self.N, self.mixing, self.member_seeds = len(seeds), mixing, list(seeds)
         members = []
         for s in self.member_seeds:
@@ -90,7 +84,8 @@ class PopulationModule(TaskModel):
             members.append(
                 Member(*build_network(self.tasks, in_chans, img_size, model_cfg), self.tasks, self.spatial, self.vit)
             )
-        check_vectorisable(members[0], model_cfg.backbone)
+            if len(members) == 1:  # before building the others
+                check_vectorisable(members[0], model_cfg.backbone)
         params, buffers = stack_module_state(members)
         self.names = list(params)
         self.stacked = nn.ParameterDict({_key(n): nn.Parameter(p) for n, p in params.items()})
@@ -270,8 +265,14 @@ class PopulationModule(TaskModel):
         return out
 
 
-def check_vectorisable(member: nn.Module, backbone: str) -> None:
+def check_vectorisable(member: Member, backbone: str) -> None:
     """Refuse what a vmapped population cannot train as standalone runs would, naming it and the alternative."""
+    views = [t.name for t in member._tasks if t.view]
+    if views:  # a view task runs its own forwards (and an EMA teacher): not one vmapped pass over a shared batch
+        raise MTLError(
+            f"Task(s) {views} read their own view of the input, which a vectorised population does not run. "
+            "Train these runs separately (search.backend=ray or study.backend=ray)."
+        )
     norms = [type(m).__name__ for m in member.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
     if norms:
         raise MTLError(

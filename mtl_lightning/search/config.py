@@ -10,6 +10,7 @@ from ..config import compose
 from ..data import create_datamodule
 from ..errors import MTLError
 from ..model import default_monitor, higher_is_better
+from ..train import warn_no_perturbation
 
 
 @dataclass
@@ -83,6 +84,8 @@ def compose_search(exp: str, overrides: list[str]) -> tuple[SearchConfig, list[s
     if not 0 < scfg.train_fraction < 1:
         raise MTLError(f"search.train_fraction={scfg.train_fraction} must be within (0, 1): the rest ranks trials.")
     cfg = compose(exp, rest)  # fail now, not inside a trial, on a bad training override
+    if scfg.name != "grid" and scfg.backend == "ray":  # (a population's PBT says it when it starts)
+        warn_no_perturbation(cfg.trainer.max_epochs, scfg.perturbation_interval, "search.perturbation_interval")
     dm_tasks, has_delta = create_datamodule(cfg.data).tasks, bool(cfg.delta_m.runs or cfg.delta_m.base)
     if scfg.metric == "auto":
         scfg.metric = default_monitor(dm_tasks, has_delta)

@@ -1,9 +1,7 @@
-"""The search's driver: Ray set-up, the Tuner, the summary."""
+"""The search's driver: the Tuner (in a `ray_session`), the summary."""
 
 from __future__ import annotations
 
-import logging
-import os
 import random
 from pathlib import Path
 
@@ -19,46 +17,8 @@ from .budget import budget_overrides, equal_steps
 from .config import SearchConfig
 from .grid import _grid_report, _grid_space
 from .pbt import _initial_weights_callback, _pbt_report, _pbt_space
+from .ray_session import quiet_tune, ray_session
 from .trial import trial
-
-
-class _DoubleDeleteFilter(logging.Filter):
-    """Drop Tune's traceback for deleting an already deleted checkpoint (Ray 2.60, harmless, seen with PBT).
-
-    PBT asks a donor to save, and Tune registers the checkpoint that save returns a second time; with
-    `num_to_keep` the second entry later deletes a folder the first already removed. Only that case is dropped.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not ("Error handling checkpoint" in str(record.msg) and isinstance(exc, FileNotFoundError))
-
-
-def quiet_tune() -> None:
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    # Tune warns each time a trial's checkpoints (one per epoch, num_to_keep) force an experiment snapshot within 5 s
-    # of the last: always, with small cells, and harmless at their size; 0 turns the warning off
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    controller_log = logging.getLogger("ray.tune.execution.tune_controller")
-    if not any(isinstance(f, _DoubleDeleteFilter) for f in controller_log.filters):
-        controller_log.addFilter(_DoubleDeleteFilter())
-
-
-def init_ray(num_cpus: int | None, quiet: bool = False) -> None:
-    """Local Ray with `num_cpus` (None: all), or the cluster at RAY_ADDRESS; nothing if Ray is already up. `quiet`:
-    Ray's and Tune's own console lines (start-up, the experiment's table, where results went) only on errors."""
-    import ray
-
-    if quiet:  # trials write their own console.log; Tune's restore notices are not problems
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter prints nothing at verbose=0
-        for name in ("ray.tune", "ray.train"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    if not ray.is_initialized():
-        quiet_args = {"logging_level": logging.ERROR, "log_to_driver": False} if quiet else {}
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(**quiet_args)  # an existing cluster
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet_args)
 
 
 def run_search(exp: str, overrides: list[str], scfg: SearchConfig, quiet: bool = False) -> dict:
@@ -91,7 +51,6 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig, quiet: bool =
     if scfg.backend == "population":
         return _population_search(exp, base["overrides"], scfg, cfg, tasks, path, base["sign"])
     gpus = scfg.gpus_per_trial if scfg.gpus_per_trial >= 0 else float(torch.cuda.is_available())
-    init_ray(scfg.num_cpus)
     trainable = tune.with_resources(trial, {"cpu": scfg.cpus_per_trial, "gpu": gpus})
     run_config = tune.RunConfig(
         name=name,
@@ -110,16 +69,18 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig, quiet: bool =
     if scfg.resume:
         if not tune.Tuner.can_restore(str(path)):
             raise MTLError(f"search.resume=true found no search to continue in {path}; start it without resume.")
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
-    else:
-        if path.exists():
-            raise MTLError(f"{path} holds a search already: continue it with resume=true, or set search.name_suffix.")
-        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
-    results = tuner.fit()
-    errors = [str(r.error).splitlines()[0] for r in results if r.error]
-    if errors and len(errors) == len(results):
-        raise MTLError(f"Every trial failed; the first error: {errors[0]}. Logs: {path}")
-    out = (_grid_report if scfg.name == "grid" else _pbt_report)(results, scfg, tasks, path)
+    elif path.exists():
+        raise MTLError(f"{path} holds a search already: continue it with resume=true, or set search.name_suffix.")
+    with ray_session(scfg.num_cpus, quiet):
+        if scfg.resume:
+            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+        results = tuner.fit()
+        errors = [str(r.error).splitlines()[0] for r in results if r.error]
+        if errors and len(errors) == len(results):
+            raise MTLError(f"Every trial failed; the first error: {errors[0]}. Logs: {path}")
+        out = (_grid_report if scfg.name == "grid" else _pbt_report)(results, scfg, tasks, path)
     out["failed_trials"] = errors
     out["compute_trial_epochs"] = sum(int(r.metrics.get("training_iteration", 0)) for r in results if r.metrics)
     out["search_dir"] = str(path)

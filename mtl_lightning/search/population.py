@@ -15,6 +15,7 @@ import random
 from pathlib import Path
 
 from ..config import compose
+from ..console import say
 from ..errors import MTLError
 from ..train import train
 from .budget import budget_overrides, equal_steps
@@ -57,6 +58,10 @@ def run_population_grid(exp: str, overrides: list[str], scfg, cfg, tasks: list[s
         tuple(c): [*common, *([f"model.depth={c[0]}", f"model.width={c[1]}"] if c[0] is not None else [])] for c in caps
     }
     named = {f"population-{c[0]}x{c[1]}": over for c, over in jobs.items()}
+    say(
+        f"the grid: {len(members)} members ({len(scfg.grid)} weights, {len(members) - len(scfg.grid)} single-task) "
+        f"as {len(named)} population(s), {steps} steps each"
+    )
     done = run_populations(exp, named, path / "runs", scfg.num_cpus, scfg.cpus_per_trial, scfg.gpus_per_trial)
     results = {c: done[f"population-{c[0]}x{c[1]}"] for c in jobs}
     rows = []
@@ -70,30 +75,37 @@ def run_population_grid(exp: str, overrides: list[str], scfg, cfg, tasks: list[s
 
 
 def run_populations(
-    exp: str, jobs: dict[str, list[str]], out_dir: Path, num_cpus, cpus_per_trial: float, gpus_per_trial: float
+    exp: str,
+    jobs: dict[str, list[str]],
+    out_dir: Path,
+    num_cpus,
+    cpus_per_trial: float,
+    gpus_per_trial: float,
+    quiet: bool = False,
 ) -> dict[str, dict]:
     """Train each population of `jobs` (run name -> overrides) under `out_dir`; their final metrics by name. One
-    trains in this process; several are Ray trials, one population each (several GPUs, or a RAY_ADDRESS cluster)."""
+    trains in this process; several are Ray trials, one population each (several GPUs, or a RAY_ADDRESS cluster).
+    `quiet`: Ray's own console lines only on errors."""
     if len(jobs) == 1:
         ((name, over),) = jobs.items()
         return {name: train(compose(exp, [*over, f"out_dir={out_dir}", f"run_name={name}"]))}
     import torch
     from ray import tune
 
-    from .driver import init_ray
+    from .ray_session import ray_session
 
     def population_trial(config: dict) -> None:
         m = train(compose(exp, [*config["overrides"], f"out_dir={out_dir}", f"run_name={config['name']}"]))
         tune.report({k: v for k, v in m.items() if k.startswith(("val/", "test/"))})
 
-    init_ray(num_cpus)
     gpus = gpus_per_trial if gpus_per_trial >= 0 else float(torch.cuda.is_available())
     space = {"job": tune.grid_search([{"name": n, "overrides": o} for n, o in jobs.items()])}
     trainable = tune.with_resources(
         lambda config: population_trial(config["job"]), {"cpu": cpus_per_trial, "gpu": gpus}
     )
     run_config = tune.RunConfig(name="populations", storage_path=str(out_dir.parent / "tune"), verbose=0)
-    results = tune.Tuner(trainable, param_space=space, run_config=run_config).fit()
+    with ray_session(num_cpus, quiet):
+        results = tune.Tuner(trainable, param_space=space, run_config=run_config).fit()
     out = {}
     for r in results:
         if r.error:
@@ -120,6 +132,7 @@ def run_population_pbt(exp: str, overrides: list[str], scfg, cfg, tasks: list[st
         f"population.pbt_seed={scfg.seed}",
     ]
     over = [*overrides, _weights_arg(raw), *pbt, "test=false", f"out_dir={path / 'runs'}", "run_name=population"]
+    say(f"PBT: {n} members as one population, perturbed every {scfg.perturbation_interval} epoch(s)")
     metrics = train(compose(exp, over))
     run_dir = Path(metrics["run_dir"])
     state = _pbt_state(run_dir)

@@ -33,7 +33,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ..config import compose, write_atomic
+from ..config import compose, flatten, write_atomic
 from ..data import create_datamodule
 from ..errors import MTLError
 from ..model import metric_directions
@@ -43,6 +43,7 @@ from .config import compose_search, split_overrides
 
 STUDY_DIR = Path(__file__).resolve().parents[2] / "experiments" / "studies"
 SPECIAL_AXES = ("weighting", "p", "capacity", "seed")
+BACKENDS = ("ray", "population")
 CONTEXT_FREE = ("weighting", "p", "data.tasks", "seed")  # axes that do not change what the baselines train
 
 
@@ -324,9 +325,67 @@ def plan_study(cfg: StudyConfig, overrides: list[str]) -> Plan:
             )
     if cfg.grad_cos_every < 0:
         raise MTLError(f"study.grad_cos_every={cfg.grad_cos_every} must be >= 0 (0: off).")
+    if cfg.backend not in BACKENDS:
+        raise MTLError(f"Unknown study.backend={cfg.backend!r}. Valid choices: {', '.join(BACKENDS)}.")
     extra = [f"grad_cos_every={cfg.grad_cos_every}"] if cfg.grad_cos_every else []
     check_cells(cfg, cells, [*overrides, *extra])
+    if cfg.backend == "population":  # every population the cells make passes its checks before anything trains
+        from ..population import check_population
+
+        jobs, _ = population_jobs(cells, tasks, [*cfg.overrides, *overrides, *extra])
+        for job in jobs.values():
+            try:
+                check_population(compose(cfg.exp, job))
+            except MTLError as e:
+                raise MTLError(f"Study {cfg.name} with study.backend=population: {e}") from None
     return Plan(train_cfg, tasks, cells, search_rows, metrics, directions, extra)
+
+
+# what changes a study's results: a resumed study must match them (not num_cpus, references or the report's rows)
+RESULT_KEYS = ("exp", "overrides", "axes", "baselines", "searches", "grad_cos_every", "backend")
+# config keys that say where outputs go and how they are shown, not what trains
+NOT_RESULTS = ("out_dir", "run_name", "resume", "logger", "wandb.", "trainer.enable_progress_bar")
+
+
+def plan_record(cfg: StudyConfig, plan: Plan) -> dict:
+    """What made a study folder: the study's result keys and the training config they compose to, flattened."""
+    config = flatten(OmegaConf.to_container(plan.train_cfg, resolve=True))
+    return {
+        "study": {k: getattr(cfg, k) for k in RESULT_KEYS},
+        "config": {k: v for k, v in config.items() if not k.startswith(NOT_RESULTS)},
+    }
+
+
+def check_reuse(out: Path, made_by: dict, resume: bool) -> None:
+    """A study folder is reused only with resume=true, and only by the study that made it: otherwise its searches
+    and cells would be credited to another command. Refuses in one paragraph naming what differs."""
+    held = [p for p in (out / "meta.json", *out.glob("cells/*.json"), *out.glob("searches/*.json")) if p.exists()]
+    if not held:
+        return
+    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+    command = meta.get("command", "unknown")
+    if not resume:
+        raise MTLError(
+            f"{out} holds a study already (made by `{command}`): continue it with resume=true and the same study and "
+            "overrides, or write this one elsewhere with study.out_dir=PATH. Nothing was written."
+        )
+    old = meta.get("plan") or {"study": {k: meta.get("study", {}).get(k) for k in RESULT_KEYS}}
+    diffs = []
+    for section, here in made_by.items():
+        there = old.get(section)
+        if there is None:  # a study folder from before the config was recorded: its study keys only
+            continue
+        for k in [*here, *(k for k in there if k not in here)]:
+            if here.get(k) != there.get(k):
+                diffs.append(
+                    f"{'study.' if section == 'study' else ''}{k} {there.get(k)!r} there, {here.get(k)!r} here"
+                )
+    if diffs:
+        raise MTLError(
+            f"resume=true continues the study in {out}, but this command describes another study: "
+            f"{'; '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''}. Resume it with the command that made it "
+            f"(`{command}`), or write this one elsewhere with study.out_dir=PATH. Nothing was written."
+        )
 
 
 def run_study(cfg: StudyConfig, overrides: list[str], command: str | None = None) -> Path:
@@ -336,7 +395,7 @@ def run_study(cfg: StudyConfig, overrides: list[str], command: str | None = None
     the training overrides."""
     from ray import tune
 
-    from .driver import init_ray, quiet_tune
+    from .ray_session import ray_session
     from .report import write_report
     from .trial import trial
 
@@ -344,12 +403,13 @@ def run_study(cfg: StudyConfig, overrides: list[str], command: str | None = None
     train_cfg, tasks, cells, metrics, extra = plan.train_cfg, plan.tasks, plan.cells, plan.metrics, plan.extra
     steps = equal_steps(train_cfg)
     out = study_dir(cfg, train_cfg)
+    made_by = plan_record(cfg, plan)
+    check_reuse(out, made_by, cfg.resume)
     cells_dir = out / "cells"
-    if cells_dir.exists() and any(cells_dir.iterdir()) and not cfg.resume:
-        raise MTLError(f"{out} holds a study already: continue it with resume=true, or set study.out_dir.")
     cells_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "study": asdict(cfg),
+        "plan": made_by,  # what a resume must match
         "command": command or "python -m experiments.study " + shlex.join([cfg.name, *overrides]),
         "tasks": tasks,
         "metrics": metrics,
@@ -364,8 +424,7 @@ def run_study(cfg: StudyConfig, overrides: list[str], command: str | None = None
         meta["wandb"] = {"project": w.project, "entity": w.entity, "mode": wandb_mode(train_cfg)}
     gpus = cfg.gpus_per_trial if cfg.gpus_per_trial >= 0 else float(_cuda())
     meta["gpus_per_trial"] = gpus
-    init_ray(cfg.num_cpus, quiet=True)  # the console shows the cells' progress (below) and problems
-    quiet_tune()
+    write_atomic(out / "meta.json", json.dumps(meta, indent=1))  # before any search: the folder says what made it
     shared = [*cfg.overrides, *overrides, *extra, "trainer.enable_progress_bar=false"]
     common = [*shared, *budget_overrides(steps)]
     for spec in cfg.searches:  # search the weights first; the found weights are retrained per seed like any row
@@ -404,7 +463,8 @@ def run_study(cfg: StudyConfig, overrides: list[str], command: str | None = None
             verbose=0,
         )
         tune_config = tune.TuneConfig(reuse_actors=cfg.reuse_actors)
-        tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config).fit()
+        with ray_session(cfg.num_cpus, quiet=True):  # the console shows the cells' progress (above) and problems
+            tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config).fit()
     done = [c for c in cells if (cells_dir / f"{c['id']}.json").exists()]
     if not done:
         raise MTLError(f"Every cell of study {cfg.name} failed; see the trials' logs in {out / 'tune'}.")
@@ -446,35 +506,45 @@ def _as_member(cell: dict, tasks: list[str]) -> tuple[list[str], list[float], in
     return ctx, [w / sum(weights) for w in weights], seed, task
 
 
-def _population_cells(
-    cfg: StudyConfig, plan: Plan, pending: list[dict], common: list[str], out: Path, total: int, steps: int
-) -> None:
-    """study.backend=population: the pending cells grouped by everything but their weights and seed (capacity ...),
-    each group one population; every member's final metrics become its cell's record, as a Ray cell's would."""
-    from ..data import create_datamodule
-    from .population import _weights_arg, run_populations
+def population_jobs(cells: list[dict], tasks: list[str], common: list[str]) -> tuple[dict[str, list[str]], list]:
+    """study.backend=population: `cells` grouped by everything but their weights and seed (capacity ...), each group
+    one population. Returns each population's overrides by run name, and each group's (cell, weights, seed, baseline
+    task) members; a cell no population can train stops with the reason."""
+    from .population import _weights_arg
 
-    tasks = create_datamodule(plan.train_cfg.data, plan.train_cfg.seed).tasks
-    own = {
-        t.name: {k for st in ("val", "test") for k in (f"{st}/loss/{t.name}", *(t.key(st, m) for m in t.metrics))}
-        for t in tasks
-    }
     groups: dict[tuple, list] = {}
-    for c in pending:
-        ctx, w, seed, task = _as_member(c, plan.tasks)
+    for c in cells:
+        ctx, w, seed, task = _as_member(c, tasks)
         groups.setdefault(tuple(ctx), []).append((c, w, seed, task))
     jobs = {}
     for g, (ctx, members) in enumerate(groups.items()):
         seeds = ",".join(str(m[2]) for m in members)
         jobs[f"population-{g}"] = [*common, *ctx, _weights_arg([m[1] for m in members]), f"population.seeds=[{seeds}]"]
         jobs[f"population-{g}"] += ["population.normalize=false", "test=true"]
-    print(f"{len(pending)} cells as {len(jobs)} population(s) of {', '.join(str(len(m)) for m in groups.values())}")
+    return jobs, list(groups.values())
+
+
+def _population_cells(
+    cfg: StudyConfig, plan: Plan, pending: list[dict], common: list[str], out: Path, total: int, steps: int
+) -> None:
+    """study.backend=population: each group of pending cells one population (`population_jobs`); every member's
+    final metrics become its cell's record, as a Ray cell's would."""
+    from ..data import create_datamodule
+    from .population import run_populations
+
+    tasks = create_datamodule(plan.train_cfg.data, plan.train_cfg.seed).tasks
+    own = {
+        t.name: {k for st in ("val", "test") for k in (f"{st}/loss/{t.name}", *(t.key(st, m) for m in t.metrics))}
+        for t in tasks
+    }
+    jobs, groups = population_jobs(pending, plan.tasks, common)
+    print(f"{len(pending)} cells as {len(jobs)} population(s) of {', '.join(str(len(m)) for m in groups)}")
     start = time.monotonic()
     runs = out / "populations" / time.strftime("%Y%m%d-%H%M%S")
-    results = run_populations(cfg.exp, jobs, runs, cfg.num_cpus, cfg.cpus_per_trial, cfg.gpus_per_trial)
+    results = run_populations(cfg.exp, jobs, runs, cfg.num_cpus, cfg.cpus_per_trial, cfg.gpus_per_trial, quiet=True)
     seconds = time.monotonic() - start
     done = total - len(pending)
-    for (name, metrics), members in zip(results.items(), groups.values()):
+    for (name, metrics), members in zip(results.items(), groups):
         for i, (c, _, _, task) in enumerate(members):
             mine = {k[: -len(f"/m{i}")]: v for k, v in metrics.items() if k.endswith(f"/m{i}")}
             if task is not None:  # a baseline reports its own task only, as a single-task run would
@@ -524,6 +594,8 @@ def _run_search_row(cfg: StudyConfig, spec: dict, shared: list[str], out: Path) 
         return label, record["best_weights"], record
     # PBT's clock is the epoch: the search trains the experiment's epochs, its retrained rows the study's steps
     over = [*shared, *_search_keys(spec), f"search.storage_path={out / 'searches'}", f"search.name_suffix={label}"]
+    if cfg.num_cpus and "num_cpus" not in spec:  # the study's local Ray size, for its search too
+        over.append(f"search.num_cpus={cfg.num_cpus}")
     scfg, rest = compose_search(cfg.exp, over)
     print(f"searching the weights with {label} ({scfg.population} trials; their output goes to their console.log)")
     res = run_search(cfg.exp, rest, scfg, quiet=True)
