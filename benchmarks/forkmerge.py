@@ -40,7 +40,7 @@ def timed(spent: dict, key: str, fn):
 
 def whole(a) -> None:
     spent = defaultdict(float)
-    T.rank_auxiliaries = timed(spent, "pruning", T.rank_auxiliaries)
+    T.rank_auxiliaries = timed(spent, "pruning", T.rank_auxiliaries)  # as train.py calls it
     ForkMerge.merge = timed(spent, "merge", ForkMerge.merge)
     ForkMerge.track = timed(spent, "best-of-round scoring", ForkMerge.track)
     E = a.epochs

@@ -39,7 +39,8 @@ def one(model: str, n: int, mode: str, steps: int, batch: int, fused: bool, chun
     from omegaconf import OmegaConf
 
     from mtl_lightning.config import ModelConfig, OptimConfig
-    from mtl_lightning.model import build_network, param_groups
+    from mtl_lightning.model import param_groups
+    from mtl_lightning.network import build_network
     from mtl_lightning.population import PopulationModule
     from mtl_lightning.tasks import Classification
 

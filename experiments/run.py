@@ -1,7 +1,8 @@
 """Train one experiment: `python -m experiments.run exp=digits_mtl [key=value ...]`.
 
-`python -m experiments.run --list` lists the experiments; `--help` prints this text; `--print-config` prints the
-resolved configuration before training (it is always written to the run's config.yaml).
+`python -m experiments.run --list [plugins=[...]]` lists the experiments and what can be chosen by name (weightings,
+datasets, architectures; plugins' entries marked with where they come from); `--help` prints this text;
+`--print-config` prints the resolved configuration before training (it is always written to the run's config.yaml).
 """
 
 from __future__ import annotations
@@ -16,6 +17,18 @@ from mtl_lightning.errors import MTLError
 from mtl_lightning.train import train
 
 
+def print_table(metrics: dict) -> None:
+    """Every task's metrics on val (and test), one row each: what a training run and an evaluation print."""
+    names = [k[4:] for k in metrics if k.startswith("val/") and not k.startswith("val/loss/")]
+    names += [k[5:] for k in metrics if k.startswith("test/") and f"val/{k[5:]}" not in metrics and "/loss/" not in k]
+    width = max([len(n) for n in names] + [16]) + 2
+    print(f"\n{'metric':<{width}}{'val':>10}{'test':>10}")
+    for n in names:
+        val, test = metrics.get(f"val/{n}"), metrics.get(f"test/{n}")
+        cells = "".join(f"{'' if v is None else f'{v:.4f}':>10}" for v in (val, test))
+        print(f"{n:<{width}}{cells}")
+
+
 def run(cfg: DictConfig, callbacks=(), show_config: bool = False) -> dict:
     """Train `cfg` and print every task's metrics on val and test; returns the metrics (and `run_dir`).
     `show_config` prints the resolved config once every check has passed (so an error is the only output)."""
@@ -23,14 +36,38 @@ def run(cfg: DictConfig, callbacks=(), show_config: bool = False) -> dict:
     metrics = train(cfg, callbacks, announce=announce)
     if rank_zero_only.rank:  # a DDP worker: rank 0 prints the one report
         return metrics
-    names = [k[4:] for k in metrics if k.startswith("val/") and not k.startswith("val/loss/")]
-    width = max([len(n) for n in names] + [16]) + 2
-    print(f"\n{'metric':<{width}}{'val':>10}{'test':>10}")
-    for n in names:
-        test = metrics.get(f"test/{n}")
-        print(f"{n:<{width}}{metrics[f'val/{n}']:>10.4f}{'' if test is None else f'{test:>10.4f}'}")
+    print_table(metrics)
     print(f"outputs: {metrics['run_dir']}")
     return metrics
+
+
+def listing(plugins: list[str]) -> str:
+    """The experiments, then every name a config can choose, a plugin's marked with where it comes from."""
+    import timm
+
+    from mtl_lightning.architectures import ARCHITECTURES
+    from mtl_lightning.data import DATASETS
+    from mtl_lightning.plugins import load_plugins, origin
+    from mtl_lightning.registry import where
+    from mtl_lightning.weighting import WEIGHTINGS
+
+    load_plugins(plugins)
+    out = ["experiments (exp=NAME):", *(f"  {e}" for e in list_experiments())]
+    for title, key, registry in (
+        ("weightings", "weighting", WEIGHTINGS),
+        ("datasets", "data", DATASETS),
+        ("architectures", "model.architecture", ARCHITECTURES),
+    ):
+        out.append(f"{title} ({key}=NAME):")
+        for name, cls in registry.items():
+            mark = where(cls) if origin(cls.__module__) else ""
+            out.append(f"  {name:<16}{mark}".rstrip())
+    mine = [(n, origin(timm.models.model_entrypoint(n).__module__)) for n in timm.list_models()]
+    mine = [(n, o) for n, o in mine if o and not o.startswith("module timm")]
+    if mine:
+        out.append("backbones from plugins (model.backbone=NAME; every timm model name works too):")
+        out += [f"  {n:<16}{o}" for n, o in mine]
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,17 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
-    if "--list" in argv or "exp=list" in argv:
-        print("\n".join(list_experiments()))
-        return 0
-    exps = [a.split("=", 1)[1] for a in argv if a.startswith("exp=")]
-    if len(exps) != 1:
-        print(
-            f"error: give exactly one exp=NAME. Experiments: {', '.join(list_experiments())}.",
-            file=sys.stderr,
-        )
-        return 2
     try:
+        if "--list" in argv or "exp=list" in argv:
+            plugins = OmegaConf.from_dotlist([a for a in argv if a.startswith("plugins=")]).get("plugins") or []
+            print(listing(list(plugins)))
+            return 0
+        exps = [a.split("=", 1)[1] for a in argv if a.startswith("exp=")]
+        if len(exps) != 1:
+            raise MTLError(f"give exactly one exp=NAME. Experiments: {', '.join(list_experiments())}.")
         cfg = compose(exps[0], [a for a in argv if not a.startswith(("exp=", "--"))])
         run(cfg, show_config="--print-config" in argv)
     except MTLError as e:

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
@@ -60,6 +60,20 @@ class LastCheckpoint(Checkpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self._saved_step:  # stopped mid-epoch (max_steps)
             self._save(trainer)
+
+
+def checkpoint_callbacks(ckpt_dir: Path, monitor: str, maximise: bool, every_n_steps: int | None) -> list:
+    """`best.ckpt` by the monitored metric, in its direction, and `last.ckpt` (each written atomically by
+    `AtomicCheckpointIO`)."""
+    best = ModelCheckpoint(
+        ckpt_dir,
+        filename="best",
+        monitor=monitor,
+        mode="max" if maximise else "min",
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    return [best, LastCheckpoint(ckpt_dir, every_n_steps)]
 
 
 def load_model(path: str | Path):

@@ -10,15 +10,16 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from .data import DATASETS
+from .data import DATASETS, DataConfig
 from .errors import MTLError
+from .plugins import load_plugins
 from .weighting import WEIGHTINGS
 
 
@@ -131,6 +132,7 @@ class Config:
     logger: str = "csv"  # comma-separated: csv, tensorboard, wandb, none
     test: bool = True  # evaluate the final model on the test split
     grad_cos_every: int = 0  # log the task gradients' pairwise cosines every N steps (K backward passes; 0: off)
+    plugins: list[str] = field(default_factory=list)  # modules or .py files to import first (mtl_lightning/plugins.py)
     data: Any = None
     model: ModelConfig = field(default_factory=ModelConfig)
     weighting: Any = None
@@ -187,6 +189,9 @@ def compose(exp: str, overrides: Sequence[str] = (), config_dir: Path = CONFIG_D
     path = Path(config_dir) / f"{exp}.yaml"
     delta = OmegaConf.load(path) or OmegaConf.create({})
     cli = _parse_overrides(overrides)
+    # plugins first: what they register is then selectable and typed like a built-in (a resumed run's, too)
+    given = load_plugins([*(delta.get("plugins") or []), *(cli.get("plugins") or [])])
+    plugins = list(dict.fromkeys([*given, *_recorded_plugins(exp, cli, delta)]))
 
     def chosen(section: str, default: str) -> str:
         for src in (cli, delta):
@@ -200,14 +205,45 @@ def compose(exp: str, overrides: Sequence[str] = (), config_dir: Path = CONFIG_D
         # the experiment's weighting options belong to its own method: another one starts from its defaults
         # (exp=domainnet_forkmerge weighting=uniform is joint training, not an error about weighting.target)
         delta = OmegaConf.masked_copy(delta, [k for k in delta if k != "weighting"])
+    data = chosen("data", "digits")
+    if "data" in delta and data != str(OmegaConf.select(delta, "data.name") or "digits"):
+        # likewise a dataset's own keys (digits' data.mode) belong to it; the keys every mixture has stay
+        common = {f.name for f in fields(DataConfig)} - {"name"}
+        kept = {k: v for k, v in delta.data.items() if k in common}
+        delta = OmegaConf.merge(OmegaConf.masked_copy(delta, [k for k in delta if k != "data"]), {"data": kept})
     delta = _vit_shape_for(cli, delta)
     for src, where in ((delta, f"experiment file {path}"), (cli, "the command line")):
         _check_nested_lists(src, where)
-    schema = _schema(chosen("data", "digits"), weighting)
+    schema = _schema(data, weighting)
     cfg = _merge(schema, delta, f"experiment file {path}")
     cfg = _merge(cfg, cli, "the command line")
-    cfg.exp = exp
+    cfg.exp, cfg.plugins = exp, plugins
     return cfg
+
+
+def _recorded_plugins(exp: str, cli: DictConfig, delta: DictConfig) -> list[str]:
+    """The plugins a resumed run was trained with (its config.yaml records them), imported; a missing one is named
+    with where it was."""
+    resume = cli.get("resume")
+    if not resume:
+        return []
+    from .runs import find_run
+
+    out_dir = cli.get("out_dir") or delta.get("out_dir") or Config.out_dir
+    run_dir, _ = find_run(Path(out_dir).expanduser().resolve() / exp, str(resume), cli.get("run_name"))
+    saved = run_dir / "config.yaml" if run_dir else None
+    if saved is None or not saved.is_file():
+        return []
+    recorded = list(OmegaConf.load(saved).get("plugins") or [])
+    for spec in recorded:
+        try:
+            load_plugins([spec])
+        except MTLError as e:
+            raise MTLError(
+                f"The run {run_dir} was trained with the plugin {spec} (its config.yaml records it), which cannot be "
+                f"imported now: {e} Put it back where it was (or install it), then resume."
+            ) from None
+    return recorded
 
 
 VIT_SHAPE = ("depth", "width", "num_heads", "patch_size", "mlp_ratio")  # model keys that shape a ViT only
@@ -222,7 +258,7 @@ def _vit_shape_for(cli: DictConfig, delta: DictConfig) -> DictConfig:
         return delta
     import timm
 
-    from .model import is_vit
+    from .network import is_vit
 
     if not timm.is_model(backbone) or is_vit(backbone):
         return delta
@@ -251,7 +287,9 @@ def _schema(data: str, weighting: str) -> DictConfig:
 
 
 def config_from_dict(values: dict, source: str) -> DictConfig:
-    """A resolved config saved as a plain dict (a checkpoint's hyperparameters), typed again by the base config."""
+    """A resolved config saved as a plain dict (a checkpoint's hyperparameters), typed again by the base config,
+    its plugins imported first."""
+    load_plugins(values.get("plugins"))
     schema = _schema(values["data"]["name"], values["weighting"]["name"])
     return _merge(schema, OmegaConf.create(values), source)
 
@@ -274,9 +312,35 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def with_overrides(cfg: DictConfig, overrides: Sequence[str], source: str = "the command line") -> DictConfig:
+    """`cfg` with `key=value` overrides on top, typed like a composed config's."""
+    return _merge(cfg, _parse_overrides(overrides), source)
+
+
 def save_config(cfg: DictConfig, path: Path) -> None:
     """Write the resolved config atomically (a crash never leaves a half-written file)."""
     write_atomic(path, OmegaConf.to_yaml(cfg))
+
+
+def save_run_config(cfg: DictConfig, run_dir: Path, resumed: bool) -> Path:
+    """`config.yaml` for a new run. A resumed run keeps its own: the resuming command's config goes beside it, as
+    `config.resume-<n>.yaml`, headed by the keys it changed."""
+    path = run_dir / "config.yaml"
+    if not (resumed and path.exists()):
+        save_config(cfg, path)
+        return path
+    n = 1
+    while (run_dir / f"config.resume-{n}.yaml").exists():
+        n += 1
+    old = flatten(OmegaConf.to_container(OmegaConf.load(path)))
+    new = flatten(OmegaConf.to_container(cfg, resolve=True))
+    changed = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+    ]
+    head = "".join(f"#   {c}\n" for c in changed) or "#   (none)\n"
+    path = run_dir / f"config.resume-{n}.yaml"
+    write_atomic(path, f"# Resumed from config.yaml; the keys this command changed:\n{head}" + OmegaConf.to_yaml(cfg))
+    return path
 
 
 def write_atomic(path: Path, text: str) -> None:

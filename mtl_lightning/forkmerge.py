@@ -20,13 +20,18 @@ statistics included, since every branch has every head.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from .config import with_weighting, write_atomic
+from .console import say
 from .errors import MTLError
 from .tasks import delta_m
 
@@ -310,3 +315,52 @@ def _move_state(state: dict, device) -> None:
         for k, v in s.items():
             if isinstance(v, Tensor) and k != "step":
                 s[k] = v.to(device, non_blocking=True)
+
+
+def rank_auxiliaries(cfg: DictConfig, weighting, tasks, run_dir: Path, bases, fit) -> list[int]:
+    """ForkMerge's pruning phase, as the reference code runs it: train the targets with each auxiliary task alone
+    for `weighting.pruning_epochs`, from the same initial weights (same seed), and rank the auxiliaries by the
+    targets' validation score. The runs live in `<run_dir>/pruning/`; `pruning.json` keeps the scores, so a resumed
+    run does not prune again. `fit(cfg, save_checkpoints=False)` trains one run (`train.train`)."""
+    path = run_dir / "pruning.json"
+    names = [t.name for t in tasks]
+    if path.exists():
+        return [names.index(n) for n in json.loads(path.read_text())["ranking"]]
+    c = cfg.weighting
+    criterion = forkmerge_criterion(c.criterion, bool(bases))
+    targets = [tasks[k] for k in weighting.targets]
+    scores = {}
+    for i, k in enumerate(weighting.aux):
+        say(
+            f"ForkMerge's pruning phase ({i + 1}/{len(weighting.aux)}): the targets with {names[k]} alone, "
+            f"{c.pruning_epochs} epoch(s)"
+        )
+        w = [0.0] * len(tasks)
+        for t in weighting.targets:
+            w[t] = 1.0 / len(weighting.targets)
+        w[k] = c.aux_weight
+        sub = with_weighting(
+            cfg,
+            {"name": "fixed", "weights": w, "normalize": False},
+            out_dir=str(run_dir / "pruning"),
+            run_name=names[k],
+            resume=None,
+            test=False,
+            logger="csv",
+        )
+        sub.trainer.max_epochs, sub.trainer.max_steps = c.pruning_epochs, -1
+        m = fit(sub, save_checkpoints=False)
+        results = {key[4:]: v for key, v in m.items() if key.startswith("val/")}
+        scores[names[k]] = target_score(results, targets, criterion, bases.get("val"))
+    ranking = sorted(weighting.aux, key=lambda k: -scores[names[k]])
+    write_atomic(path, json.dumps({"scores": scores, "ranking": [names[k] for k in ranking]}, indent=1))
+    return ranking
+
+
+def forkmerge_criterion(criterion: str, has_base: bool) -> str:
+    if criterion == "delta_m" and not has_base:
+        raise MTLError(
+            "weighting.criterion=delta_m merges by Δm% against base results, and none are given: set delta_m.runs "
+            "(single-task run directories) or delta_m.base (numbers by metric), or use weighting.criterion=primary."
+        )
+    return criterion if criterion != "auto" else ("delta_m" if has_base else "primary")

@@ -10,88 +10,19 @@ and metrics; the weighting sees the K losses.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Sequence
 
 import lightning as L
-import timm
 import torch
 from torch import Tensor, nn
 
-from . import wrn  # noqa: F401  (registers wrn28_2 in timm)
 from .errors import MTLError, NonFiniteLossError
-from .tabular import EmbeddingBackbone, Fields
+from .network import is_vit
 from .tasks import Binary, Classification, Task, delta_m
 
-VIT_MODULES = ("vision_transformer", "deit")
-TABULAR = ("embedding",)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "step", "milestones", "constant")
-
-
-def is_vit(name: str) -> bool:
-    if name in TABULAR:
-        return False
-    return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1] in VIT_MODULES
-
-
-def create_backbone(cfg, in_chans, img_size: int, spatial: bool = False) -> nn.Module:
-    """A timm model by name, without classifier (`num_classes=0`), shaped by the ViT keys when it is a ViT; or, for
-    tabular data (`in_chans` is then its `Fields`), the `embedding` backbone (`model.width` is its embedding size).
-
-    `spatial`: the model must give a feature map for dense heads. ViTs do through `forward_intermediates`; other
-    models are built with timm's `features_only=True` (their last stage).
-    """
-    name = cfg.backbone
-    if isinstance(in_chans, Fields) or name in TABULAR:
-        if not (isinstance(in_chans, Fields) and name in TABULAR):
-            raise MTLError(
-                f"model.backbone={name} does not read this data: tabular data needs model.backbone=embedding, and "
-                "model.backbone=embedding needs tabular data (data=synthetic_recsys, data=aliexpress)."
-            )
-        return EmbeddingBackbone(in_chans, cfg.width or 128)
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
-        raise MTLError(
-            f"Unknown timm backbone model.backbone={name!r}. Close names: {', '.join(close) or 'none'}; "
-            "all names: python -c 'import timm; print(timm.list_models())'."
-        )
-    kwargs = dict(cfg.kwargs or {})
-    shape = {
-        "depth": cfg.depth,
-        "embed_dim": cfg.width,
-        "num_heads": cfg.num_heads,
-        "patch_size": cfg.patch_size,
-        "mlp_ratio": cfg.mlp_ratio,
-    }
-    shape = {k: v for k, v in shape.items() if v is not None}
-    vit = is_vit(name)
-    if vit:
-        if cfg.width is not None and cfg.num_heads is None:
-            # keep ~64 channels per head, as ViT-Ti/S/B do, with a head count that divides the width
-            shape["num_heads"] = min(
-                (h for h in range(1, cfg.width + 1) if cfg.width % h == 0),
-                key=lambda h: (abs(h - cfg.width / 64), -h),
-            )
-        kwargs.update(shape, img_size=img_size)
-    elif shape:
-        raise MTLError(f"model.{'/'.join(shape)} shape ViT backbones only; model.backbone={name} is not a ViT.")
-    if spatial and not vit:
-        kwargs.update(features_only=True, out_indices=(-1,))
-    else:
-        kwargs["num_classes"] = 0
-    try:
-        return timm.create_model(name, pretrained=cfg.pretrained, in_chans=in_chans, **kwargs)
-    except (TypeError, ValueError, AssertionError) as e:
-        raise MTLError(f"timm could not build model.backbone={name} with {kwargs}: {e}") from None
-    except (OSError, RuntimeError) as e:
-        if cfg.pretrained:
-            raise MTLError(
-                f"Could not load pretrained weights for {name} ({e}). Without internet, put them in the Hugging "
-                "Face cache (HF_HOME) beforehand, or train from scratch with model.pretrained=false."
-            ) from None
-        raise
 
 
 def param_groups(module: nn.Module, weight_decay: float, stacked: int = 0) -> list[dict]:
@@ -113,39 +44,6 @@ def cosine_with_warmup(total: int, warmup: float):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
     return factor
-
-
-def build_network(tasks: Sequence[Task], in_chans, img_size: int, model_cfg):
-    """The backbone, the architecture between it and the heads (`model.architecture`), one head per task."""
-    from .architectures import create_architecture
-
-    spatial = any(t.dense for t in tasks)
-    backbone = create_backbone(model_cfg, in_chans, img_size, spatial)
-    if spatial and not is_vit(model_cfg.backbone):  # a timm features_only model: its last stage
-        channels, reduction = backbone.feature_info.channels()[-1], backbone.feature_info.reduction()[-1]
-    else:
-        channels, reduction = backbone.num_features, getattr(backbone, "patch_embed", None)
-        reduction = reduction.patch_size[0] if reduction is not None else 1
-    arch = create_architecture(model_cfg, channels, len(tasks), spatial)
-    return backbone, arch, nn.ModuleList(t.head(arch.out_dim, spatial, reduction) for t in tasks)
-
-
-def label_size(x):
-    """The size dense heads resize to: an image batch's (H, W); None for tabular inputs."""
-    return x.shape[-2:] if isinstance(x, Tensor) else None
-
-
-def features(backbone: nn.Module, x, spatial: bool, vit: bool) -> Tensor:
-    """The backbone's output: pooled (B, D), or the feature map (B, C, h, w) with dense tasks."""
-    if isinstance(x, dict):  # tabular fields
-        return backbone(x)
-    if x.dtype == torch.uint8:  # stored images travel as uint8 and are scaled on the device
-        x = x.float().div_(127.5).sub_(1.0)
-    if not spatial:
-        return backbone(x)
-    if vit:  # the last block's patch tokens, final norm applied, as a map
-        return backbone.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)[-1]
-    return backbone(x)[-1]
 
 
 class TaskModel(L.LightningModule):

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from .conflict import GradConflict
 from .errors import MTLError
-from .model import TaskModel, build_network, compute_metrics, features, label_size
+from .model import TaskModel, compute_metrics
+from .network import build_network, features, label_size
 from .tasks import Task
 from .weighting import Weighting
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from .errors import MTLError
+from .plugins import origin
 
 T = TypeVar("T")
 
@@ -16,14 +17,23 @@ class Registry(Generic[T]):
         self.kind, self.key, self._items = kind, key, {}  # key: the config key that selects an entry
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        """A class decorator: `@WEIGHTINGS.register("my_method")` makes `weighting=my_method` build it."""
+
         def deco(cls: type[T]) -> type[T]:
             if name in self._items:
-                raise ValueError(f"{self.kind} {name!r} registered twice")
+                old = self._items[name]
+                raise MTLError(
+                    f"The {self.kind} {name!r} is registered twice: by {where(old)} and by {where(cls)}. Give one of "
+                    f"them another name ({self.key}={name} must name one thing)."
+                )
             cls.name = name
             self._items[name] = cls
             return cls
 
         return deco
+
+    def items(self) -> list[tuple[str, type[T]]]:
+        return sorted(self._items.items())
 
     def names(self) -> list[str]:
         return sorted(self._items)
@@ -37,3 +47,8 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+def where(obj) -> str:
+    """Where a registered class comes from: the plugin or entry point that defined it, or the library."""
+    return origin(obj.__module__) or f"mtl_lightning ({obj.__module__})"

@@ -113,7 +113,7 @@ def test_a_non_vit_backbone_drops_the_experiments_vit_shape():
     assert [cfg.model[k] for k in ("depth", "width", "num_heads", "patch_size")] == [None] * 4
     assert compose("digits_ssl", ["model.backbone=vit_tiny_patch16_224"]).model.depth == 3  # a ViT keeps them
     with pytest.raises(MTLError, match="model.depth shape ViT backbones only"):  # what the user set is theirs
-        from mtl_lightning.model import create_backbone
+        from mtl_lightning.network import create_backbone
 
         create_backbone(compose("digits_ssl", ["model.backbone=wrn28_2", "model.depth=2"]).model, 1, 16)
 

@@ -4,6 +4,7 @@ mixed precision, DDP, training and resuming."""
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,10 +319,19 @@ def test_bf16_autocast_matches_fp32(name, make_cfg, tmp_path):
     assert math.isfinite(bf16["val/loss/left"]) and abs(bf16["val/loss/left"] - fp32["val/loss/left"]) < 0.05
 
 
-@pytest.mark.parametrize("name", ["pcgrad", "mgda_ub"])
+# pcgrad in param mode; in rep mode (the ranks' Gramians summed) the example plugin's aggregator, whose file the
+# DDP rank Lightning launches imports again (examples/gradient_aggregator.py)
+DDP = {
+    "pcgrad": [],
+    "unit_mean": [f"plugins=[{Path(__file__).parents[1] / 'examples/gradient_aggregator.py'}]", "weighting.mode=rep"],
+}
+
+
+@pytest.mark.parametrize("name", list(DDP))
 def test_ddp_two_processes_match_one(name, tmp_path):
     """2 CPU processes x batch 32 = 1 process x batch 64, step for step: per-task gradients are synchronised."""
     common = [
+        *DDP[name],
         f"weighting={name}",
         "data.train_size=640",
         "data.val_size=64",
@@ -347,7 +357,7 @@ def test_ddp_two_processes_match_one(name, tmp_path):
         run(compose("digits_mtl", [*common, *runs[run_name], f"run_name={run_name}"]))
     # one run, one directory, one report: the second rank neither makes its own directory nor prints
     dirs = {p.name for p in (tmp_path / "digits_mtl").iterdir()} - set(runs)
-    assert len(dirs) == 1 and printed["ddp"].count("outputs:") == 1 and printed["ddp"].count("weighting:") == 1
+    assert len(dirs) == 1 and printed["ddp"].count("outputs:") == 1 and printed["ddp"].count("exp=digits_mtl:") == 1
     ddp = dirs.pop()
     w = {
         r: torch.load(tmp_path / "digits_mtl" / d / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]

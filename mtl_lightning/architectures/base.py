@@ -27,7 +27,13 @@ class Architecture(nn.Module):
     common input (what gradient methods differentiate against in `weighting.mode=rep`, and whose parameters they
     combine in `mode=param`), then `specific(z) -> [rep_k]` (gates, towers: each task's own). `out_dim`: the width of
     each rep_k, the heads' input. `splits = False` for an architecture without such a split (PLE's stacked gates),
-    which gradient-level weightings refuse."""
+    which gradient-level weightings refuse.
+
+    A new one: subclass it, register it with `@ARCHITECTURES.register("name")` (`model.architecture=name`), read its
+    options from the model section (`cfg.bottom`, `cfg.tower`, `cfg.experts` ...), set `out_dim`, and list the
+    parameters of `shared` in `shared_parameters()`. Guaranteed: h is the backbone's pooled features (B, in_dim), or
+    its feature map (B, C, h, w) with dense tasks when `maps_ok` says it can take one; every parameter is trained by
+    the model's optimiser and saved in checkpoints."""
 
     name: ClassVar[str]
     splits: ClassVar[bool] = True

@@ -293,7 +293,21 @@ class DataConfig:
 
 
 class MixtureDataModule(L.LightningDataModule):
-    """Base of every mixture. Subclasses set `kind`, `in_chans`, `img_size`, and implement `describe`/`load`."""
+    """A task/domain mixture. Subclass it with a dataclass `Config(DataConfig)` (its `name` the registered name, one
+    typed field per option: `data.root=...`), register it with `@DATASETS.register("name")`, and `data=name` builds it
+    (examples/folder_dataset.py).
+
+    To implement: `describe() -> [Task]` (called in `__init__`: read what it needs before `super().__init__`),
+    `load() -> {"train": split, "test": split[, "val": split]}` with every task's label column, and optionally
+    `check()` to fail early, before a run folder exists, when files are missing (one paragraph: where to get them,
+    where to put them). Set `kind` ("mtl": every sample labelled for every task; "mdl": one domain and head per
+    sample), `in_chans` and `img_size`. A split is `LabelledTensors(images (N, C, H, W) any dtype (uint8 is scaled to
+    [-1, 1] on the device), labels (N, K) long with -1 = none, domains (N,))`, or any Dataset with those attributes.
+
+    What the framework provides: `data.tasks` subsets, `train_fraction`/`val_count` hold-outs when there is no
+    official validation split, sampled mixtures (`data.mixing=sample`), semi-supervised splits and augmentations,
+    resumable samplers deterministic in (seed, epoch), DDP sharding. `load` runs once, in `setup`.
+    """
 
     Config = DataConfig
     kind: str = "mtl"  # "mtl": every sample labelled for every task; "mdl": one domain (and head) per sample

@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import PopulationConfig, config_from_dict, with_weighting, write_atomic
 from ..data import create_datamodule
 from ..errors import MTLError
-from ..model import build_network, is_vit
+from ..model import higher_is_better
+from ..network import build_network, is_vit
 from ..weighting import check_weights
 from .module import Member, PopulationModule, check_vectorisable
 from .pbt import PopulationPBT, copy_member
@@ -72,6 +73,19 @@ def check_population(cfg: DictConfig) -> None:
         net = build_network(dm.tasks, dm.in_chans, dm.img_size, cfg.model)
     spatial = any(t.dense for t in dm.tasks)
     check_vectorisable(Member(*net, dm.tasks, spatial, is_vit(cfg.model.backbone)), cfg.model.backbone)
+
+
+def pbt_callback(cfg: DictConfig, tasks, has_base: bool, monitor: str) -> PopulationPBT:
+    """The in-process PBT callback of `population.pbt`, ranking members by `population.metric` (auto: the monitor)."""
+    p = cfg.population
+    metric = monitor if p.metric == "auto" else p.metric
+    higher = higher_is_better(metric, tasks, has_base, "population.metric")
+    stage, _, name = metric.partition("/")
+    if stage != "val":
+        raise MTLError(f"population.metric={metric!r} must be a validation metric (val/...): it ranks the members.")
+    return PopulationPBT(
+        name, higher, p.perturbation_interval, p.quantile_fraction, p.resample_probability, p.weight_low, p.pbt_seed
+    )
 
 
 def member_config(cfg: DictConfig, weights: list[float], seed: int) -> DictConfig:
@@ -145,6 +159,7 @@ __all__ = [
     "copy_member",
     "export_member",
     "member_config",
+    "pbt_callback",
     "plan_population",
     "write_member_metrics",
 ]

@@ -24,15 +24,8 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.utils._pytree import tree_map
 
 from ..errors import MTLError
-from ..model import (
-    TaskModel,
-    build_network,
-    compute_metrics,
-    features,
-    label_size,
-    metric_directions,
-    param_groups,
-)
+from ..model import TaskModel, compute_metrics, metric_directions, param_groups
+from ..network import build_network, features, label_size
 from ..tasks import Task
 
 

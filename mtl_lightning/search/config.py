@@ -6,11 +6,11 @@ from dataclasses import asdict, dataclass, field
 
 from omegaconf import OmegaConf
 
+from ..checks import warn_no_perturbation
 from ..config import compose
 from ..data import create_datamodule
 from ..errors import MTLError
 from ..model import default_monitor, higher_is_better
-from ..train import warn_no_perturbation
 
 
 @dataclass
@@ -83,6 +83,12 @@ def compose_search(exp: str, overrides: list[str]) -> tuple[SearchConfig, list[s
         raise MTLError(f"search.population={scfg.population}: population-based training needs at least 2 trials.")
     if not 0 < scfg.train_fraction < 1:
         raise MTLError(f"search.train_fraction={scfg.train_fraction} must be within (0, 1): the rest ranks trials.")
+    given = [o.split("=", 1)[0] for o in rest if o.split("=", 1)[0].split(".")[0] == "weighting"]
+    if given:  # every trial trains fixed weights (the ones searched): a weighting of the user's would be overridden
+        raise MTLError(
+            f"search={scfg.name} searches fixed scalarization weights, one vector per trial, so {', '.join(given)} "
+            "cannot apply to its trials: drop it (a study compares methods: python -m experiments.study)."
+        )
     cfg = compose(exp, rest)  # fail now, not inside a trial, on a bad training override
     if scfg.name != "grid" and scfg.backend == "ray":  # (a population's PBT says it when it starts)
         warn_no_perturbation(cfg.trainer.max_epochs, scfg.perturbation_interval, "search.perturbation_interval")

@@ -71,7 +71,7 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig, quiet: bool =
             raise MTLError(f"search.resume=true found no search to continue in {path}; start it without resume.")
     elif path.exists():
         raise MTLError(f"{path} holds a search already: continue it with resume=true, or set search.name_suffix.")
-    with ray_session(scfg.num_cpus, quiet):
+    with ray_session(scfg.num_cpus, quiet, cfg.plugins):
         if scfg.resume:
             tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
         else:

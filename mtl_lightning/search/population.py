@@ -104,7 +104,7 @@ def run_populations(
         lambda config: population_trial(config["job"]), {"cpu": cpus_per_trial, "gpu": gpus}
     )
     run_config = tune.RunConfig(name="populations", storage_path=str(out_dir.parent / "tune"), verbose=0)
-    with ray_session(num_cpus, quiet):
+    with ray_session(num_cpus, quiet, compose(exp, next(iter(jobs.values()))).plugins):
         results = tune.Tuner(trainable, param_space=space, run_config=run_config).fit()
     out = {}
     for r in results:

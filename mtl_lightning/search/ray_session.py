@@ -12,6 +12,8 @@ import logging
 import os
 from contextlib import contextmanager
 
+from ..plugins import is_file
+
 
 class _DoubleDeleteFilter(logging.Filter):
     """Drop Tune's traceback for deleting an already deleted checkpoint (Ray 2.60, harmless, seen with PBT).
@@ -35,10 +37,11 @@ def quiet_tune() -> None:
         controller_log.addFilter(_DoubleDeleteFilter())
 
 
-def init_ray(num_cpus: int | None, quiet: bool = False) -> bool:
+def init_ray(num_cpus: int | None, quiet: bool = False, plugins=()) -> bool:
     """Local Ray with `num_cpus` (None: all), or the cluster at RAY_ADDRESS; nothing if Ray is already up. `quiet`:
     Ray's and Tune's own console lines (start-up, the experiment's table, where results went) only on errors.
-    Returns whether this call started (or joined) Ray."""
+    The plugin files among `plugins` (a config's) are shipped to the workers (Ray's runtime environment), where they
+    may not be on the disk (a cluster's other nodes). Returns whether this call started (or joined) Ray."""
     import ray
 
     quiet_tune()
@@ -48,20 +51,23 @@ def init_ray(num_cpus: int | None, quiet: bool = False) -> bool:
             logging.getLogger(name).setLevel(logging.ERROR)
     if ray.is_initialized():
         return False
-    quiet_args = {"logging_level": logging.ERROR, "log_to_driver": False} if quiet else {}
+    args = {"logging_level": logging.ERROR, "log_to_driver": False} if quiet else {}
+    files = [p for p in plugins if is_file(p)]
+    if files:
+        args["runtime_env"] = {"py_modules": files}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet_args)  # an existing cluster
+        ray.init(**args)  # an existing cluster
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet_args)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **args)
     return True
 
 
 @contextmanager
-def ray_session(num_cpus: int | None, quiet: bool = False):
+def ray_session(num_cpus: int | None, quiet: bool = False, plugins=()):
     """`init_ray` for the body of a `with`; what it started is shut down at the end (see the module docstring)."""
     import ray
 
-    started = init_ray(num_cpus, quiet)
+    started = init_ray(num_cpus, quiet, plugins)
     try:
         yield
     finally:

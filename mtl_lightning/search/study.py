@@ -36,8 +36,8 @@ from omegaconf import OmegaConf
 from ..config import compose, flatten, write_atomic
 from ..data import create_datamodule
 from ..errors import MTLError
+from ..loggers import wandb_mode
 from ..model import metric_directions
-from ..train import wandb_mode
 from .budget import budget_overrides, equal_steps
 from .config import compose_search, split_overrides
 
@@ -463,7 +463,9 @@ def run_study(cfg: StudyConfig, overrides: list[str], command: str | None = None
             verbose=0,
         )
         tune_config = tune.TuneConfig(reuse_actors=cfg.reuse_actors)
-        with ray_session(cfg.num_cpus, quiet=True):  # the console shows the cells' progress (above) and problems
+        with ray_session(
+            cfg.num_cpus, quiet=True, plugins=train_cfg.plugins
+        ):  # the console shows the cells' progress (above) and problems
             tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config).fit()
     done = [c for c in cells if (cells_dir / f"{c['id']}.json").exists()]
     if not done:

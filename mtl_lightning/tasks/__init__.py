@@ -2,7 +2,7 @@
 
 from .base import DenseHead, Task
 from .binary import Binary
-from .classification import Classification
+from .classification import Classification, LinearHead
 from .delta_m import delta_m, read_base
 from .dense import Depth, Normal, PixelRegression, Segmentation
 from .views import AUXILIARY, Exemplar, Rotation
@@ -12,6 +12,7 @@ __all__ = [
     "Binary",
     "Classification",
     "DenseHead",
+    "LinearHead",
     "Depth",
     "Exemplar",
     "Normal",

@@ -18,7 +18,20 @@ from torch import Tensor, nn
 
 
 class Task:
-    """Base class. Subclasses set `metrics` ({name: higher_is_better}), `primary`, `dense`, and implement the rest."""
+    """A task: a head, a loss and metrics. A dataset declares its tasks in `describe()` (examples/custom_task.py).
+
+    To implement: class attributes `metrics` ({name: higher is better}; logged as `<stage>/<task>/<name>`), `primary`
+    (the metric Δm%, ForkMerge and `checkpoint.monitor` use), `dense` (True for per-pixel targets); and `head(channels,
+    spatial, reduction)` (an `nn.Module` called as head(z, size)), `loss(pred, target) -> (mean loss over the
+    labelled samples, their count)`, `make_metrics()` (torchmetrics `Metric`s by name, so they sync under DDP) and
+    `update(metrics, pred, target)`. Optional: `predict(pred)` (what `experiments.evaluate --predict` writes).
+
+    What the framework guarantees: `z` is the architecture's representation for this task, pooled (B, channels) for
+    image-level tasks or a map (B, channels, h, w), `reduction` times smaller than the image, when any task is
+    dense; `size` is the label size (None for tabular inputs). `target` is the task's column of the batch's labels,
+    -1 (or the task's own sentinel) where a sample has no label: mask it in `loss` and `update`. `loss` may be
+    called on a batch with no labelled sample (return a zero loss and count 0). Metrics are reset every stage.
+    """
 
     kind: ClassVar[str]
     dense: ClassVar[bool] = False
@@ -45,6 +58,11 @@ class Task:
     def update(self, metrics: nn.ModuleDict, pred: Tensor, target: Tensor) -> None:
         """Feed one batch to `metrics`, leaving out what is unlabelled."""
         raise NotImplementedError
+
+    def predict(self, pred: Tensor) -> Tensor:
+        """The head's output as the prediction a user reads (`experiments.evaluate --predict`): a class id, a
+        probability, a map. By default the output as it is."""
+        return pred
 
     def metric_name(self, metric: str) -> str:
         """A metric's name without the stage (`<task>/<metric>`), as Δm% base results and merge scores name it."""

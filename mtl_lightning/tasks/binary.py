@@ -35,6 +35,9 @@ class Binary(Task):
         count = mask.sum()
         return (bce * mask).sum() / count.clamp(min=1), count
 
+    def predict(self, pred: Tensor) -> Tensor:  # the probability of 1
+        return pred.squeeze(-1).sigmoid()
+
     def make_metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict({"auc": BinaryAUROC(thresholds=None), "logloss": MeanMetric()})
 

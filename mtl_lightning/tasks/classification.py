@@ -53,6 +53,9 @@ class Classification(Task):
         if mask.any():  # an MDL batch may hold no sample of this domain
             metrics["acc"].update(pred[mask], target[mask])
 
+    def predict(self, pred: Tensor) -> Tensor:  # the class id
+        return pred.argmax(1)
+
     def metric_name(self, metric: str) -> str:
         return f"{metric}/{self.name}"
 

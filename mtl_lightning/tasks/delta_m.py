@@ -12,6 +12,8 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from ..errors import MTLError
 from .base import Task
 
@@ -61,3 +63,25 @@ def read_base(numbers: Mapping[str, float], runs: Sequence[str], stage: str) -> 
             if k.startswith(prefix) and isinstance(v, int | float):
                 base[k[len(prefix) :]] = float(v)
     return base
+
+
+def delta_bases(cfg, tasks) -> dict[str, dict[str, float]]:
+    """Per stage, the base results Δm% compares against; {} when none are configured. Validation must be covered;
+    test/delta_m is left out, with a warning, when the base runs were not evaluated on the test split."""
+    if not cfg.delta_m.runs and not cfg.delta_m.base:
+        return {}
+    bases = {}
+    for stage in ("val", "test"):
+        base = read_base(cfg.delta_m.base, cfg.delta_m.runs, stage)
+        source = f"delta_m.runs={list(cfg.delta_m.runs)} / delta_m.base ({stage} split)"
+        try:
+            left = check_base(base, tasks, source)
+        except MTLError:
+            if stage == "val":
+                raise
+            rank_zero_warn(f"No test/delta_m: the base results have no test-split values for every task ({source}).")
+            continue
+        if left:
+            rank_zero_warn(f"{stage}/delta_m leaves out {left}: the base results give no value for them.")
+        bases[stage] = base
+    return bases

@@ -82,7 +82,7 @@ class ExemplarHead(nn.Module):
 
     @torch.no_grad()
     def teacher_rep(self, module, k: int, x: Tensor) -> Tensor:
-        from ..model import features
+        from ..network import features
 
         t = self.teacher
         return t["arch"].specific(t["arch"].shared(features(t["backbone"], x, module.spatial, module.vit)))[k]

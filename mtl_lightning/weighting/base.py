@@ -20,6 +20,25 @@ from ..errors import MTLError
 
 
 class Weighting(nn.Module):
+    """A loss weighting: one scalar loss from the K task losses of a training step. Subclass it, register it with
+    `@WEIGHTINGS.register("my_method")`, and `weighting=my_method` builds it (examples/loss_weighting.py).
+
+    To implement: `weights(losses) -> (K,) weights` (the loss is then sum_k w_k L_k), or `forward(losses) -> (loss,
+    weights)` for a loss that is not a weighted sum (GLS's geometric mean, uncertainty's regulariser). Options: a
+    dataclass `Config(Weighting.Config)` with `name` defaulting to the registered name and one typed field per option
+    (`weighting.alpha=0.3`; a mistyped key fails with the valid ones); check their values in `__init__` and raise
+    `MTLError` naming the key.
+
+    What the framework guarantees: `losses` is (K,), task k's mean loss over the samples labelled for it in the
+    batch, in the order of `tasks` (the mixture's tasks after `data.tasks`), finite (a NaN stops the run before the
+    weighting sees it); `weights` is called once per training step (per branch under ForkMerge); the returned
+    weights are logged as `weights/<task>`. Being an `nn.Module`, its parameters (learned weights: trained by the
+    model's optimiser) and persistent buffers are saved in every checkpoint and restored on resume; plain Python
+    attributes are not. Hooks: `on_train_epoch_start(epoch)` (also when a run resumes mid-epoch: make it idempotent),
+    `on_train_epoch_end()`, `check(precision, distributed)` to refuse at start-up what it cannot run, and
+    `mixture_probs()` for `data.mixing=sample` (only fixed scalarizations have them).
+    """
+
     name: ClassVar[str]
     stochastic: ClassVar[bool] = False  # draws random weights each step (RLW)
     auxiliary: ClassVar[bool] = False  # serves one `target` task with the others (GCS, OL-AUX, ARML, Post-train)

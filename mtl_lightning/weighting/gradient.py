@@ -45,7 +45,20 @@ def psd_sqrt(gramian: Tensor) -> Tensor:
 
 
 class GradientWeighting(Weighting):
-    """Base of the gradient-level methods. Subclasses implement `combine(J, G) -> (g, weights)`."""
+    """A gradient aggregator: one update from the K task gradients. Subclass it, register it with
+    `@WEIGHTINGS.register("my_method")` (examples/gradient_aggregator.py).
+
+    To implement: `combine(J, G) -> (g, w)`. J is (K, N) float32, row k task k's gradient w.r.t. the shared parameters
+    (`weighting.mode=param`, N their size) or the shared representation (`mode=rep`, N = batch x features); G = J J^T
+    (K, K), the global one under DDP. Return the combined gradient g (N,) and the weights w (K,) it corresponds to
+    (logged as `weights/<task>`), or `(None, w)` for g = w^T J. Set `gramian_only = False` when w depends on J beyond
+    G (then `mode=rep` is refused under DDP). Optional: `extra_loss(losses, J)` for the method's own parameters.
+
+    What the framework guarantees: `combine` is called once per training step with every task's gradient (a task
+    without labelled samples in the batch has a zero row); heads get their own task's unweighted gradient; g reaches
+    the optimiser through an ordinary backward, so clipping, bf16 and DDP work as usual; fp16 is refused at
+    start-up (`check`). State kept in parameters or persistent buffers is checkpointed, as for any `Weighting`.
+    """
 
     gradient_based: ClassVar[bool] = True
     gramian_only: ClassVar[bool] = True  # the weights depend on J only through G = J J^T (exact under DDP)
