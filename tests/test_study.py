@@ -303,7 +303,8 @@ def test_a_study_folder_is_reused_only_by_the_study_that_made_it(tmp_path, monke
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["weighting=pcgrad"], "weighting=pcgrad learns or combines weights per step"),
+        (["weighting=pcgrad"], "search row pbt: .* so weighting=pcgrad cannot apply to its trials"),
+        (["weighting=pcgrad", "study.searches=[]"], "weighting=pcgrad learns or combines weights per step"),
         (
             [
                 "model.backbone=resnet18",

@@ -83,7 +83,7 @@ def compose_search(exp: str, overrides: list[str]) -> tuple[SearchConfig, list[s
         raise MTLError(f"search.population={scfg.population}: population-based training needs at least 2 trials.")
     if not 0 < scfg.train_fraction < 1:
         raise MTLError(f"search.train_fraction={scfg.train_fraction} must be within (0, 1): the rest ranks trials.")
-    given = [o.split("=", 1)[0] for o in rest if o.split("=", 1)[0].split(".")[0] == "weighting"]
+    given = [o for o in rest if o.split("=", 1)[0].split(".")[0] == "weighting"]
     if given:  # every trial trains fixed weights (the ones searched): a weighting of the user's would be overridden
         raise MTLError(
             f"search={scfg.name} searches fixed scalarization weights, one vector per trial, so {', '.join(given)} "

@@ -311,7 +311,10 @@ def plan_study(cfg: StudyConfig, overrides: list[str]) -> Plan:
     for spec in cfg.searches:
         if _search_name(spec) not in ("pbt", "pb2"):
             raise MTLError(f"Study {cfg.name}: searches are pbt or pb2, not {_search_name(spec)!r} (a grid is axes.p).")
-        compose_search(cfg.exp, [*cfg.overrides, *overrides, *_search_keys(spec)])  # a bad search key fails now
+        try:  # a bad search key, or a training override no search trial can take, fails now
+            compose_search(cfg.exp, [*cfg.overrides, *overrides, *_search_keys(spec)])
+        except MTLError as e:
+            raise MTLError(f"Study {cfg.name}, search row {_search_label(spec)}: {e}") from None
         search_rows[_search_label(spec)] = ", ".join([_search_label(spec), *context])
     rows = list(dict.fromkeys([c["row"] for c in cells] + list(search_rows.values())))
     for row, refs in cfg.references.items():
