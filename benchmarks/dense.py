@@ -6,8 +6,11 @@
    vs four linear heads (the synthetic mixture at the same image size), for a ViT and a ResNet.
 3. Gradient methods on dense tasks: per-step time and peak memory against uniform, `rep` and `param` mode, for 3
    and 5 Taskonomy tasks (fixtures at 64x64).
+4. The references' networks on NYUv2 at 288x384, batch 2 (fixtures): per-step time and peak memory of SegNet and
+   SegNet-MTAN (with MTAN's conv heads) and of the dilated ResNet-50 with a DeepLab head per task, against the
+   dilated ResNet-50 with our light decoders (nyuv2_mtl's network).
 Time and memory as in benchmarks/methods.py (CPU: peak resident set; GPU: peak allocated). Usage:
-    python benchmarks/dense.py [--steps 5] [--warmup 2] [--parts loaders steps methods]
+    python benchmarks/dense.py [--steps 5] [--warmup 2] [--parts loaders steps methods heads]
 """
 
 from __future__ import annotations
@@ -91,12 +94,35 @@ def methods(a, root: Path) -> None:
             print(f"| {name} | {mode} | " + " | ".join(cells) + " |", flush=True)
 
 
+HEADS = {  # the networks of the published dense tables, against nyuv2_mtl's
+    "dilated ResNet-50, light decoders (nyuv2_mtl)": ["model.head=light"],
+    "dilated ResNet-50, DeepLab heads (nyuv2_deeplab)": ["model.head=deeplab"],
+    "SegNet, conv heads": ["model.backbone=none", "model.architecture=segnet", "model.head=conv"],
+    "SegNet-MTAN, conv heads (nyuv2_mtan)": ["model.backbone=none", "model.architecture=mtan", "model.head=conv"],
+}
+
+
+def heads(a, root: Path) -> None:
+    write_nyuv2(root, train=5, val=1)
+    common = [f"data.root={root}", "data.batch_size=2", "model.pretrained=false", "data.augment=false"]
+    common += ["data.drop_last=true"]  # whole batches of 2, as the DeepLab heads' BatchNorm needs
+    common += ["model.backbone=resnet50", "model.kwargs={output_stride: 8}"]
+    if a.smoke:  # a narrow SegNet and a ResNet-18
+        common += ["model.widths=[2,4,4,4,4]", "model.backbone=resnet18"]
+    print("| network | s/step | peak MiB | time vs light | memory vs light |\n|---|---|---|---|---|")
+    ref = None
+    for label, over in HEADS.items():
+        t, m = timed_run("nyuv2_mtl", [*common, *over], a.warmup, a.steps)
+        ref = ref or (t, m)
+        print(f"| {label} | {t:.2f} | {m:.0f} | {t / ref[0]:.2f}× | {m / max(ref[1], 1):.2f}× |", flush=True)
+
+
 def main() -> None:
     low_level_malloc()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--parts", nargs="+", default=["loaders", "steps", "methods"])
+    p.add_argument("--parts", nargs="+", default=["loaders", "steps", "methods", "heads"])
     p.add_argument("--smoke", action="store_true", help="a tiny run that only checks the script works (tests)")
     a = p.parse_args()
     if a.smoke:
@@ -108,6 +134,8 @@ def main() -> None:
             steps(a)
         if "methods" in a.parts:
             methods(a, Path(d) / "methods")
+        if "heads" in a.parts:
+            heads(a, Path(d) / "heads")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ def check_settings(cfg: DictConfig) -> None:
         "warmup": (0 <= o.warmup < 1, "must lie in [0, 1) (a fraction of the total steps)"),
         "step_epochs": (o.step_epochs >= 1, "must be >= 1"),
         "gamma": (o.gamma > 0, "must be > 0"),
+        "weighting_lr": (o.weighting_lr is None or o.weighting_lr > 0, "must be > 0 (or null: optim.lr)"),
         "milestones": (
             o.scheduler != "milestones" or (len(o.milestones) > 0 and all(0 < f < 1 for f in o.milestones)),
             "must be fractions of the total steps within (0, 1), at least one, with optim.scheduler=milestones",

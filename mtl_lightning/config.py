@@ -42,6 +42,8 @@ class ModelConfig:
     task_experts: int = 4  # cgc, ple: per task
     dropout: float = 0.0  # in every MLP of the architecture
     batchnorm: bool = False  # BatchNorm1d after each MLP layer (MTReclib's MLPs have it)
+    widths: list[int] = field(default_factory=list)  # segnet, mtan: the 5 stages' widths; [] = [64,128,256,512,512]
+    head: str = "light"  # dense tasks' heads: light (ours) | conv (MTAN's) | deeplab (LibMTL's ASPP); tasks/heads.py
 
 
 @dataclass
@@ -55,6 +57,7 @@ class OptimConfig:
     step_epochs: int = 100  # step: multiply the lr by gamma every step_epochs epochs
     milestones: list[float] = field(default_factory=list)  # milestones: multiply by gamma at these step fractions
     gamma: float = 0.5
+    weighting_lr: float | None = None  # the weighting's own parameters' lr (Nash-MTL's and FAMO's 0.025); None: lr
 
 
 @dataclass
@@ -101,6 +104,17 @@ class DeltaMConfig:
 
     runs: list[str] = field(default_factory=list)
     base: dict[str, float] = field(default_factory=dict)
+    # libmtl: per task first, higher is better (ours); nashmtl: flat over metrics, lower is better (their tables)
+    convention: str = "libmtl"
+
+
+@dataclass
+class EvaluationConfig:
+    """What a run reports at its end (mtl_lightning/protocol.py): the final model's metrics (final); the mean of the
+    last `last_epochs` epochs' test-split evaluations (last_mean, Nash-MTL's); the best validation epoch's (best)."""
+
+    report: str = "final"
+    last_epochs: int = 10
 
 
 @dataclass
@@ -141,6 +155,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     delta_m: DeltaMConfig = field(default_factory=DeltaMConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     population: PopulationConfig = field(default_factory=PopulationConfig)
 
 

@@ -57,6 +57,7 @@ class TaskModel(L.LightningModule):
         seed: int = 0,
         hparams: dict | None = None,
         delta_base: dict[str, dict[str, float]] | None = None,
+        delta_convention: str = "libmtl",
     ):
         super().__init__()
         self.save_hyperparameters(hparams or {})
@@ -65,6 +66,7 @@ class TaskModel(L.LightningModule):
         self.spatial = any(t.dense for t in self.tasks)  # dense heads need the backbone's feature map
         self.vit = is_vit(model_cfg.backbone)
         self.delta_base = delta_base or {}  # stage -> base results for Δm% (val/delta_m, test/delta_m)
+        self.delta_convention = delta_convention
 
     def targets(self, y) -> list[Tensor]:
         """Per-task targets from a batch's labels: columns of a (B, K) label tensor, or the given sequence."""
@@ -110,7 +112,7 @@ class TaskModel(L.LightningModule):
         if aucs:
             out["auc_mean"] = sum(aucs) / len(aucs)
         if stage in self.delta_base:
-            out["delta_m"] = delta_m(results, self.delta_base[stage], self.tasks)
+            out["delta_m"] = delta_m(results, self.delta_base[stage], self.tasks, self.delta_convention)
         return out
 
     # evaluation: each mode implements _eval_step(stage, batch) and _eval_epoch_end(stage)
@@ -173,8 +175,9 @@ def compute_metrics(tasks: Sequence[Task], metrics: Sequence[nn.ModuleDict]) -> 
     return out
 
 
-def metric_directions(tasks: Sequence[Task], stage: str = "val", delta: bool = False) -> dict[str, bool]:
-    """Every metric the module logs at `stage`, mapped to whether higher is better."""
+def metric_directions(tasks: Sequence[Task], stage: str = "val", delta: bool | str = False) -> dict[str, bool]:
+    """Every metric the module logs at `stage`, mapped to whether higher is better. `delta`: Δm is logged, in the
+    convention it names (True: libmtl's, higher is better)."""
     out = {t.key(stage, m): higher for t in tasks for m, higher in t.metrics.items()}
     out.update({f"{stage}/loss/{t.name}": False for t in tasks})
     if any(_classifies(t) for t in tasks):
@@ -182,7 +185,7 @@ def metric_directions(tasks: Sequence[Task], stage: str = "val", delta: bool = F
     if any(isinstance(t, Binary) for t in tasks):
         out[f"{stage}/auc_mean"] = True
     if delta:
-        out[f"{stage}/delta_m"] = True
+        out[f"{stage}/delta_m"] = delta != "nashmtl"
     return out
 
 
@@ -199,7 +202,7 @@ def default_monitor(tasks: Sequence[Task], delta: bool) -> str:
     return tasks[0].key("val", tasks[0].primary)
 
 
-def higher_is_better(metric: str, tasks: Sequence[Task], delta: bool, key: str) -> bool:
+def higher_is_better(metric: str, tasks: Sequence[Task], delta: bool | str, key: str) -> bool:
     """The direction of `metric`, or a clear error naming `key` and the metrics there are."""
     stage = metric.split("/", 1)[0]
     directions = metric_directions(tasks, stage if stage in ("val", "test") else "val", delta)

@@ -34,9 +34,10 @@ class MultiTaskModule(TaskModel):
         seed: int = 0,
         hparams: dict | None = None,
         delta_base: dict[str, dict[str, float]] | None = None,
+        delta_convention: str = "libmtl",
         grad_cos_every: int = 0,
     ):
-        super().__init__(tasks, model_cfg, optim_cfg, seed, hparams, delta_base)
+        super().__init__(tasks, model_cfg, optim_cfg, seed, hparams, delta_base, delta_convention)
         self.backbone, self.arch, self.heads = build_network(self.tasks, in_chans, img_size, model_cfg)
         self.weighting, self.mixing = weighting, mixing
         self.fork = None  # ForkMerge's callback when weighting=forkmerge: then the steps are manual
@@ -82,6 +83,17 @@ class MultiTaskModule(TaskModel):
         against."""
         return self.arch.shared(features(self.backbone, x, self.spatial, self.vit))
 
+    def param_groups(self) -> list[dict]:
+        """The model's groups; with `optim.weighting_lr`, the weighting's own parameters (uncertainty's log-variances,
+        GradNorm's weights ...) in a group of that rate without weight decay, as Nash-MTL's and FAMO's code."""
+        lr = self.optim_cfg.weighting_lr
+        own = [p for p in self.weighting.parameters() if p.requires_grad]
+        if lr is None or not own:
+            return super().param_groups()
+        mine = {id(p) for p in own}
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in mine]} for g in super().param_groups()]
+        return [*groups, {"params": own, "lr": lr, "weight_decay": 0.0}]
+
     def shared_parameters(self) -> list[Tensor]:
         """The parameters every task shares (backbone and the architecture's shared part): what gradient methods in
         `param` mode combine per-task gradients over."""
@@ -91,8 +103,15 @@ class MultiTaskModule(TaskModel):
         # Refuse combinations a weighting cannot run correctly (fp16 or DDP for some gradient methods) up front.
         self.weighting.check(str(self.trainer.precision), self.trainer.world_size > 1)
         check_architecture(self.arch, self.weighting)
+        rep = getattr(self.weighting, "gradient_based", False) and self.weighting.cfg.mode == "rep"
+        if rep and not self.arch.rep_ok:
+            raise MTLError(
+                f"weighting.mode=rep differentiates every task's loss against one shared representation, which "
+                f"model.architecture={self.arch.name} does not have (each task's attention reads every stage of the "
+                "shared network): use weighting.mode=param, which combines the gradients of every shared parameter."
+            )
         views = [t.name for t in self.tasks if t.view]
-        if views and getattr(self.weighting, "gradient_based", False) and self.weighting.cfg.mode == "rep":
+        if views and rep:
             raise MTLError(
                 f"weighting.mode=rep differentiates every task's loss against one shared representation of the batch, "
                 f"but task(s) {views} read their own view of the input (transformed copies): use weighting.mode=param."

@@ -19,14 +19,26 @@ from torch import Tensor, nn
 from . import wrn  # noqa: F401  (registers wrn28_2 in timm)
 from .architectures import create_architecture
 from .errors import MTLError
+from .heads import make_head
 from .tabular import EmbeddingBackbone, Fields
 
 VIT_MODULES = ("vision_transformer", "deit")
 TABULAR = ("embedding",)
 
 
+class NoBackbone(nn.Module):
+    """`model.backbone=none`: the image itself goes to the architecture (SegNet, MTAN: networks from pixels)."""
+
+    def __init__(self, in_chans: int):
+        super().__init__()
+        self.num_features = in_chans
+
+    def forward(self, x: Tensor) -> list[Tensor]:  # as a timm features_only model: its stages' maps
+        return [x]
+
+
 def is_vit(name: str) -> bool:
-    if name in TABULAR:
+    if name in TABULAR or name == "none":
         return False
     return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1] in VIT_MODULES
 
@@ -46,6 +58,13 @@ def create_backbone(cfg, in_chans, img_size: int, spatial: bool = False) -> nn.M
                 "model.backbone=embedding needs tabular data (data=synthetic_recsys, data=aliexpress)."
             )
         return EmbeddingBackbone(in_chans, cfg.width or 128)
+    if name == "none":
+        if not spatial or cfg.architecture not in ("segnet", "mtan"):
+            raise MTLError(
+                "model.backbone=none passes the image itself to the architecture: it serves networks from pixels "
+                "(model.architecture=segnet or mtan) on dense tasks."
+            )
+        return NoBackbone(in_chans)
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
         raise MTLError(
@@ -93,13 +112,27 @@ def build_network(tasks: Sequence, in_chans, img_size: int, model_cfg):
     """The backbone, the architecture between it and the heads (`model.architecture`), one head per task."""
     spatial = any(t.dense for t in tasks)
     backbone = create_backbone(model_cfg, in_chans, img_size, spatial)
-    if spatial and not is_vit(model_cfg.backbone):  # a timm features_only model: its last stage
+    if isinstance(backbone, NoBackbone):
+        channels, reduction = in_chans, 1
+    elif spatial and not is_vit(model_cfg.backbone):  # a timm features_only model: its last stage
         channels, reduction = backbone.feature_info.channels()[-1], backbone.feature_info.reduction()[-1]
     else:
         channels, reduction = backbone.num_features, getattr(backbone, "patch_embed", None)
         reduction = reduction.patch_size[0] if reduction is not None else 1
     arch = create_architecture(model_cfg, channels, len(tasks), spatial)
-    return backbone, arch, nn.ModuleList(t.head(arch.out_dim, spatial, reduction) for t in tasks)
+    if arch.needs_image and not isinstance(backbone, NoBackbone):
+        raise MTLError(
+            f"model.architecture={model_cfg.architecture} is a whole network from pixels (its own encoder): use it "
+            f"with model.backbone=none, not {model_cfg.backbone}."
+        )
+    sides = img_size if isinstance(img_size, tuple | list) else (img_size, img_size)
+    if arch.needs_image and any(s % 32 for s in sides):
+        raise MTLError(
+            f"model.architecture={model_cfg.architecture} pools the image 5 times: its sides must be multiples of 32 "
+            f"(NYUv2 288x384, Cityscapes 128x256), and they are {tuple(sides)}."
+        )
+    heads = [make_head(model_cfg.head, t, arch.out_dim, spatial, reduction) for t in tasks]
+    return backbone, arch, nn.ModuleList(heads)
 
 
 def label_size(x):

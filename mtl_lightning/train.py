@@ -30,8 +30,9 @@ from .loggers import build_loggers, end_wandb
 from .model import TaskModel, default_monitor, higher_is_better
 from .multitask import MultiTaskModule
 from .population import PopulationModule, pbt_callback, plan_population, write_member_metrics
+from .protocol import BestWeights, EpochMeans, check_last_mean, report_callbacks, with_best
 from .runs import check_resumable, make_run_dir, resolve_run, trained
-from .tasks.delta_m import delta_bases
+from .tasks.delta_m import delta_bases, delta_flag
 from .weighting import Weighting, create_weighting
 
 
@@ -65,9 +66,10 @@ def build(cfg: DictConfig) -> Built:
     weighting.check(str(cfg.trainer.precision), distributed=False)  # again with the world size in setup()
     bases = delta_bases(cfg, dm.tasks)
     monitor = cfg.checkpoint.monitor if cfg.checkpoint.monitor != "auto" else default_monitor(dm.tasks, bool(bases))
-    maximise = higher_is_better(monitor, dm.tasks, bool(bases), "checkpoint.monitor")
+    maximise = higher_is_better(monitor, dm.tasks, delta_flag(cfg, bool(bases)), "checkpoint.monitor")
     net = (dm.tasks, dm.in_chans, dm.img_size, cfg.model, cfg.optim)
     shared = {"hparams": OmegaConf.to_container(cfg, resolve=True), "delta_base": bases}
+    shared["delta_convention"] = cfg.delta_m.convention
     if cfg.population.weights:
         p = cfg.population
         extra = {"chunk_size": p.chunk_size, "fused_attn": p.fused_attn, "clip_val": cfg.trainer.gradient_clip_val}
@@ -112,14 +114,15 @@ def train(
             save_run_config(cfg, run_dir, resumed=ckpt is not None)
             # Lightning starts DDP ranks by running this command again: they inherit these and share the run
             os.environ["MTL_RUN_DIR"], os.environ["MTL_RESUME"] = str(run_dir), str(ckpt or "")
-        trainer = make_trainer(cfg, b, run_dir, [*method_callbacks(cfg, b, run_dir), *callbacks], save_checkpoints)
+        method = method_callbacks(cfg, b, run_dir)
+        trainer = make_trainer(cfg, b, run_dir, [*method, *callbacks], save_checkpoints)
         trainer.fit(b.model, datamodule=b.dm, ckpt_path=ckpt)
     except BaseException:
         if fresh and not worker and not trained(run_dir, trainer):
             end_wandb(cfg)
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    out = evaluate(trainer, b, ("val", "test") if cfg.test else ("val",))
+    out = final_metrics(cfg, trainer, b, method)
     if trainer.is_global_zero:  # the base results a later Δm% reads (delta_m.runs=[this run_dir])
         write_metrics(run_dir, out, b.model)
     out["run_dir"] = str(run_dir)
@@ -129,8 +132,9 @@ def train(
 
 def method_callbacks(cfg: DictConfig, b: Built, run_dir: Path) -> list[Callback]:
     """What the training method adds to the loop: ForkMerge's branches (after its pruning phase, which trains runs of
-    its own in `run_dir/pruning`), a population's PBT."""
-    out = []
+    its own in `run_dir/pruning`), a population's PBT, and what the protocol's report keeps (`evaluation.report`)."""
+    out = report_callbacks(cfg, b.monitor, b.maximise)
+    check_last_mean(cfg, b.dm)
     w = b.weighting
     if getattr(w, "needs_ranking", False):  # ForkMerge's top-k branches: rank the auxiliaries first
         w.use_ranking(rank_auxiliaries(cfg, w, b.dm.tasks, run_dir, b.bases, fit=train))
@@ -195,6 +199,19 @@ def evaluate(trainer: L.Trainer, b: Built, stages: Sequence[str]) -> dict[str, f
             metrics.update(results)
     out = {k: float(v) for k, v in metrics.items()}
     out.update(getattr(b.model, "grad_cos_means", dict)())
+    return out
+
+
+def final_metrics(cfg: DictConfig, trainer: L.Trainer, b: Built, method: Sequence[Callback]) -> dict[str, float]:
+    """What the run reports (`evaluation.report`): the final model's val (and test) metrics; or the best epoch's
+    weights evaluated; or, for the test split, the mean of its last epochs' evaluations."""
+    best = next((c for c in method if isinstance(c, BestWeights)), None)
+    if best is not None:
+        with_best(b.model, best)
+    out = evaluate(trainer, b, ("val", "test") if cfg.test else ("val",))
+    means = next((c for c in method if isinstance(c, EpochMeans)), None)
+    if means is not None and cfg.test:
+        out.update(means.mean(cfg.evaluation.last_epochs))
     return out
 
 

@@ -126,6 +126,33 @@ def write_nyuv2(root: Path, train: int = 5, val: int = 3, seed: int = 5) -> dict
     return {"train": train, "test": val}
 
 
+def cityscapes_label(h=128, w=256, classes=7) -> np.ndarray:
+    """Class c in the c-th band of columns, -1 in the first row (unlabelled)."""
+    label = np.broadcast_to((np.arange(w) * classes // w).astype(np.float32), (h, w)).copy()
+    label[0] = -1
+    return label
+
+
+def write_cityscapes(root: Path, train: int = 5, val: int = 3, seed: int = 6, label_folder: str = "label_7") -> dict:
+    """MTAN's preprocessed layout: {train,val}/{image,label_7,label_19,depth}/<i>.npy at 128x256 (LibMTL's copy:
+    `label_folder="label"`, 7 classes only). Inverse depth DEPTH_M except pixel (0, 1) (0 = invalid)."""
+    rng, folder = np.random.default_rng(seed), Path(root) / "cityscapes"
+    depth = np.full((128, 256, 1), DEPTH_M, dtype=np.float32)
+    depth[0, 1] = 0
+    labels = {label_folder: cityscapes_label()}
+    if label_folder == "label_7":
+        labels["label_19"] = cityscapes_label(classes=19)
+    for split, n in (("train", train), ("val", val)):
+        for i in range(n):
+            image = rng.random((128, 256, 3)).astype(np.float32) * 0.5
+            image[..., 0] += labels[label_folder] / 14  # the class bands show in the red channel
+            arrays = {"image": image, **labels, "depth": depth}
+            for kind, a in arrays.items():
+                (folder / split / kind).mkdir(parents=True, exist_ok=True)
+                np.save(folder / split / kind / f"{i}.npy", a)
+    return {"train": train, "test": val}
+
+
 TASKONOMY_BUILDINGS = {"train": ["allensville", "beechwood"], "val": ["coffeen"], "test": ["darden"]}
 
 
@@ -210,5 +237,6 @@ WRITERS = {  # data.name -> writers of the files it reads
     "celeba": [write_celeba],
     "domainnet": [write_domainnet],
 }
-DENSE_WRITERS = {"nyuv2": [write_nyuv2], "taskonomy": [write_taskonomy]}  # their own tests: tests/test_dense.py
+# their own tests: tests/test_dense.py
+DENSE_WRITERS = {"nyuv2": [write_nyuv2], "taskonomy": [write_taskonomy], "cityscapes": [write_cityscapes]}
 TABULAR_WRITERS = {"aliexpress": [write_aliexpress]}  # their own tests: tests/test_recsys.py

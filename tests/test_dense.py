@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures import DEPTH_M, NORMAL, nyuv2_label, write_nyuv2, write_taskonomy
+from fixtures import DEPTH_M, NORMAL, cityscapes_label, nyuv2_label, write_cityscapes, write_nyuv2, write_taskonomy
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
@@ -23,7 +23,7 @@ from mtl_lightning.data.base import holdout
 from mtl_lightning.data.dense import DenseTensors, scale_crop_flip
 from mtl_lightning.data.shapes import edges, render
 from mtl_lightning.errors import MTLError
-from mtl_lightning.model import compute_metrics
+from mtl_lightning.model import compute_metrics, metric_directions
 from mtl_lightning.tasks import Classification, Depth, Normal, Segmentation, delta_m
 from mtl_lightning.weighting import WEIGHTINGS
 from mtl_lightning.weighting.gradient import GradientWeighting
@@ -299,24 +299,76 @@ def method_cases():
             yield name, extra
 
 
+# MTAN (from pixels, its conv heads, narrow): the network gradient methods combine in param mode (every parameter
+# but the heads is shared, as the reference's); rep mode and loss-level methods on the ViT's feature map
+MTAN = ["model.backbone=none", "model.architecture=mtan", "model.head=conv", "model.widths=[2,4,4,4,4]"]
+MTAN += ["model.depth=null", "model.width=null", "model.num_heads=null", "model.patch_size=null", "data.img_size=32"]
+
+
 @pytest.mark.parametrize("name, extra", [pytest.param(n, e, id=" ".join([n, *e])) for n, e in method_cases()])
 def test_every_weighting_trains_a_dense_step(make_cfg, name, extra):
-    over = [*TINY, f"weighting={name}", *extra]
+    over = [*TINY, f"weighting={name}", *extra, *(MTAN if "weighting.mode=param" in extra else [])]
     if name == "fixed":
         over.append("weighting.weights=[1,1,1,1]")
     cfg = make_cfg("shapes_dense", *over)
 
     class Snapshot(Callback):
         def on_train_start(self, trainer, pl_module):
-            self.before = [p.detach().clone() for p in pl_module.backbone.parameters()]
+            self.before = [p.detach().clone() for p in pl_module.shared_parameters()]
 
         def on_train_end(self, trainer, pl_module):
-            self.moved = sum((p - b).abs().sum().item() for p, b in zip(pl_module.backbone.parameters(), self.before))
+            self.moved = sum((p - b).abs().sum().item() for p, b in zip(pl_module.shared_parameters(), self.before))
 
     snap = Snapshot()
     m = run(cfg, callbacks=[snap])
-    assert snap.moved > 0  # the shared backbone got a gradient through the dense heads
+    assert snap.moved > 0  # the shared network got a gradient through the dense heads
     assert all(math.isfinite(v) for k, v in m.items() if k.startswith("val/"))
+
+
+def test_mtan_has_no_shared_representation_for_rep_mode(make_cfg):
+    with pytest.raises(MTLError, match="model.architecture=mtan does not have .* use weighting.mode=param"):
+        run(make_cfg("shapes_dense", *TINY, *MTAN, "weighting=pcgrad", "weighting.mode=rep"))
+    with pytest.raises(MTLError, match="model.architecture=mtan is a whole network from pixels .* model.backbone=none"):
+        run(make_cfg("shapes_dense", *TINY, "model.architecture=mtan"))
+    with pytest.raises(MTLError, match=r"pools the image 5 times: its sides must be multiples of 32.*\(16, 16\)"):
+        run(make_cfg("shapes_dense", *TINY, *MTAN, "data.img_size=16"))
+
+
+def test_segnet_and_mtan_are_the_reference_networks():
+    """lorenmt/mtan's classes, counted (their 3 uncertainty log-variances belong to the weighting): 44,229,073
+    parameters for MTAN with NYUv2's three tasks and its heads, 25,055,185 for the shared SegNet; a 3 x 288 x 384
+    image maps to the three tasks' full-resolution maps; Xavier-normal weights and zero biases."""
+    from omegaconf import OmegaConf
+
+    from mtl_lightning.config import ModelConfig
+    from mtl_lightning.network import build_network
+
+    tasks = [Segmentation("segmentation", 13), Depth("depth"), Normal("normal")]
+    counts = {}
+    for arch in ("mtan", "segnet"):
+        cfg = OmegaConf.structured(ModelConfig(backbone="none", architecture=arch, head="conv"))
+        torch.manual_seed(0)
+        backbone, net, heads = build_network(tasks, 3, (288, 384), cfg)
+        counts[arch] = sum(p.numel() for m in (backbone, net, heads) for p in m.parameters())
+    assert counts == {"mtan": 44_229_073, "segnet": 25_055_185}
+    with torch.no_grad():
+        reps = net.specific(net.shared(torch.rand(1, 3, 288, 384)))
+        out = [h(r, (288, 384)) for h, r in zip(heads, reps)]
+    assert [tuple(o.shape) for o in out] == [(1, 13, 288, 384), (1, 1, 288, 384), (1, 3, 288, 384)]
+    assert torch.allclose(out[2].norm(dim=1), torch.ones(1))  # unit normals
+    first = net.body.encoder_block[0][0]  # Conv2d(3, 64, 3): Xavier-normal std sqrt(2 / (fan_in + fan_out))
+    assert first.weight.std().item() == pytest.approx((2 / (27 + 576)) ** 0.5, rel=0.1) and not first.bias.any()
+
+
+def test_mtan_learns_the_shapes_scenes_above_trivial(make_cfg):
+    over = [*MTAN[:3], "model.widths=[8,16,16,16,16]", *MTAN[4:], "data.train_size=320", "data.batch_size=16"]
+    m = run(make_cfg("shapes_dense", *over, "optim.lr=3e-3", "trainer.max_epochs=3"))
+    dm = create_datamodule(compose("shapes_dense").data)
+    dm.setup()
+    _, (seg, depth, _, _) = dm.splits["val"][:]
+    _, (_, train_depth, _, _) = dm.splits["train"][:]
+    assert m["val/semantic/pix_acc"] > torch.bincount(seg.flatten()).max() / seg.numel() + 0.1
+    assert m["val/depth/abs_err"] < 0.8 * (depth - train_depth.mean()).abs().mean()
 
 
 # -- Δm from single-task runs, as a monitor; ForkMerge on dense tasks ----------------------------------------
@@ -375,3 +427,90 @@ def test_augmented_dense_run_resumes_exactly(make_cfg, tmp_path):
     a, b, c = last_weights(full), last_weights(resumed), last_weights(plain)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)  # augmentation did change the training
+
+
+# -- Cityscapes in MTAN's layout (and LibMTL's), the references' metric conventions and report protocols -----------
+def cityscapes(root, *overrides):
+    dm = create_datamodule(compose("cityscapes_mtan", [f"data.root={root}", *overrides]).data)
+    dm.setup()
+    return dm
+
+
+@pytest.mark.parametrize("folder", ["label_7", "label"])
+def test_cityscapes_decodes_known_values_in_either_copy(tmp_path, folder):
+    write_cityscapes(tmp_path, label_folder=folder)
+    dm = cityscapes(tmp_path)
+    assert [t.name for t in dm.tasks] == ["segmentation", "depth"] and dm.tasks[0].num_classes == 7
+    image, (label, depth) = dm.splits["test"][1]
+    assert image.shape == (3, 128, 256) and len(dm.splits["train"]) == 5 and len(dm.splits["test"]) == 3
+    assert torch.equal(label, torch.from_numpy(cityscapes_label()).long()) and label[0, 0] == -1
+    assert depth.shape == (1, 128, 256) and depth[0, 0, 1] == 0 and depth[0, 5, 5] == pytest.approx(DEPTH_M)
+    assert dm.splits["val"] is dm.splits["test"]  # validated on the test split, as the references
+
+
+def test_cityscapes_19_classes_bad_values_and_missing_data(tmp_path, capsys):
+    write_cityscapes(tmp_path)
+    dm = cityscapes(tmp_path, "data.classes=19")
+    assert dm.tasks[0].num_classes == 19 and dm.splits["train"][0][1][0].max() == 18
+    with pytest.raises(MTLError, match="data.classes=5: the Cityscapes release has 7, 19 and 2-class labels"):
+        cityscapes(tmp_path, "data.classes=5")
+    bad = cityscapes_label()
+    bad[3, 3] = 7  # one class too many for the 7-class labels
+    np.save(tmp_path / "cityscapes" / "val" / "label_7" / "2.npy", bad)
+    with pytest.raises(MTLError, match=r"label_7/2.npy holds the class id 7.0: these labels are 0..6"):
+        cityscapes(tmp_path).splits["test"][2]
+    assert main(["exp=cityscapes_mtan", f"data.root={tmp_path / 'none'}", f"out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "cityscapes" in err and "lorenmt/mtan" in err and "Traceback" not in err
+
+
+def test_per_batch_metrics_are_the_mean_of_each_batchs_value():
+    """Nash-MTL's and FAMO's depth and normal metrics (data.metric_average=batches): each batch's own value, averaged
+    over batches, against ours over every pixel of the split."""
+    d_pix, d_bat = Depth("d"), Depth("d", "batches")
+    batches = [(torch.full((1, 1, 2, 2), 2.0), torch.full((1, 1, 2, 2), 1.0))]  # abs error 1 on 4 pixels
+    pred, target = torch.zeros(1, 1, 2, 2), torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])  # error 1 on 1 valid pixel
+    batches.append((pred + 4, target))  # error 3 on 1 pixel
+    mp, mb = d_pix.make_metrics(), d_bat.make_metrics()
+    for p, t in batches:
+        d_pix.update(mp, p, t)
+        d_bat.update(mb, p, t)
+    assert compute_metrics([d_pix], [mp])["d/abs_err"] == pytest.approx((4 * 1 + 3) / 5)  # over pixels
+    assert compute_metrics([d_bat], [mb])["d/abs_err"] == pytest.approx((1 + 3) / 2)  # over batches
+    n = Normal("n", "batches")
+    m = n.make_metrics()
+    angles = torch.tensor([0.0, 10.0, 20.0, 40.0])  # degrees from +z, about x: numpy's median is 15
+    rad = torch.deg2rad(angles)
+    pred = torch.stack([torch.zeros(4), torch.sin(rad), torch.cos(rad)], 1).T.reshape(1, 3, 2, 2)
+    n.update(m, pred, torch.tensor([0.0, 0.0, 1.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2))
+    got = compute_metrics([n], [m])
+    assert got["n/angle_median"] == pytest.approx(15.0, abs=1e-4) and got["n/angle_mean"] == pytest.approx(17.5)
+    assert got["n/within_11_25"] == pytest.approx(0.5) and got["n/within_30"] == pytest.approx(0.75)
+
+
+def test_nash_mtl_delta_m_is_flat_over_metrics_and_lower_is_better():
+    tasks = [Segmentation("s", 3), Depth("d")]
+    base = {"s/miou": 0.5, "s/pix_acc": 0.8, "d/abs_err": 0.4, "d/rel_err": 0.2}
+    res = {"s/miou": 0.55, "s/pix_acc": 0.8, "d/abs_err": 0.5, "d/rel_err": 0.2}  # +10% miou, +25% abs error
+    assert delta_m(res, base, tasks) == pytest.approx(100 * (0.1 / 2 - 0.25 / 2) / 2)  # LibMTL: per task first
+    assert delta_m(res, base, tasks, "nashmtl") == pytest.approx(-100 * (0.1 - 0.25) / 4)  # flat, lower is better
+    directions = metric_directions(tasks, "val", "nashmtl")
+    assert directions["val/delta_m"] is False and metric_directions(tasks, "val", True)["val/delta_m"] is True
+
+
+def test_reports_at_the_best_epoch_and_as_the_mean_of_the_last_epochs(make_cfg, tmp_path):
+    over = [*TINY, "trainer.max_steps=-1", "trainer.max_epochs=5", "optim.lr=5e-2", "test=true"]  # a bumpy run
+    best = run(make_cfg("shapes_dense", *over, "evaluation.report=best", "checkpoint.monitor=val/depth/abs_err"))
+    rows = list(csv.DictReader(open(next(Path(best["run_dir"]).glob("csv/version_0/metrics.csv")))))
+    epochs = [float(r["val/depth/abs_err"]) for r in rows if r.get("val/depth/abs_err")][:5]  # (then the final eval)
+    assert best["val/depth/abs_err"] == pytest.approx(min(epochs), rel=1e-5) and min(epochs) != epochs[-1]
+    # Nash-MTL's protocol on Cityscapes (validation on the test split): the mean of the last 2 epochs' test metrics
+    write_cityscapes(tmp_path / "data", train=4, val=2)
+    city = [f"data.root={tmp_path / 'data'}", "model.widths=[2,4,4,4,4]", "data.batch_size=2", "trainer.max_epochs=3"]
+    last = run(make_cfg("cityscapes_mtan", *city, "evaluation.last_epochs=2"))
+    rows = list(csv.DictReader(open(next(Path(last["run_dir"]).glob("csv/version_0/metrics.csv")))))
+    per_epoch = [float(r["val/segmentation/miou"]) for r in rows if r.get("val/segmentation/miou")][:3]
+    assert last["test/segmentation/miou"] == pytest.approx(sum(per_epoch[1:]) / 2, rel=1e-5)
+    assert "test/delta_m" not in last  # no base results given
+    with pytest.raises(MTLError, match="evaluation.report=last_mean .* validates here on a held-out part of train"):
+        run(make_cfg("cityscapes_mtan", *city, "data.train_fraction=0.5"))

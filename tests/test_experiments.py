@@ -17,6 +17,8 @@ from mtl_lightning.data import create_datamodule
 # NYUv2's 288x384: ~30 s a step here); the config's other keys (output stride, optimiser, schedule) still apply.
 LIGHTER = {exp: ["model.backbone=resnet18"] for exp in ("nyuv2_mtl", "nyuv2_forkmerge")}
 LIGHTER["nyuv2_forkmerge"] += ["weighting.pruning_epochs=1", "weighting.topk=[0,1]"]  # pruning runs, 1 epoch each
+LIGHTER.update({exp: ["model.backbone=resnet18"] for exp in ("nyuv2_deeplab", "cityscapes_deeplab")})
+LIGHTER.update({exp: ["model.widths=[4,8,8,8,8]"] for exp in ("nyuv2_mtan", "cityscapes_mtan")})  # MTAN, narrow
 # the fixtures hold tens of images: a validation hold-out and labels per class that fit them
 LIGHTER["cifar10_ssl"] = ["data.val_count=20", "data.labels_per_class=2", "data.epoch_size=64"]
 LIGHTER["svhn_ssl"] = ["data.val_count=2", "data.labels_per_class=1", "data.epoch_size=64"]

@@ -96,6 +96,9 @@ def test_a_dataset_and_a_weighting_from_files_train_evaluate_and_resume(folder, 
     table = list(csv.DictReader(open(preds)))
     hits = [float(r["digit"]) == float(r["digit_target"]) for r in table]
     assert len(table) == 180 and sum(hits) / len(hits) == pytest.approx(first["test/acc/digit"])
+    from mtl_lightning.checkpoint import load_model  # the library's loader imports them from the checkpoint too
+
+    assert [t.name for t in load_model(run_dir / "checkpoints" / "last.ckpt").tasks] == ["digit", "parity"]
     # resumed without naming the plugins: config.yaml records them
     resumed = run(
         compose("digits_mtl", [*folder_run(folder, tmp_path)[1:], "resume=last", "run_name=a", "trainer.max_epochs=11"])

@@ -328,3 +328,29 @@ def test_a_population_study_is_checked_before_anything_trains(tmp_path, override
     with pytest.raises(MTLError, match=message):
         run_study(*load_study(study, [f"study.out_dir={out}", *overrides]))
     assert not out.exists() and time.monotonic() - t0 < 30  # refused before the search, before any folder
+
+
+def test_the_report_computes_delta_m_in_the_studys_convention(tmp_path):
+    """LibMTL's Δm% averages each task's metrics first; Nash-MTL's is flat over the metrics and lower is better, with
+    its published value beside ours."""
+    directions = {"test/s/miou": True, "test/s/pix_acc": True, "test/d/abs_err": False}
+    tasks_of = {"test/s/miou": "s", "test/s/pix_acc": "s", "test/d/abs_err": "d"}
+    base = {"test/s/miou": 0.5, "test/s/pix_acc": 0.5, "test/d/abs_err": 1.0}
+    mine = {"test/s/miou": 0.6, "test/s/pix_acc": 0.6, "test/d/abs_err": 1.3}  # +20%, +20%, 30% worse
+    cells = [{"id": "b", "row": "single-task s", "kind": "baseline", "seed": 0, "metrics": base}]
+    cells.append({"id": "u", "row": "uniform", "kind": "method", "seed": 0, "metrics": mine})
+    for convention in ("libmtl", "nashmtl"):
+        folder = tmp_path / convention
+        (folder / "cells").mkdir(parents=True)
+        meta = {"metrics": list(directions), "directions": directions, "tasks": ["s", "d"], "command": "c"}
+        meta.update(study={"name": "s", "compare": None, "references": {"uniform": {"delta_m": 2.5}}})
+        meta.update(metric_tasks=tasks_of, delta_m=convention)
+        (folder / "meta.json").write_text(json.dumps(meta))
+        for c in cells:
+            (folder / "cells" / f"{c['id']}.json").write_text(json.dumps(c))
+        report = write_report(folder).read_text()
+        row = next(x for x in report.splitlines() if x.startswith("| uniform"))
+        # LibMTL: ((20 + 20) / 2 - 30) / 2 = -5; Nash-MTL: -(20 + 20 - 30) / 3, better than the baseline: negative
+        expected = {"libmtl": "-5.00 ± 0.00", "nashmtl": "-3.33 ± 0.00"}[convention]
+        assert f"{expected} (paper +2.5)" in row, (convention, row)
+    assert "flat, lower is better" in report

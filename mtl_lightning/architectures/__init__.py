@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from . import cgc, hps, mmoe, ple  # noqa: F401  (registers the architectures)
+from . import cgc, hps, mmoe, ple, segnet  # noqa: F401  (registers the architectures)
 from .base import ARCHITECTURES, Architecture
 
 

@@ -37,6 +37,8 @@ class Architecture(nn.Module):
 
     name: ClassVar[str]
     splits: ClassVar[bool] = True
+    rep_ok: ClassVar[bool] = True  # `shared` gives one representation every task reads (gradient methods' mode=rep)
+    needs_image: ClassVar[bool] = False  # a network from pixels (SegNet, MTAN): model.backbone=none
 
     @staticmethod
     def maps_ok(cfg) -> bool:

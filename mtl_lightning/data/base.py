@@ -277,6 +277,7 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 512
     num_workers: int = 0
+    drop_last: bool = False  # drop each training epoch's last, partial batch (LibMTL's loaders; BatchNorm needs 2)
     mixing: str = "loss"  # loss: weights scale the domain losses; sample: weights are domain sampling probs
     tasks: list[str] | None = None  # train on a subset of tasks/domains; one name = single-task baseline
     epoch_size: int | None = None  # training samples per epoch; default: the training split's size
@@ -402,7 +403,11 @@ class MixtureDataModule(L.LightningDataModule):
         if batch_sampler is not None:
             batching = {"batch_sampler": batch_sampler}
         else:
-            batching = {"batch_size": batch_size, "sampler": sampler}
+            batching = {
+                "batch_size": batch_size,
+                "sampler": sampler,
+                "drop_last": split == "train" and self.cfg.drop_last,
+            }
         return DataLoader(
             ds,
             **batching,

@@ -77,6 +77,9 @@ class DenseFiles(Dataset, Split):
 class DenseConfig(DataConfig):
     augment: bool = False  # random scale-crop and horizontal flip of training batches (MTAN's augmentation)
     scales: list[float] = field(default_factory=lambda: [1.0, 1.2, 1.5])  # zoom factors of the scale-crop
+    # pixels: depth and normal metrics over the split's pixels (ours); batches: per-batch values averaged, as
+    # Nash-MTL and FAMO publish them (they then depend on data.eval_batch_size)
+    metric_average: str = "pixels"
 
 
 def scale_crop_flip(batch, tasks: Sequence[Task], scales: Sequence[float], g: torch.Generator):

@@ -52,7 +52,13 @@ class ShapesDataModule(DenseDataModule):
         super().__init__(cfg, seed)
 
     def describe(self) -> list[Task]:
-        return [Segmentation("semantic", len(CLASSES)), Depth("depth"), Normal("normal"), Segmentation("edges", 2)]
+        avg = self.cfg.metric_average
+        return [
+            Segmentation("semantic", len(CLASSES), avg),
+            Depth("depth", avg),
+            Normal("normal", avg),
+            Segmentation("edges", 2, avg),
+        ]
 
     def load(self) -> dict[str, DenseTensors]:
         sizes = {"train": self.cfg.train_size, "val": self.cfg.val_size, "test": self.cfg.test_size}

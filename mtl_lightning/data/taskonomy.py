@@ -155,9 +155,9 @@ class TaskonomyDataModule(DenseDataModule, RootedDataModule):
 
     def describe(self) -> list[Task]:
         return [
-            Segmentation("segment_semantic", 17),
-            Depth("depth_zbuffer"),
-            Normal("normal"),
+            Segmentation("segment_semantic", 17, self.cfg.metric_average),
+            Depth("depth_zbuffer", self.cfg.metric_average),
+            Normal("normal", self.cfg.metric_average),
             PixelRegression("keypoints2d"),
             PixelRegression("edge_texture"),
         ]

@@ -15,6 +15,7 @@ from ..data import create_datamodule
 from ..errors import MTLError
 from ..model import higher_is_better
 from ..network import build_network, is_vit
+from ..tasks.delta_m import delta_flag
 from ..weighting import check_weights
 from .module import Member, PopulationModule, check_vectorisable
 from .pbt import PopulationPBT, copy_member
@@ -79,7 +80,7 @@ def pbt_callback(cfg: DictConfig, tasks, has_base: bool, monitor: str) -> Popula
     """The in-process PBT callback of `population.pbt`, ranking members by `population.metric` (auto: the monitor)."""
     p = cfg.population
     metric = monitor if p.metric == "auto" else p.metric
-    higher = higher_is_better(metric, tasks, has_base, "population.metric")
+    higher = higher_is_better(metric, tasks, delta_flag(cfg, has_base), "population.metric")
     stage, _, name = metric.partition("/")
     if stage != "val":
         raise MTLError(f"population.metric={metric!r} must be a validation metric (val/...): it ranks the members.")

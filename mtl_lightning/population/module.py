@@ -65,11 +65,12 @@ class PopulationModule(TaskModel):
         seed: int = 0,
         hparams: dict | None = None,
         delta_base: dict[str, dict[str, float]] | None = None,
+        delta_convention: str = "libmtl",
         chunk_size: int = 0,  # members per vectorised pass (0: all); halved on out-of-memory
         fused_attn: str = "auto",
         clip_val: float | None = None,
     ):
-        super().__init__(tasks, model_cfg, optim_cfg, seed, hparams, delta_base)
+        super().__init__(tasks, model_cfg, optim_cfg, seed, hparams, delta_base, delta_convention)
         self.N, self.mixing, self.member_seeds = len(seeds), mixing, list(seeds)
         members = []
         for s in self.member_seeds:
@@ -235,7 +236,7 @@ class PopulationModule(TaskModel):
         self._loss_sums[stage].zero_()
         self._loss_counts[stage].zero_()
         self.member_results[stage] = results
-        directions = metric_directions(self.tasks, stage, stage in self.delta_base)
+        directions = metric_directions(self.tasks, stage, stage in self.delta_base and self.delta_convention)
         for key in results[0]:
             for i, r in enumerate(results):
                 self.log(f"{stage}/{key}/m{i}", r[key])

@@ -11,6 +11,7 @@ from ..config import compose
 from ..data import create_datamodule
 from ..errors import MTLError
 from ..model import default_monitor, higher_is_better
+from ..tasks.delta_m import delta_flag
 
 
 @dataclass
@@ -95,7 +96,7 @@ def compose_search(exp: str, overrides: list[str]) -> tuple[SearchConfig, list[s
     dm_tasks, has_delta = create_datamodule(cfg.data).tasks, bool(cfg.delta_m.runs or cfg.delta_m.base)
     if scfg.metric == "auto":
         scfg.metric = default_monitor(dm_tasks, has_delta)
-    higher_is_better(scfg.metric, dm_tasks, has_delta, "search.metric")  # a clear error for an unknown metric
+    higher_is_better(scfg.metric, dm_tasks, delta_flag(cfg, has_delta), "search.metric")  # an unknown one: clear
     tasks = [t.name for t in dm_tasks]
     if scfg.name == "grid" and len(tasks) != 2:
         raise MTLError(

@@ -12,6 +12,7 @@ from ..config import compose
 from ..data import create_datamodule
 from ..errors import MTLError
 from ..model import default_monitor, higher_is_better
+from ..tasks.delta_m import delta_flag
 from ..train import train
 from .budget import budget_overrides, equal_steps
 from .config import SearchConfig
@@ -43,7 +44,7 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig, quiet: bool =
         "num_tasks": K,
         "search": name,
         "metric": scfg.metric,
-        "sign": 1.0 if higher_is_better(scfg.metric, dm.tasks, has_delta, "search.metric") else -1.0,
+        "sign": 1.0 if higher_is_better(scfg.metric, dm.tasks, delta_flag(cfg, has_delta), "search.metric") else -1.0,
         "runs_dir": str(storage / name / "runs"),  # every trial's run directory: runs/<exp>/<trial id>
         "quiet": quiet,
     }

@@ -50,14 +50,26 @@ def pearson(x: list[float], y: list[float]) -> tuple[float, float, float]:
     return float(r.statistic), float(ci.low), float(ci.high)
 
 
-def delta_m(values: dict[str, float], base: dict[str, float], directions: dict[str, bool]) -> float:
-    """Δm% (Maninis et al.): the mean over metrics of the signed relative change against the base, in %."""
-    terms = [
-        (1 if directions[m] else -1) * (values[m] - base[m]) / abs(base[m]) * 100
-        for m in values
-        if m in base and base[m] != 0 and not math.isnan(values[m])
-    ]
-    return sum(terms) / len(terms) if terms else float("nan")
+def delta_m(
+    values: dict[str, float], base: dict[str, float], directions: dict[str, bool], tasks_of: dict | None = None
+) -> float:
+    """Δm% (Maninis et al.), higher is better: the signed relative change against the base, in %, averaged per task
+    first when `tasks_of` (metric -> task) is known (LibMTL's convention), else flat over the metrics (Nash-MTL's,
+    whose sign `shown` flips; a study made before the tasks were recorded)."""
+    terms = defaultdict(list)
+    for m in values:
+        if m in base and base[m] != 0 and not math.isnan(values[m]):
+            key = (tasks_of or {}).get(m, m)
+            terms[key].append((1 if directions[m] else -1) * (values[m] - base[m]) / abs(base[m]) * 100)
+    flat = [t for ts in terms.values() for t in ts]
+    if not flat:
+        return float("nan")
+    return float(np.mean([np.mean(ts) for ts in terms.values()])) if tasks_of else sum(flat) / len(flat)
+
+
+def shown(meta: dict, value: float) -> float:
+    """A score-side Δm% as the study's convention shows it: Nash-MTL's is lower-is-better."""
+    return -value if meta.get("delta_m") == "nashmtl" else value
 
 
 def _context(row_of_single: str) -> str:
@@ -88,7 +100,8 @@ def analyse(meta: dict, cells: list[dict]) -> dict:
         vals = {m: c["metrics"].get(m, float("nan")) for m in metrics}
         b = base_mean.get(ctx_of(c["row"]))
         if b and c["kind"] != "baseline":
-            return delta_m(vals, b, directions)
+            per_task = meta.get("metric_tasks") if meta.get("delta_m", "libmtl") == "libmtl" else None
+            return delta_m(vals, b, directions, per_task)
         signed = [(1 if directions[m] else -1) * v for m, v in vals.items() if not math.isnan(v)]
         return sum(signed) / len(signed) if signed else float("nan")
 
@@ -193,7 +206,8 @@ def write_report(folder: Path) -> Path:
         "",
     ]
     tested = ref_row in a["rows"]
-    head = ["row", "n", *metrics, "Δm% vs single-task", "mean rank"]
+    dm_head = {"nashmtl": "Δm% vs single-task (flat, lower is better)", "libmtl": "Δm% vs single-task (per task)"}
+    head = ["row", "n", *metrics, dm_head.get(meta.get("delta_m"), "Δm% vs single-task"), "mean rank"]
     head += [f"vs {ref_row}: Δ score, p", "verdict"] if tested else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ordered = sorted(a["rows"], key=lambda r: (a["rows"][r]["kind"] == "baseline", a["rows"][r].get("rank", 99), r))
@@ -208,8 +222,10 @@ def write_report(folder: Path) -> Path:
             if m in refs.get(r, {}):
                 v += f" (paper {refs[r][m]:g})"
             cellv.append(v)
-        dm = list((row["delta_m"] or {}).values())
+        dm = [shown(meta, v) for v in (row["delta_m"] or {}).values()]
         dm_s = f"{np.mean(dm):+.2f} ± {np.std(dm, ddof=1) if len(dm) > 1 else 0:.2f}" if dm else ""
+        if "delta_m" in refs.get(r, {}):
+            dm_s += f" (paper {refs[r]['delta_m']:+g})"
         t = a["tests"].get(r)
         test_s = "" if t is None else f"{t['diff']:+.3f}, p = {_fmt(t['p'], 3) or 'n/a'}"
         verd = "" if t is None else verdict(t["diff"], t["p"])
@@ -221,6 +237,8 @@ def write_report(folder: Path) -> Path:
         if any(a["rows"][r]["delta_m"] for r in a["rows"])
         else ("the mean of the direction-signed metrics")
     )
+    if meta.get("delta_m") == "nashmtl" and score_kind.startswith("Δm"):
+        score_kind = "minus its Δm% (Nash-MTL's Δm is lower-is-better; the score, like every other, higher)"
     lines += ["", f"Rows are ranked by each metric's mean; a row's score is {score_kind}."]
     if tested:
         lines.append(

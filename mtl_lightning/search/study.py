@@ -285,6 +285,7 @@ class Plan:
     search_rows: dict[str, str]  # search label -> its row (the label at the experiment's own context)
     metrics: list[str]
     directions: dict[str, bool]  # metric -> higher is better
+    metric_tasks: dict[str, str]  # metric -> its task
     extra: list[str]  # training overrides the study itself adds (gradient-conflict logging)
 
 
@@ -320,7 +321,7 @@ def plan_study(cfg: StudyConfig, overrides: list[str]) -> Plan:
     for row, refs in cfg.references.items():
         if row not in rows:
             raise MTLError(f"Study {cfg.name}: references.{row} names no row of the study. Rows: {', '.join(rows)}.")
-        unknown = [m for m in refs if m not in metrics]
+        unknown = [m for m in refs if m not in metrics and m != "delta_m"]  # (a published Δm%, beside ours)
         if unknown:
             raise MTLError(
                 f"Study {cfg.name}: references.{row} gives {unknown}, which the study does not report. "
@@ -341,7 +342,8 @@ def plan_study(cfg: StudyConfig, overrides: list[str]) -> Plan:
                 check_population(compose(cfg.exp, job))
             except MTLError as e:
                 raise MTLError(f"Study {cfg.name} with study.backend=population: {e}") from None
-    return Plan(train_cfg, tasks, cells, search_rows, metrics, directions, extra)
+    metric_tasks = {m: t.name for m in metrics for t in dm.tasks if m in own[t.name]}
+    return Plan(train_cfg, tasks, cells, search_rows, metrics, directions, metric_tasks, extra)
 
 
 # what changes a study's results: a resumed study must match them (not num_cpus, references or the report's rows)
@@ -417,6 +419,8 @@ def run_study(cfg: StudyConfig, overrides: list[str], command: str | None = None
         "tasks": tasks,
         "metrics": metrics,
         "directions": {m: plan.directions[m] for m in metrics},
+        "metric_tasks": plan.metric_tasks,  # what Δm% averages per task first (LibMTL's convention)
+        "delta_m": train_cfg.delta_m.convention,
         "steps": steps,
         "gpus_per_trial": None,
         "searches": {},

@@ -35,6 +35,7 @@ class Task:
 
     kind: ClassVar[str]
     dense: ClassVar[bool] = False
+    unit: ClassVar[bool] = False  # dense: the head's output is normalised to unit vectors (surface normals)
     view: ClassVar[bool] = False  # owns its view of the input (tasks/views.py): the module calls view_forward
     metrics: ClassVar[dict[str, bool]]  # metric name -> higher is better
     primary: ClassVar[str]

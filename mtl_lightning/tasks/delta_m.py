@@ -1,9 +1,13 @@
-"""Δm%, the standard multi-task score (Maninis et al., CVPR 2019, arXiv:1904.08918), as LibMTL and ForkMerge compute it:
+"""Δm%, the standard multi-task score (Maninis et al., CVPR 2019, arXiv:1904.08918), in two conventions
+(`delta_m.convention`):
 
-    Δm = 1/T Σ_t 1/|M_t| Σ_{m in M_t} ± (M_{t,m} - B_{t,m}) / B_{t,m} × 100,
+- `libmtl` (default; LibMTL and ForkMerge): Δm = 1/T Σ_t 1/|M_t| Σ_{m in M_t} ± (M_{t,m} - B_{t,m}) / B_{t,m} × 100,
+  + where higher is better and - where lower is better: each task's metrics averaged first; higher is better.
+- `nashmtl` (Nash-MTL, FAMO and the tables that reprint them): the flat mean over every metric of ∓ (M - B) / B ×
+  100, - where higher is better: lower is better (a method better than the baselines has a negative Δm).
 
-+ where higher is better and - where lower is better, against base results B (single-task baselines). Positive is
-better than the baselines. Metrics are named as logged without the stage: `acc/left`, `seg/miou`, `depth/abs_err`.
+B are base results (single-task baselines). Metrics are named as logged without the stage: `acc/left`,
+`seg/miou`, `depth/abs_err`.
 """
 
 from __future__ import annotations
@@ -17,10 +21,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ..errors import MTLError
 from .base import Task
 
+CONVENTIONS = ("libmtl", "nashmtl")
 
-def delta_m(results: Mapping[str, float], base: Mapping[str, float], tasks: Sequence[Task]) -> float:
-    """Δm% of `results` against `base` over `tasks`, each task's term averaged over its metrics that `base` has
-    (all of them with single-task runs; papers often publish only some, e.g. ForkMerge's NYUv2 table)."""
+
+def delta_m(
+    results: Mapping[str, float], base: Mapping[str, float], tasks: Sequence[Task], convention: str = "libmtl"
+) -> float:
+    """Δm% of `results` against `base` over `tasks`, over the metrics `base` has (all of them with single-task runs;
+    papers often publish only some, e.g. ForkMerge's NYUv2 table), in `convention` (the module docstring)."""
     per_task = []
     for t in tasks:
         terms = []
@@ -29,8 +37,16 @@ def delta_m(results: Mapping[str, float], base: Mapping[str, float], tasks: Sequ
             if name in base:
                 b, r = base[name], results[name]
                 terms.append((1 if higher else -1) * (r - b) / b)
-        per_task.append(sum(terms) / len(terms))
-    return 100.0 * sum(per_task) / len(per_task)
+        per_task.append(terms)
+    if convention == "nashmtl":
+        flat = [x for terms in per_task for x in terms]
+        return -100.0 * sum(flat) / len(flat)
+    return 100.0 * sum(sum(terms) / len(terms) for terms in per_task) / len(per_task)
+
+
+def delta_flag(cfg, has_base: bool) -> bool | str:
+    """What `metric_directions` takes for Δm: False without base results, else the convention (its direction)."""
+    return cfg.delta_m.convention if has_base else False
 
 
 def check_base(base: Mapping[str, float], tasks: Sequence[Task], source: str) -> list[str]:
@@ -68,6 +84,8 @@ def read_base(numbers: Mapping[str, float], runs: Sequence[str], stage: str) -> 
 def delta_bases(cfg, tasks) -> dict[str, dict[str, float]]:
     """Per stage, the base results Δm% compares against; {} when none are configured. Validation must be covered;
     test/delta_m is left out, with a warning, when the base runs were not evaluated on the test split."""
+    if cfg.delta_m.convention not in CONVENTIONS:
+        raise MTLError(f"Unknown delta_m.convention={cfg.delta_m.convention!r}. Valid: {', '.join(CONVENTIONS)}.")
     if not cfg.delta_m.runs and not cfg.delta_m.base:
         return {}
     bases = {}

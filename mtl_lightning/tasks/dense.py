@@ -8,6 +8,11 @@ keypoints and edges). Losses and metrics as MTAN, LibMTL and ForkMerge compute t
 - normals: 1 - cosine on the valid pixels (zero vector = no normal); the angle error's mean, median and share of
   pixels within 11.25, 22.5 and 30 degrees;
 - pixel regression: L1 on the valid pixels (all, unless the dataset gives a mask as NaN); mean absolute error.
+
+`average="batches"` (`data.metric_average=batches`) computes the depth and normal metrics as Nash-MTL and FAMO
+publish them: each evaluation batch's value (the median too), averaged over the batches, equally weighted, so they
+depend on the evaluation batch size (theirs: NYUv2 2, Cityscapes 8). mIoU and pixel accuracy come from the
+confusion over the whole split either way, as theirs.
 """
 
 from __future__ import annotations
@@ -15,14 +20,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanAbsoluteError, MeanAbsolutePercentageError
+from torchmetrics import MeanAbsoluteError, MeanAbsolutePercentageError, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
+from ..errors import MTLError
 from .base import DenseHead, Task, masked_mean
-from .metrics import NormalAngleError
+from .metrics import NormalAngleError, batch_angle_metrics
+
+AVERAGES = ("pixels", "batches")
 
 
-class Segmentation(Task):
+class PerPixel(Task):
+    """A dense task whose metrics are means over the split's pixels, or (`average="batches"`) of per-batch values."""
+
+    def __init__(self, name: str, average: str = "pixels"):
+        super().__init__(name)
+        if average not in AVERAGES:
+            raise MTLError(f"Unknown data.metric_average={average!r}. Valid choices: {', '.join(AVERAGES)}.")
+        self.average = average
+
+    def batch_means(self) -> nn.ModuleDict:
+        return nn.ModuleDict({m: MeanMetric() for m in self.metrics})
+
+
+class Segmentation(PerPixel):
     """Labels (B, H, W) long in [-1, num_classes), -1 = unlabelled."""
 
     kind = "segmentation"
@@ -30,12 +51,16 @@ class Segmentation(Task):
     metrics = {"miou": True, "pix_acc": True}
     primary = "miou"
 
-    def __init__(self, name: str, num_classes: int):
-        super().__init__(name)
+    def __init__(self, name: str, num_classes: int, average: str = "pixels"):
+        super().__init__(name, average)  # (mIoU and accuracy: over the split's confusion either way)
         self.num_classes = num_classes
 
+    @property
+    def out_channels(self) -> int:
+        return self.num_classes
+
     def head(self, channels: int, spatial: bool, reduction: int) -> nn.Module:
-        return DenseHead(channels, self.num_classes, reduction)
+        return DenseHead(channels, self.out_channels, reduction)
 
     def loss(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         mask = target >= 0
@@ -62,13 +87,14 @@ class Segmentation(Task):
         return f"Segmentation({self.name!r}, {self.num_classes})"
 
 
-class Depth(Task):
+class Depth(PerPixel):
     """Depth (B, 1, H, W) in metres, 0 = no measurement."""
 
     kind = "depth"
     dense = True
     metrics = {"abs_err": False, "rel_err": False}
     primary = "abs_err"
+    out_channels = 1
 
     def head(self, channels: int, spatial: bool, reduction: int) -> nn.Module:
         return DenseHead(channels, 1, reduction)
@@ -77,10 +103,18 @@ class Depth(Task):
         return masked_mean((pred - target).abs(), target > 0)
 
     def make_metrics(self) -> nn.ModuleDict:
+        if self.average == "batches":
+            return self.batch_means()
         return nn.ModuleDict({"abs_err": MeanAbsoluteError(), "rel_err": MeanAbsolutePercentageError()})
 
     def update(self, metrics, pred, target) -> None:
         mask = target > 0
+        if self.average == "batches":
+            if mask.any():
+                err = (pred[mask] - target[mask]).abs()
+                metrics["abs_err"].update(err.mean())
+                metrics["rel_err"].update((err / target[mask]).mean())
+            return
         for m in metrics.values():
             m.update(pred[mask], target[mask])
 
@@ -88,7 +122,7 @@ class Depth(Task):
         return super().crop_resize(target, box, size, scale) / scale  # zooming in by s brings the scene s closer
 
 
-class Normal(Task):
+class Normal(PerPixel):
     """Surface normals (B, 3, H, W), unit vectors, zero vector = no normal; the head outputs unit vectors."""
 
     kind = "normal"
@@ -101,6 +135,7 @@ class Normal(Task):
         "within_30": True,
     }
     primary = "angle_mean"
+    out_channels, unit = 3, True
 
     def head(self, channels: int, spatial: bool, reduction: int) -> nn.Module:
         return DenseHead(channels, 3, reduction, normalize=True)
@@ -110,11 +145,19 @@ class Normal(Task):
         return masked_mean(1 - (pred * target).sum(1, keepdim=True), mask)
 
     def make_metrics(self) -> nn.ModuleDict:
+        if self.average == "batches":
+            return self.batch_means()
         return nn.ModuleDict({"angles": NormalAngleError()})
 
     def update(self, metrics, pred, target) -> None:
         mask = (target != 0).any(1)
-        metrics["angles"].update(pred.permute(0, 2, 3, 1)[mask], target.permute(0, 2, 3, 1)[mask])
+        p, t = pred.permute(0, 2, 3, 1)[mask], target.permute(0, 2, 3, 1)[mask]
+        if self.average == "batches":
+            if len(p):
+                for name, value in batch_angle_metrics(p, t).items():
+                    metrics[name].update(value)
+            return
+        metrics["angles"].update(p, t)
 
     def crop_resize(self, target, box, size, scale):
         top, left, h, w = box  # bilinear, as MTAN resamples normals
@@ -134,6 +177,7 @@ class PixelRegression(Task):
     dense = True
     metrics = {"l1": False}
     primary = "l1"
+    out_channels = 1
 
     def head(self, channels: int, spatial: bool, reduction: int) -> nn.Module:
         return DenseHead(channels, 1, reduction)

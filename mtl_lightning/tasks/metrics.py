@@ -7,6 +7,18 @@ from torch import Tensor
 from torchmetrics import Metric
 
 
+def batch_angle_metrics(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """One batch's normal metrics as Nash-MTL and FAMO compute them: the angles' mean, exact median (numpy's: the
+    middle two averaged) and shares within 11.25, 22.5 and 30 degrees, over the batch's valid pixels (N, 3)."""
+    cos = torch.nn.functional.cosine_similarity(pred.double(), target.double(), dim=1).clamp(-1, 1)
+    angle = torch.rad2deg(torch.acos(cos)).sort().values
+    n = len(angle)
+    out = {"angle_mean": angle.mean(), "angle_median": (angle[(n - 1) // 2] + angle[n // 2]) / 2}
+    for t in NormalAngleError.THRESHOLDS:
+        out[f"within_{str(t).replace('.', '_').removesuffix('_0')}"] = (angle < t).double().mean()
+    return out
+
+
 class NormalAngleError(Metric):
     """Angles between predicted and true normals, in degrees, over the valid pixels of every batch.
 
