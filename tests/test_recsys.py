@@ -164,7 +164,10 @@ def test_ple_and_cgc_experts_and_gates():
     assert [r.shape for r in cgc.specific(z)] == [(4, 8)] * 3
     with pytest.raises(MTLError, match="needs at least one expert.*model.bottom"):
         create_architecture(arch_cfg(architecture="mmoe"), 12, 2, False)
-    with pytest.raises(MTLError, match="Unknown architecture model.architecture='moe'.*cgc, hps, mmoe, ple"):
+    with pytest.raises(
+        MTLError,
+        match="Unknown architecture model.architecture='moe'.*Valid choices: cgc, hps, .*mmoe, .*ple, .*segnet",
+    ):
         create_architecture(arch_cfg(architecture="moe"), 12, 2, False)
     with pytest.raises(MTLError, match="acts on feature vectors; dense tasks"):
         create_architecture(arch_cfg(architecture="mmoe", bottom=[8]), 12, 2, True)
