@@ -31,6 +31,7 @@ bench:  ## benchmarks; results go to BENCHMARKS.md by hand, with the command
 	$(PY) benchmarks/population.py --steps --grid --pbt
 	$(PY) benchmarks/recsys.py
 	$(PY) benchmarks/semi_supervised.py
+	$(PY) benchmarks/graphs.py
 
 # A fresh clone has no stamp: install once (pip is quick when the packages are already there).
 .installed: pyproject.toml

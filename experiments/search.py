@@ -3,6 +3,8 @@
     python -m experiments.search exp=synthetic_mtl search=pbt search.population=8 trainer.max_epochs=20
     python -m experiments.search exp=digits_mtl search=grid search.capacities=[[3,32],[3,64]]
     python -m experiments.search exp=celeba_mtl search=pb2 ... resume=true      # continue an interrupted search
+    python -m experiments.search exp=digits_mtl search=asha search.trials=16 search.weights=false \
+        weighting=cagrad search.space.weighting.c='uniform(0.1,0.9)' search.space.optim.lr='loguniform(1e-4,1e-2)'
 
 `search.*` keys are in mtl_lightning/search/config.py (SearchConfig); every other key=value configures the trials as in
 `experiments.run`. With RAY_ADDRESS set, the trials run on that Ray cluster (search.storage_path must then be on
@@ -35,7 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"best trial: {out['best_trial']}")
     metric = "val/acc_mean" if scfg.name == "grid" else scfg.metric
     print(f"best validation (rank split) {metric}: {out['best_value']:.4f}")
-    print(f"best weights: {[round(w, 4) for w in out['best_weights']]}")
+    if out.get("best_weights"):
+        print(f"best weights: {[round(w, 4) for w in out['best_weights']]}")
+    if out.get("best_params"):
+        print(
+            "best options: "
+            + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in out["best_params"].items())
+        )
+    record = out.get("trials_record") or {}
+    if record:
+        print(f"{record['trials']} trials, {record['stopped_early']} stopped early: trials.csv, trials.png")
     if "final_weights_mean" in out:
         start, end = ([round(w, 4) for w in out[k]] for k in ("initial_weights_mean", "final_weights_mean"))
         print(f"population mean weights: {start} at the start, {end} at the end")

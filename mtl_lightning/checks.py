@@ -34,6 +34,8 @@ def check_settings(cfg: DictConfig) -> None:
         "warmup": (0 <= o.warmup < 1, "must lie in [0, 1) (a fraction of the total steps)"),
         "step_epochs": (o.step_epochs >= 1, "must be >= 1"),
         "gamma": (o.gamma > 0, "must be > 0"),
+        "patience": (o.patience >= 0, "must be >= 0"),
+        "min_lr": (o.min_lr >= 0, "must be >= 0"),
         "weighting_lr": (o.weighting_lr is None or o.weighting_lr > 0, "must be > 0 (or null: optim.lr)"),
         "milestones": (
             o.scheduler != "milestones" or (len(o.milestones) > 0 and all(0 < f < 1 for f in o.milestones)),
@@ -83,6 +85,8 @@ def check_one_device(cfg: DictConfig, dm, forks: bool) -> None:
         reason = "semi-supervised batches (data.labels_per_class) are drawn on one device"
     elif forks and cfg.data.mixing == "sample":
         reason = "ForkMerge with data.mixing=sample draws one batch per branch on one device"
+    elif cfg.data.mixing == "multi_input":
+        reason = "multi-input batches (data.mixing=multi_input) are drawn on one device"
     n = requested_devices(cfg.trainer)
     if reason and n > 1:
         raise MTLError(

@@ -26,8 +26,8 @@ from .weighting import WEIGHTINGS
 @dataclass
 class ModelConfig:
     backbone: str = "vit_small_patch16_224"  # any timm model name; ViT-shape keys below apply to ViTs only
-    depth: int | None = None  # ViT blocks (the paper varies 3, 6, 9); None keeps the timm model's own
-    width: int | None = None  # ViT token dim (the paper varies 48, 96, 144, 192)
+    depth: int | None = None  # ViT blocks (the paper varies 3, 6, 9); None keeps the timm model's own; mpnn: steps (3)
+    width: int | None = None  # ViT token dim (the paper varies 48, 96, 144, 192); embedding, mpnn: their width
     num_heads: int | None = None  # default: the divisor of width closest to width/64
     patch_size: int | None = None  # "ViT-S/4" is patch_size=4
     mlp_ratio: float | None = None
@@ -43,6 +43,9 @@ class ModelConfig:
     dropout: float = 0.0  # in every MLP of the architecture
     batchnorm: bool = False  # BatchNorm1d after each MLP layer (MTReclib's MLPs have it)
     widths: list[int] = field(default_factory=list)  # segnet, mtan: the 5 stages' widths; [] = [64,128,256,512,512]
+    # stored uint8 images, scaled on the device: symmetric ([-1, 1]) | unit ([0, 1], FAMO's) | imagenet (ImageNet's
+    # mean and deviation, what ImageNet weights expect: LibMTL's Office)
+    input_norm: str = "symmetric"
     head: str = "light"  # dense tasks' heads: light (ours) | conv (MTAN's) | deeplab (LibMTL's ASPP); tasks/heads.py
 
 
@@ -52,11 +55,13 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05  # not applied to biases and norm weights
     momentum: float = 0.9  # sgd only
-    scheduler: str = "cosine"  # cosine | step | milestones | constant
+    scheduler: str = "cosine"  # cosine | step | milestones | plateau | constant
     warmup: float = 0.1  # cosine: fraction of the total steps with a linear warm-up
     step_epochs: int = 100  # step: multiply the lr by gamma every step_epochs epochs
     milestones: list[float] = field(default_factory=list)  # milestones: multiply by gamma at these step fractions
     gamma: float = 0.5
+    patience: int = 5  # plateau: epochs without a better checkpoint.monitor before lr x gamma (QM9's references)
+    min_lr: float = 0.0  # plateau: the lr's floor (QM9's references: 1e-5)
     weighting_lr: float | None = None  # the weighting's own parameters' lr (Nash-MTL's and FAMO's 0.025); None: lr
 
 

@@ -22,7 +22,7 @@ from .network import is_vit
 from .tasks import Binary, Classification, Task, delta_m
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("cosine", "step", "milestones", "constant")
+SCHEDULERS = ("cosine", "step", "milestones", "plateau", "constant")
 
 
 def param_groups(module: nn.Module, weight_decay: float, stacked: int = 0) -> list[dict]:
@@ -67,6 +67,7 @@ class TaskModel(L.LightningModule):
         self.vit = is_vit(model_cfg.backbone)
         self.delta_base = delta_base or {}  # stage -> base results for Δm% (val/delta_m, test/delta_m)
         self.delta_convention = delta_convention
+        self.monitor, self.maximise = "val/loss", False  # what best.ckpt and a plateau schedule go by (train sets them)
 
     def targets(self, y) -> list[Tensor]:
         """Per-task targets from a batch's labels: columns of a (B, K) label tensor, or the given sequence."""
@@ -108,9 +109,10 @@ class TaskModel(L.LightningModule):
         accs = [results[f"acc/{t.name}"] for t in self.tasks if _classifies(t)]
         if accs:
             out["acc_mean"] = sum(accs) / len(accs)
-        aucs = [results[f"{t.name}/auc"] for t in self.tasks if isinstance(t, Binary)]
-        if aucs:
-            out["auc_mean"] = sum(aucs) / len(aucs)
+        for m in ("auc", "f1"):  # the binary tasks' mean AUC (recommendation), F1 (CelebA as FAMO)
+            values = [results[f"{t.name}/{m}"] for t in self.tasks if isinstance(t, Binary) and m in t.metrics]
+            if values:
+                out[f"{m}_mean"] = sum(values) / len(values)
         if stage in self.delta_base:
             out["delta_m"] = delta_m(results, self.delta_base[stage], self.tasks, self.delta_convention)
         return out
@@ -144,6 +146,13 @@ class TaskModel(L.LightningModule):
             raise MTLError(f"Unknown optim.name={c.name!r}. Valid choices: {', '.join(OPTIMIZERS)}.")
         if c.scheduler == "constant":
             return opt
+        if c.scheduler == "plateau":  # x gamma after `patience` epochs without a better monitored value (QM9's)
+            mode = "max" if self.maximise else "min"
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode, c.gamma, c.patience, min_lr=c.min_lr)
+            return {
+                "optimizer": opt,
+                "lr_scheduler": {"scheduler": sched, "monitor": self.monitor, "interval": "epoch"},
+            }
         total = int(self.trainer.estimated_stepping_batches)
         if c.scheduler == "cosine":
             sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, c.warmup))
@@ -182,8 +191,9 @@ def metric_directions(tasks: Sequence[Task], stage: str = "val", delta: bool | s
     out.update({f"{stage}/loss/{t.name}": False for t in tasks})
     if any(_classifies(t) for t in tasks):
         out[f"{stage}/acc_mean"] = True
-    if any(isinstance(t, Binary) for t in tasks):
-        out[f"{stage}/auc_mean"] = True
+    for m in ("auc", "f1"):
+        if any(isinstance(t, Binary) and m in t.metrics for t in tasks):
+            out[f"{stage}/{m}_mean"] = True
     if delta:
         out[f"{stage}/delta_m"] = delta != "nashmtl"
     return out
@@ -197,6 +207,8 @@ def default_monitor(tasks: Sequence[Task], delta: bool) -> str:
         return "val/delta_m"
     if any(_classifies(t) for t in tasks):
         return "val/acc_mean"
+    if any(isinstance(t, Binary) and "f1" in t.metrics for t in tasks):
+        return "val/f1_mean"
     if any(isinstance(t, Binary) for t in tasks):
         return "val/auc_mean"
     return tasks[0].key("val", tasks[0].primary)

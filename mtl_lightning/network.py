@@ -16,14 +16,16 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from . import wrn  # noqa: F401  (registers wrn28_2 in timm)
+from . import famo_cnn, wrn  # noqa: F401  (register wrn28_2 and famo_cnn in timm)
 from .architectures import create_architecture
 from .errors import MTLError
+from .graph import MPNN, GraphFeatures
 from .heads import make_head
 from .tabular import EmbeddingBackbone, Fields
 
 VIT_MODULES = ("vision_transformer", "deit")
 TABULAR = ("embedding",)
+GRAPH = ("mpnn",)
 
 
 class NoBackbone(nn.Module):
@@ -38,7 +40,7 @@ class NoBackbone(nn.Module):
 
 
 def is_vit(name: str) -> bool:
-    if name in TABULAR or name == "none":
+    if name in TABULAR or name in GRAPH or name == "none":
         return False
     return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1] in VIT_MODULES
 
@@ -51,6 +53,13 @@ def create_backbone(cfg, in_chans, img_size: int, spatial: bool = False) -> nn.M
     models are built with timm's `features_only=True` (their last stage).
     """
     name = cfg.backbone
+    if isinstance(in_chans, GraphFeatures) or name in GRAPH:
+        if not (isinstance(in_chans, GraphFeatures) and name in GRAPH):
+            raise MTLError(
+                f"model.backbone={name} does not read this data: graphs need model.backbone=mpnn, and "
+                "model.backbone=mpnn needs graphs (data=qm9, data=synthetic_graphs)."
+            )
+        return MPNN(in_chans, cfg.width or 64, cfg.depth or 3)
     if isinstance(in_chans, Fields) or name in TABULAR:
         if not (isinstance(in_chans, Fields) and name in TABULAR):
             raise MTLError(
@@ -71,6 +80,8 @@ def create_backbone(cfg, in_chans, img_size: int, spatial: bool = False) -> nn.M
             f"Unknown timm backbone model.backbone={name!r}. Close names: {', '.join(close) or 'none'}; "
             "all names: python -c 'import timm; print(timm.list_models())'."
         )
+    if cfg.input_norm not in INPUT_NORMS:
+        raise MTLError(f"Unknown model.input_norm={cfg.input_norm!r}. Valid choices: {', '.join(INPUT_NORMS)}.")
     kwargs = dict(cfg.kwargs or {})
     shape = {
         "depth": cfg.depth,
@@ -96,7 +107,9 @@ def create_backbone(cfg, in_chans, img_size: int, spatial: bool = False) -> nn.M
     else:
         kwargs["num_classes"] = 0
     try:
-        return timm.create_model(name, pretrained=cfg.pretrained, in_chans=in_chans, **kwargs)
+        backbone = timm.create_model(name, pretrained=cfg.pretrained, in_chans=in_chans, **kwargs)
+        backbone.input_norm = cfg.input_norm  # how `features` scales stored uint8 images for it
+        return backbone
     except (TypeError, ValueError, AssertionError) as e:
         raise MTLError(f"timm could not build model.backbone={name} with {kwargs}: {e}") from None
     except (OSError, RuntimeError) as e:
@@ -140,12 +153,27 @@ def label_size(x):
     return x.shape[-2:] if isinstance(x, Tensor) else None
 
 
+INPUT_NORMS = ("symmetric", "unit", "imagenet")
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def scale_images(x: Tensor, norm: str) -> Tensor:
+    """uint8 images (B, C, H, W) as floats: [-1, 1], [0, 1], or standardised by ImageNet's statistics."""
+    if norm == "symmetric":
+        return x.float().div_(127.5).sub_(1.0)
+    x = x.float().div_(255.0)
+    if norm == "imagenet":
+        mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in IMAGENET)
+        x = (x - mean) / std
+    return x
+
+
 def features(backbone: nn.Module, x, spatial: bool, vit: bool) -> Tensor:
     """The backbone's output: pooled (B, D), or the feature map (B, C, h, w) with dense tasks."""
-    if isinstance(x, dict):  # tabular fields
+    if not isinstance(x, Tensor):  # tabular fields (a dict), graphs (a PyG Batch)
         return backbone(x)
     if x.dtype == torch.uint8:  # stored images travel as uint8 and are scaled on the device
-        x = x.float().div_(127.5).sub_(1.0)
+        x = scale_images(x, getattr(backbone, "input_norm", "symmetric"))
     if not spatial:
         return backbone(x)
     if vit:  # the last block's patch tokens, final norm applied, as a map

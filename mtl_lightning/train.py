@@ -76,6 +76,7 @@ def build(cfg: DictConfig) -> Built:
         model = PopulationModule(*net, W, seeds, cfg.data.mixing, cfg.seed, **shared, **extra)
     else:
         model = MultiTaskModule(*net, weighting, cfg.data.mixing, cfg.seed, **shared, grad_cos_every=cfg.grad_cos_every)
+    model.monitor, model.maximise = monitor, maximise
     return Built(dm, weighting, model, bases, monitor, maximise)
 
 

@@ -63,19 +63,81 @@ def _write_jpeg(path: Path, img: np.ndarray) -> None:
     Image.fromarray(img.transpose(1, 2, 0)).save(path, quality=90)
 
 
-def write_celeba(root: Path, sizes=(24, 8, 8), seed: int = 3, size=(218, 178)) -> dict:
+def write_celeba(root: Path, sizes=(24, 8, 8), seed: int = 3, size=(218, 178), official: bool = False) -> dict:
+    """torchvision's layout, or (`official`) the download's Img/, Anno/, Eval/ folders, as FAMO reads them."""
     rng, folder = np.random.default_rng(seed), Path(root) / "celeba"
+    images, attr, part = ("Img/img_align_celeba", "Anno/", "Eval/") if official else ("img_align_celeba", "", "")
     n = sum(sizes)
     attrs = rng.integers(0, 2, (n, len(ATTRIBUTES)))
     names = [f"{i + 1:06d}.jpg" for i in range(n)]
     for name, a in zip(names, attrs):
-        _write_jpeg(folder / "img_align_celeba" / name, _images(rng, [a[:4] @ [8, 4, 2, 1]], (3, *size))[0])
+        _write_jpeg(folder / images / name, _images(rng, [a[:4] @ [8, 4, 2, 1]], (3, *size))[0])
     header = f"{n}\n" + " ".join(ATTRIBUTES) + " \n"
     lines = [f"{f} " + " ".join(f"{2 * v - 1:2d}" for v in a) for f, a in zip(names, attrs)]
-    (folder / "list_attr_celeba.txt").write_text(header + "\n".join(lines) + "\n")
+    (folder / attr).mkdir(parents=True, exist_ok=True)
+    (folder / f"{attr}list_attr_celeba.txt").write_text(header + "\n".join(lines) + "\n")
     split = np.repeat([0, 1, 2], sizes)
-    (folder / "list_eval_partition.txt").write_text("".join(f"{f} {s}\n" for f, s in zip(names, split)))
+    (folder / part).mkdir(parents=True, exist_ok=True)
+    (folder / f"{part}list_eval_partition.txt").write_text("".join(f"{f} {s}\n" for f, s in zip(names, split)))
     return dict(zip(("train", "val", "test"), sizes))
+
+
+def write_office(root: Path, name: str = "office31", n=(6, 2, 2), seed: int = 8, lists_above: bool = False) -> dict:
+    """LibMTL's Office layout: images under <root>/<office-31|office-home>/<domain>/<class>/<i>.jpg and the split
+    lists data_txt/<name>/<domain>_{train,val,test}.txt (in the dataset's folder, or `lists_above` it), lines
+    `relative/path.jpg label`; a domain's images show its class as their intensity."""
+    from mtl_lightning.data.office import OFFICE
+
+    folder_name, list_name, domains, classes = OFFICE[name]
+    rng, folder = np.random.default_rng(seed), Path(root) / folder_name
+    lists = (folder.parent if lists_above else folder) / "data_txt" / list_name
+    lists.mkdir(parents=True, exist_ok=True)
+    for d in domains:
+        for split, count in zip(("train", "val", "test"), n):
+            lines = []
+            for i in range(count):
+                label = int(rng.integers(0, 3)) * (classes // 3)
+                rel = f"{d}/images/c{label:02d}/{split}_{i}.jpg"
+                _write_jpeg(folder / rel, _images(rng, [label % 16], (3, 40, 48))[0])
+                lines.append(f"{rel} {label}\n")
+            (lists / f"{d}_{split}.txt").write_text("".join(lines))
+    return {s: c * len(domains) for s, c in zip(("train", "val", "test"), n)}
+
+
+QM9_SMILES = ["C", "N", "O", "C#C", "C#N", "C=O", "CO", "CC", "CN", "NC=O", "OC=O", "CCO", "CC#N", "CC=O", "C1CC1"]
+QM9_HEADER = "mol_id,A,B,C,mu,alpha,homo,lumo,gap,r2,zpve,u0,u298,h298,g298,cv,u0_atom,u298_atom,h298_atom,g298_atom"
+
+
+def qm9_property(i: int, j: int) -> float:
+    """The fixture's value of property column j (0 = A ... 18 = g298_atom) of molecule i: known, distinct."""
+    return round(0.5 + i + j / 100, 4)
+
+
+def write_qm9(root: Path, repeat: int = 4, skip: tuple[int, ...] = (3,)) -> dict:
+    """PyG's raw QM9 in its exact formats, from RDKit's embedding of a few small molecules: raw/gdb9.sdf (one
+    molblock per molecule, named gdb_<i>), raw/gdb9.sdf.csv (the header, then mol_id and the 19 properties, in
+    Hartree and friends: PyG converts), raw/uncharacterized.txt (9 header lines, the 1-based indices of molecules to
+    skip, a footer line). Molecule i's property j is `qm9_property(i, j)`."""
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    raw = Path(root) / "qm9" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    writer = Chem.SDWriter(str(raw / "gdb9.sdf"))
+    rows = [QM9_HEADER]
+    smiles = QM9_SMILES * repeat
+    for i, smi in enumerate(smiles):
+        mol = Chem.AddHs(Chem.MolFromSmiles(smi))
+        AllChem.EmbedMolecule(mol, randomSeed=i)
+        mol.SetProp("_Name", f"gdb_{i + 1}")
+        writer.write(mol)
+        rows.append(f"gdb_{i + 1}," + ",".join(str(qm9_property(i, j)) for j in range(19)))
+    writer.close()
+    (raw / "gdb9.sdf.csv").write_text("\n".join(rows) + "\n")
+    head = [f"header line {k}" for k in range(9)]
+    body = [f"  {i + 1:6d}  gdb_{i + 1}  0.0  0.0" for i in skip]
+    (raw / "uncharacterized.txt").write_text("\n".join([*head, *body, "footer"]) + "\n")
+    return {"molecules": len(smiles) - len(skip)}
 
 
 def write_domainnet(root: Path, domains=DOMAINS, train: int = 12, test: int = 8, seed: int = 4, size=64) -> dict:
@@ -236,7 +298,10 @@ WRITERS = {  # data.name -> writers of the files it reads
     "cifar_stl": [write_cifar10, write_stl10],
     "celeba": [write_celeba],
     "domainnet": [write_domainnet],
+    "office31": [write_office],
+    "officehome": [lambda root: write_office(root, "officehome", lists_above=True)],
 }
-# their own tests: tests/test_dense.py
+# their own tests: tests/test_dense.py, tests/test_recsys.py, tests/test_graphs.py
 DENSE_WRITERS = {"nyuv2": [write_nyuv2], "taskonomy": [write_taskonomy], "cityscapes": [write_cityscapes]}
-TABULAR_WRITERS = {"aliexpress": [write_aliexpress]}  # their own tests: tests/test_recsys.py
+TABULAR_WRITERS = {"aliexpress": [write_aliexpress]}
+GRAPH_WRITERS = {"qm9": [write_qm9]}

@@ -78,3 +78,34 @@ def test_sampler_deterministic_resumable_and_sharded():
     assert list(s) == list(full)[250:]
     ranks = [list(MixtureSampler(DOMAINS, None, None, seed=3, rank=r, world_size=2)) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 500 and sorted(ranks[0] + ranks[1]) == list(range(1000))
+
+
+def test_multi_input_batches_hold_every_domain_and_resume():
+    from mtl_lightning.data.base import MultiInputBatchSampler
+
+    s = MultiInputBatchSampler(DOMAINS, torch.zeros(1, 1), 32, 600 // 32, seed=4)
+    batches = list(s)
+    assert len(batches) == 18 and all(len(b) == 96 for b in batches)
+    for b in batches:  # 32 of each domain, in domain order (LibMTL's multi-input step: one batch per domain)
+        assert DOMAINS[b].tolist() == [0] * 32 + [1] * 32 + [2] * 32
+    longest = [i for b in batches for i in b[:32]]
+    assert len(set(longest)) == 576  # the longest domain: one pass, no repeat (its last partial batch dropped)
+    shortest = [i for b in batches for i in b[64:]]  # 100 samples, 576 slots: whole passes, started over
+    assert all(sorted(shortest[k : k + 100]) == list(range(900, 1000)) for k in range(0, 500, 100))
+    assert list(MultiInputBatchSampler(DOMAINS, torch.zeros(1, 1), 32, 18, seed=4)) == batches  # deterministic
+    s.set_epoch(1)
+    second = list(s)
+    assert second != batches
+    s.resume(epoch=1, skip=5)
+    assert list(s) == second[5:]
+
+
+@pytest.mark.parametrize("drop_last, steps", [(True, 2000 // 64), (False, -(-2000 // 64))])
+def test_a_multi_input_epoch_is_the_longest_domains(drop_last, steps):
+    dm = dm_for("synthetic_mdl", "data.mixing=multi_input", "data.batch_size=64", f"data.drop_last={drop_last}")
+    loader = dm.train_dataloader()
+    assert len(loader) == steps
+    x, y = next(iter(loader))
+    assert len(x) == 3 * 64 and ((y >= 0).sum(0) == 64).all()  # 64 labels of each of the 3 domains
+    with pytest.raises(MTLError, match="data.mixing=multi_input draws batches by domain.*multi-task"):
+        dm_for("synthetic_mtl", "data.mixing=multi_input")

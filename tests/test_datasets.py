@@ -20,6 +20,8 @@ EXPS = {
     "cifar_stl": "cifar_stl_mdl",
     "celeba": "celeba_mtl",
     "domainnet": "domainnet_mdl",
+    "office31": "office31_mtl",
+    "officehome": "officehome_mtl",
 }
 # official (train, test) sizes of the fixtures, and each split's size after setup with the default train_fraction
 SIZES = {
@@ -28,6 +30,8 @@ SIZES = {
     "cifar_stl": {"train": 90 + 27, "val": 10 + 3, "test": 30 + 20},  # held out per domain
     "celeba": {"train": 24, "val": 8, "test": 8},  # the official partition
     "domainnet": {"train": 72, "val": 24, "test": 24},  # ForkMerge: half of each test list validates
+    "office31": {"train": 18, "val": 6, "test": 6},  # LibMTL's lists: 6/2/2 per domain, 3 domains
+    "officehome": {"train": 24, "val": 8, "test": 8},  # 4 domains (their lists beside the dataset's folder)
 }
 
 
@@ -146,12 +150,18 @@ def _truncate(path, keep=0.5):
     path.write_bytes(data[: int(len(data) * keep)])
 
 
+def _append(path, line):
+    path.write_text(path.read_text() + line)
+
+
 CORRUPTIONS = {
     "cifar10": ("cifar-10-batches-py/data_batch_3", _truncate),
     "svhn": ("svhn/train_32x32.mat", _truncate),
     "cifar_stl": ("stl10_binary/train_X.bin", lambda p: _truncate(p, 0.77)),
     "celeba": ("celeba/list_attr_celeba.txt", lambda p: _truncate(p, 0.6)),
     "domainnet": ("domainnet/real_train.txt", lambda p: p.write_text(p.read_text() + "real/x.jpg not-a-label\n")),
+    "office31": ("office-31/data_txt/office-31/dslr_val.txt", lambda p: _append(p, "dslr/x.jpg 31\n")),  # class 31
+    "officehome": ("data_txt/office-home/Art_test.txt", lambda p: _append(p, "Art/x.jpg\n")),  # no label
 }
 
 
@@ -218,3 +228,33 @@ def test_bad_dataset_options(root):
         create_datamodule(compose("celeba_mtl", ["data.tasks=[Smiling,Beard]"]).data)
     with pytest.raises(MTLError, match="names Smiling twice"):
         create_datamodule(compose("celeba_mtl", ["data.tasks=[Smiling,Smiling]"]).data)
+
+
+def test_celeba_as_famo_runs_it_official_layout_whole_images_and_f1(tmp_path):
+    from sklearn.metrics import f1_score
+
+    from mtl_lightning.model import default_monitor
+    from mtl_lightning.tasks import Binary
+
+    write_celeba(tmp_path / "tv", seed=5)
+    write_celeba(tmp_path / "official", seed=5, official=True)  # Img/, Anno/, Eval/: the same images and labels
+    tv, official = (dm_for("celeba", tmp_path / n, "data.cache=false", write=False) for n in ("tv", "official"))
+    famo = create_datamodule(compose("celeba_famo", [f"data.root={tmp_path / 'official'}", "data.cache=false"]).data)
+    famo.setup()
+    for split in ("train", "val", "test"):
+        assert torch.equal(tv.splits[split].labels, official.splits[split].labels)
+        assert fingerprints(tv.splits[split]) == fingerprints(official.splits[split])
+        assert torch.equal(famo.splits[split].labels, official.splits[split].labels)
+    whole, cropped = famo.splits["train"][0][0], official.splits["train"][0][0]
+    assert whole.shape == cropped.shape == (3, 64, 64) and not torch.equal(whole, cropped)  # resized whole, not cut
+    assert all(isinstance(t, Binary) and list(t.metrics) == ["f1"] for t in famo.tasks)
+    assert default_monitor(famo.tasks, False) == "val/f1_mean"
+    # F1 at 0.5 over the labelled samples, as scikit-learn computes it
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(200, 1, generator=g), torch.randint(-1, 2, (200,), generator=g)
+    metrics = famo.tasks[0].make_metrics()
+    famo.tasks[0].update(metrics, logits[:120], y[:120])
+    famo.tasks[0].update(metrics, logits[120:], y[120:])
+    keep = y >= 0
+    want = f1_score(y[keep].numpy(), (logits[keep, 0] > 0).numpy())
+    assert float(metrics["f1"].compute()) == pytest.approx(want, abs=1e-6)

@@ -200,7 +200,7 @@ def test_a_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path):
     "argv, message",
     [
         (["search=pbt", "search.population=1"], "at least 2 trials"),
-        (["search=hyperband"], "Valid choices: grid, pb2, pbt"),
+        (["search=hyperband"], "Valid choices: asha, grid, pb2, pbt"),
         (["search.populaton=4"], "Valid keys: search.name"),
         (["search=grid", "data.num_tasks=3"], "sweeps p over two tasks"),
         (["search=pbt", "data.tasks=[]"], "selects no task"),

@@ -4,7 +4,7 @@ MTReclib's shared-bottom model is `model.bottom=[512,256] model.tower=[128,64]`.
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from .base import ARCHITECTURES, Architecture, mlp
 
@@ -31,3 +31,20 @@ class HPS(Architecture):
 
     def __repr__(self) -> str:
         return f"HPS(bottom={list(self.cfg.bottom)}, tower={list(self.cfg.tower)})"
+
+
+@ARCHITECTURES.register("libmtl_office")
+class LibMTLOffice(HPS):
+    """LibMTL's Office encoder above the ResNet-18 (its `examples/office`): the shared bottom `model.bottom=[512]`
+    (Linear-BN-ReLU-Dropout 0.5 with model.batchnorm and model.dropout), its Linear weights drawn from N(0, 0.005)
+    and its biases 0.1, as that code initialises them."""
+
+    def __init__(self, in_dim: int, num_tasks: int, cfg, spatial: bool):
+        super().__init__(in_dim, num_tasks, cfg, spatial)
+        for m in self.bottom.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.005)
+                nn.init.constant_(m.bias, 0.1)
+
+    def __repr__(self) -> str:
+        return f"LibMTLOffice(bottom={list(self.cfg.bottom)})"

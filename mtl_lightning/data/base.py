@@ -190,9 +190,11 @@ class _BatchesSampler(Sampler[list[int]]):
         raise NotImplementedError
 
     def __iter__(self):
+        # A generator, so the epoch is read at the first batch: on a resume Lightning makes the iterator before it
+        # calls set_epoch (an eager iterator drew epoch 0's batches in a later epoch's place)
         out = self.batches(self.epoch)
         start = self._resume[1] if self._resume[0] == self.epoch else 0
-        return iter(out[start:].flatten(1).tolist())
+        yield from out[start:].flatten(1).tolist()
 
 
 class BranchBatchSampler(_BatchesSampler):
@@ -250,6 +252,18 @@ class PopulationBatchSampler(_BatchesSampler):
         return out.transpose(0, 1)
 
 
+class MultiInputBatchSampler(_BatchesSampler):
+    """Multi-input batches (LibMTL's Office trainer): each step takes `batch_size` samples of every domain, each from
+    its own shuffled stream, started over when a shorter domain runs out. Deterministic in (seed, epoch)."""
+
+    def batches(self, epoch: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        S, B = self.num_batches, self.batch_size
+        pools = [(self.domains == d).nonzero().squeeze(1) for d in range(int(self.domains.max()) + 1)]
+        rows = [MixtureSampler._stream(p, S * B, g).view(S, B) for p in pools if len(p)]
+        return torch.cat(rows, 1)[:, None]
+
+
 class SemiSupervisedBatchSampler(_BatchesSampler):
     """Semi-supervised batches: `labelled_share` of each from the labelled images' shuffled stream, the rest from the
     unlabelled images' (data/ssl.py). Deterministic in (seed, epoch), resumable at a batch."""
@@ -278,7 +292,9 @@ class DataConfig:
     eval_batch_size: int = 512
     num_workers: int = 0
     drop_last: bool = False  # drop each training epoch's last, partial batch (LibMTL's loaders; BatchNorm needs 2)
-    mixing: str = "loss"  # loss: weights scale the domain losses; sample: weights are domain sampling probs
+    # loss: weights scale the domain losses; sample: weights are domain sampling probs; multi_input: every batch holds
+    # batch_size samples of each domain (LibMTL's multi-input trainer)
+    mixing: str = "loss"
     tasks: list[str] | None = None  # train on a subset of tasks/domains; one name = single-task baseline
     epoch_size: int | None = None  # training samples per epoch; default: the training split's size
     train_fraction: float = 1.0  # < 1: hold out the rest of the training split (seeded, per domain) as `val`
@@ -318,11 +334,11 @@ class MixtureDataModule(L.LightningDataModule):
     def __init__(self, cfg: DataConfig, seed: int = 0):
         super().__init__()
         self.cfg, self.seed = cfg, seed
-        if cfg.mixing not in ("loss", "sample"):
-            raise MTLError(f"Unknown data.mixing={cfg.mixing!r}. Valid choices: loss, sample.")
-        if cfg.mixing == "sample" and self.kind != "mdl":
+        if cfg.mixing not in ("loss", "sample", "multi_input"):
+            raise MTLError(f"Unknown data.mixing={cfg.mixing!r}. Valid choices: loss, sample, multi_input.")
+        if cfg.mixing != "loss" and self.kind != "mdl":
             raise MTLError(
-                f"data.mixing=sample draws batches from a mixture of domains, but data={cfg.name} is multi-task "
+                f"data.mixing={cfg.mixing} draws batches by domain, but data={cfg.name} is multi-task "
                 "(every sample has every label): use data.mixing=loss."
             )
         for key in ("batch_size", "eval_batch_size"):
@@ -438,6 +454,15 @@ class MixtureDataModule(L.LightningDataModule):
             n = -(-(self.cfg.epoch_size or len(ds)) // self.cfg.batch_size)  # as many steps as the plain loader
             kind = BranchBatchSampler if self.branch_probs is not None else PopulationBatchSampler
             self._sampler = kind(ds.domains, rows, self.cfg.batch_size, n, self.seed)
+            self._sampler.resume(epoch, batches)
+            return self._loader("train", 0, batch_sampler=self._sampler)
+        if self.cfg.mixing == "multi_input":  # every step a batch of each domain (LibMTL's multi-input trainer)
+            if world > 1:
+                raise MTLError("Multi-input batches (data.mixing=multi_input) are drawn on one device.")
+            counts = torch.bincount(ds.domains.long()).clamp(min=1)
+            B = self.cfg.batch_size
+            per = counts // B if self.cfg.drop_last else -(-counts // B)
+            self._sampler = MultiInputBatchSampler(ds.domains, torch.zeros(1, 1), B, max(1, int(per.max())), self.seed)
             self._sampler.resume(epoch, batches)
             return self._loader("train", 0, batch_sampler=self._sampler)
         if self.cfg.labels_per_class is not None:  # each batch: a share labelled, the rest unlabelled

@@ -67,7 +67,7 @@ class DomainNetDataModule(FileDataModule):
                 col = torch.full((len(y), len(DOMAINS)), -1, dtype=torch.long)
                 col[:, k] = y
                 paths.append(p), labels.append(col), domains.append(torch.full((len(y),), k))
-            ds = ImageFiles(np.concatenate(paths), torch.cat(labels), torch.cat(domains), self.img_size)
+            ds = ImageFiles(np.concatenate(paths), torch.cat(labels), torch.cat(domains), self.img_size, self.cfg.crop)
             tag = "domainnet-" + "-".join(self._domains()) + f"-{split}"
             out[split] = self.maybe_cache(ds, tag)
         if self.cfg.train_fraction == 1:  # ForkMerge's protocol: half of each test list validates

@@ -30,6 +30,7 @@ class FileDataConfig(DataConfig):
     img_size: int = 32  # images are brought to img_size x img_size
     cache: bool = False  # decode image files once into <root>/.cache (or cache_dir) and memory-map them after
     cache_dir: str | None = None
+    crop: bool = True  # centre-crop to a square before resizing; false: resize the whole image (FAMO's, LibMTL's)
 
 
 def missing(dataset: str, root: Path, folder: Path, expected: list[str], source: str, downloadable: bool) -> MTLError:
@@ -68,7 +69,7 @@ def square_resize(img: Tensor, size: int) -> Tensor:
     return img if s == size else TF.resize(img, [size, size], antialias=True)
 
 
-def decode(path: str, size: int) -> Tensor:
+def decode(path: str, size: int, crop: bool = True) -> Tensor:
     """One image file as a (3, size, size) uint8 tensor: RGB, centre-cropped to a square, resized (antialiased).
 
     Pillow, not torchvision.io (deprecated since 0.29): its JPEG `draft` mode decodes at a reduced DCT scale that
@@ -80,10 +81,12 @@ def decode(path: str, size: int) -> Tensor:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))
             im = im.convert("RGB")
-            w, h = im.size
-            s = min(w, h)
-            left, top = (w - s) // 2, (h - s) // 2
-            im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BILINEAR)
+            if crop:
+                w, h = im.size
+                s = min(w, h)
+                left, top = (w - s) // 2, (h - s) // 2
+                im = im.crop((left, top, left + s, top + s))
+            im = im.resize((size, size), Image.BILINEAR)
             arr = np.asarray(im)
     except FileNotFoundError:
         raise MTLError(f"{path} is listed in the split files but does not exist.") from None
@@ -95,18 +98,19 @@ def decode(path: str, size: int) -> Tensor:
 class ImageFiles(Dataset, Split):
     """A split of image files, decoded (RGB) and square-resized to `size` on access; labels (N, K), domains (N,)."""
 
-    def __init__(self, paths: np.ndarray, labels: Tensor, domains: Tensor, size: int):
+    def __init__(self, paths: np.ndarray, labels: Tensor, domains: Tensor, size: int, crop: bool = True):
         assert len(paths) == len(labels) == len(domains)
         self.paths, self.labels, self.domains, self.size = np.asarray(paths), labels.long(), domains.long(), size
+        self.crop = crop
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i):
-        return decode(str(self.paths[i]), self.size), self.labels[i]
+        return decode(str(self.paths[i]), self.size, self.crop), self.labels[i]
 
     def take(self, rows: Tensor, labels: Tensor, domains: Tensor) -> ImageFiles:
-        return ImageFiles(self.paths[rows.numpy()], labels, domains, self.size)
+        return ImageFiles(self.paths[rows.numpy()], labels, domains, self.size, self.crop)
 
 
 def cached(ds: ImageFiles, cache_dir: Path, tag: str, num_workers: int = 0) -> LabelledTensors:
@@ -115,7 +119,8 @@ def cached(ds: ImageFiles, cache_dir: Path, tag: str, num_workers: int = 0) -> L
     The hash covers the file list and size, so a changed split or resolution gets its own file. The file is
     written beside its final name and renamed when complete, so an interrupted build never leaves a bad cache.
     """
-    key = hashlib.sha1("\n".join(map(str, ds.paths)).encode() + str(ds.size).encode()).hexdigest()[:12]
+    shape = f"{ds.size}" if ds.crop else f"{ds.size}-resized"  # a cache per way of squaring the images
+    key = hashlib.sha1("\n".join(map(str, ds.paths)).encode() + shape.encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"{tag}-{ds.size}px-{key}.npy"
     if not path.exists():
         say(f"decoding {len(ds):,} images of {tag} once into {path} (later runs memory-map it)")

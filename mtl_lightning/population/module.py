@@ -24,6 +24,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.utils._pytree import tree_map
 
 from ..errors import MTLError
+from ..graph import MPNN
 from ..model import TaskModel, compute_metrics, metric_directions, param_groups
 from ..network import build_network, features, label_size
 from ..tasks import Task
@@ -261,6 +262,11 @@ class PopulationModule(TaskModel):
 
 def check_vectorisable(member: Member, backbone: str) -> None:
     """Refuse what a vmapped population cannot train as standalone runs would, naming it and the alternative."""
+    if isinstance(member.backbone, MPNN):
+        raise MTLError(
+            "A population vectorises one batch tensor over its members; graph batches (PyG, a different size per "
+            "molecule) are not. Train these runs separately (search.backend=ray or study.backend=ray)."
+        )
     views = [t.name for t in member._tasks if t.view]
     if views:  # a view task runs its own forwards (and an EMA teacher): not one vmapped pass over a shared batch
         raise MTLError(

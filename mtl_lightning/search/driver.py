@@ -14,12 +14,15 @@ from ..errors import MTLError
 from ..model import default_monitor, higher_is_better
 from ..tasks.delta_m import delta_flag
 from ..train import train
+from .asha import _asha_report, _asha_space
 from .budget import budget_overrides, equal_steps
 from .config import SearchConfig
 from .grid import _grid_report, _grid_space
 from .pbt import _initial_weights_callback, _pbt_report, _pbt_space
 from .ray_session import quiet_tune, ray_session
+from .space import check_space
 from .trial import trial
+from .trials import write_trials
 
 
 def run_search(exp: str, overrides: list[str], scfg: SearchConfig, quiet: bool = False) -> dict:
@@ -61,12 +64,16 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig, quiet: bool =
         callbacks=[_initial_weights_callback(storage / name / "initial_weights.json")],
         verbose=0,
     )
+    fixed = ["weighting=fixed", f"weighting.weights=[{','.join(['1'] * K)}]"] if scfg.weights else []
+    dists = check_space(scfg.space, exp, [*overrides, *fixed])
     if scfg.name == "grid":  # equal budgets: the baselines train as many steps as the mixtures
         base["steps"] = equal_steps(compose(exp, base["overrides"]))
         base["overrides"] += budget_overrides(base["steps"])
         param_space, tune_config = _grid_space(scfg, cfg, tasks, base)
+    elif scfg.name == "asha":
+        param_space, tune_config = _asha_space(scfg, cfg, tasks, base, dists)
     else:
-        param_space, tune_config = _pbt_space(scfg, cfg, tasks, base)
+        param_space, tune_config = _pbt_space(scfg, cfg, tasks, base, dists)
     if scfg.resume:
         if not tune.Tuner.can_restore(str(path)):
             raise MTLError(f"search.resume=true found no search to continue in {path}; start it without resume.")
@@ -81,7 +88,10 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig, quiet: bool =
         errors = [str(r.error).splitlines()[0] for r in results if r.error]
         if errors and len(errors) == len(results):
             raise MTLError(f"Every trial failed; the first error: {errors[0]}. Logs: {path}")
-        out = (_grid_report if scfg.name == "grid" else _pbt_report)(results, scfg, tasks, path)
+        report = {"grid": _grid_report, "asha": _asha_report}.get(scfg.name, _pbt_report)
+        out = report(results, scfg, tasks, path)
+        if scfg.name != "grid":  # what each trial tried, how far it trained, and the metric against each key
+            out["trials_record"] = write_trials(results, tasks, scfg.metric, base["sign"], cfg.trainer.max_epochs, path)
     out["failed_trials"] = errors
     out["compute_trial_epochs"] = sum(int(r.metrics.get("training_iteration", 0)) for r in results if r.metrics)
     out["search_dir"] = str(path)
@@ -111,10 +121,13 @@ def _population_search(exp, overrides, scfg, cfg, tasks, path: Path, sign: float
 
 
 def _retrain(exp: str, overrides: list[str], scfg, out: dict) -> dict:
-    if scfg.retrain and "best_weights" in out:
-        w = out["best_weights"]
-        final = train(
-            compose(exp, [*overrides, "weighting=fixed", f"weighting.weights=[{','.join(map(str, w))}]", "test=true"])
-        )
+    """search.retrain: the best configuration (weights and/or space values) on the whole training split, tested."""
+    from .space import overrides_of
+
+    found = overrides_of(out.get("best_params") or {})
+    if out.get("best_weights"):
+        found += ["weighting=fixed", f"weighting.weights=[{','.join(map(str, out['best_weights']))}]"]
+    if scfg.retrain and found:
+        final = train(compose(exp, [*overrides, *found, "test=true"]))
         out.update({f"retrain/{k}": v for k, v in final.items() if k.startswith("test/")})
     return out

@@ -16,6 +16,8 @@ from .trial import _config_weights
 def _explore(config: dict) -> dict:
     """Rescale the raw weights so the largest is 1: same normalised weights, raw values kept in bounds."""
     ks = sorted(k for k in config if k[:1] == "w" and k[1:].isdigit())
+    if not ks:  # search.weights=false: nothing to rescale
+        return config
     top = max(config[k] for k in ks)
     for k in ks:
         config[k] = config[k] / top
@@ -38,21 +40,27 @@ def _initial_weights_callback(path: Path):
     return InitialWeights()
 
 
-def _pbt_space(scfg, cfg, tasks, base):
+def _pbt_space(scfg, cfg, tasks, base, dists):
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
 
-    K = len(tasks)
+    K = len(tasks) if scfg.weights else 0
     space = {**base, **{f"w{k}": tune.uniform(scfg.weight_low, 1.0) for k in range(K)}}
     bounds = {f"w{k}": [scfg.weight_low, 1.0] for k in range(K)}
+    mutations = {k: tune.uniform(*b) for k, b in bounds.items()}
     if scfg.search_lr:
         space["lr"] = tune.loguniform(*scfg.lr_bounds)
         bounds["lr"] = list(scfg.lr_bounds)
+        mutations["lr"] = tune.uniform(*scfg.lr_bounds)
+    if dists:  # search.space: PBT mutates (or resamples) every key, PB2 fits them as continuous ranges
+        space["params"] = {k: d.tune() for k, d in dists.items()}
+        mutations["params"] = dict(space["params"])
+        bounds["params"] = {k: d.bounds() for k, d in dists.items()}
     if scfg.name == "pbt":
         sched = PopulationBasedTraining(
             time_attr="training_iteration",
             perturbation_interval=scfg.perturbation_interval,
-            hyperparam_mutations={k: tune.uniform(*b) for k, b in bounds.items()},
+            hyperparam_mutations=mutations,
             quantile_fraction=scfg.quantile_fraction,
             resample_probability=scfg.resample_probability,
             custom_explore_fn=_explore,
@@ -67,6 +75,8 @@ def _pbt_space(scfg, cfg, tasks, base):
             quantile_fraction=scfg.quantile_fraction,
         )
     points = None
+    if scfg.initial and not scfg.weights:
+        raise MTLError("search.initial gives starting weight vectors; search.weights=false searches none.")
     if scfg.initial:
         from ray.tune.search import BasicVariantGenerator
 
@@ -90,6 +100,13 @@ def _pbt_space(scfg, cfg, tasks, base):
 
 def _pbt_report(results, scfg, tasks, path: Path) -> dict:
     best = results.get_best_result(metric="score", mode="max", scope="last")
+    out = {
+        "best_trial": Path(best.path).name,
+        "best_value": float(best.metrics[scfg.metric]),
+        "best_params": dict(best.config.get("params", {})),
+    }
+    if not scfg.weights:
+        return out
     with best.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "trial.ckpt", map_location="cpu", weights_only=False)
     schedule = state["callbacks"]["WeightSchedule"]["schedule"]
@@ -104,8 +121,7 @@ def _pbt_report(results, scfg, tasks, path: Path) -> dict:
     initial_mean = [sum(w[k] for w in first) / len(first) for k in range(len(tasks))]
     final_mean = [sum(w[k] for w in last) / len(last) for k in range(len(tasks))]
     return {
-        "best_trial": Path(best.path).name,
-        "best_value": float(best.metrics[scfg.metric]),
+        **out,
         "best_weights": schedule[-1][1:],
         "schedule": schedule,
         "initial_weights_mean": initial_mean,

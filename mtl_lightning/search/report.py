@@ -2,9 +2,11 @@
 
 Per row (a method, a weight, a capacity ...): each metric's mean ± sd over seeds; Δm% against the single-task
 baselines of the same context; the mean rank over metrics; a paired t-test against the `compare` row, paired by
-seed, on the row's score (Δm% when there are baselines, else the mean of the direction-signed metrics); the
-published number beside ours where the study gives one; and the compute spent. With gradient conflict logged, the
-Pearson correlation of each cell's mean task-gradient cosine with its score, with a 95% confidence interval.
+seed, on the row's score (Δm% when there are baselines, else the mean of the direction-signed metrics), with the
+difference's 95% confidence interval; every row against its single-task baselines, metric by metric, paired by seed;
+the published number beside ours where the study gives one; each tuned row's found options and tuning cost; and the
+compute spent. With gradient conflict logged, the Pearson correlation of each cell's mean task-gradient cosine with
+its score, with a 95% confidence interval.
 """
 
 from __future__ import annotations
@@ -37,6 +39,17 @@ def paired_test(a: list[float], b: list[float]) -> tuple[float, float]:
     if len(d) < 2 or np.allclose(d, d[0]):
         return float(d.mean()) if len(d) else float("nan"), float("nan")
     return float(d.mean()), float(stats.ttest_rel(a, b).pvalue)
+
+
+def paired_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float]:
+    """The `level` confidence interval of the mean paired difference a - b (Student's t); NaNs below two pairs."""
+    from scipy import stats
+
+    d = np.asarray(a, float) - np.asarray(b, float)
+    if len(d) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return float(d.mean() - half), float(d.mean() + half)
 
 
 def pearson(x: list[float], y: list[float]) -> tuple[float, float, float]:
@@ -140,7 +153,8 @@ def analyse(meta: dict, cells: list[dict]) -> dict:
             a = [rows[r]["scores"][s] for s in seeds]
             b = [rows[ref]["scores"][s] for s in seeds]
             diff, p = paired_test(a, b)
-            tests[r] = {"diff": diff, "p": p, "n": len(seeds)}
+            low, high = paired_ci(a, b)
+            tests[r] = {"diff": diff, "p": p, "n": len(seeds), "low": low, "high": high}
     conflict = None
     pts = [(c["metrics"]["grad_cos/mean"], score(c)) for c in cells if "grad_cos/mean" in c["metrics"]]
     if pts:
@@ -149,12 +163,55 @@ def analyse(meta: dict, cells: list[dict]) -> dict:
     compute = {
         "cells": len(cells),
         "trial_epochs": sum(int(c.get("epochs") or 0) for c in cells)
-        + sum(s.get("compute_trial_epochs", 0) for s in meta.get("searches", {}).values()),
+        + sum(s.get("compute_trial_epochs", 0) for s in meta.get("searches", {}).values())
+        + sum(s.get("compute_trial_epochs", 0) for s in (meta.get("tuned") or {}).values()),
         "hours": sum(float(c.get("seconds") or 0) for c in cells) / 3600,
     }
     compute["gpu_hours"] = compute["hours"] * float(meta.get("gpus_per_trial") or 0)
     steps = sorted({c.get("steps") for c in cells if c.get("steps") is not None})
-    return {"rows": rows, "tests": tests, "conflict": conflict, "compute": compute, "steps": steps, "scores": score}
+    single = versus_single(meta, cells)
+    return {
+        "rows": rows,
+        "tests": tests,
+        "single": single,
+        "conflict": conflict,
+        "compute": compute,
+        "steps": steps,
+        "scores": score,
+    }
+
+
+def versus_single(meta: dict, cells: list[dict]) -> dict[str, dict[str, dict]]:
+    """Every method row against the single-task baseline of each reported metric's task (same context), paired by
+    seed: row -> metric -> {diff (signed so that > 0 is better), low, high (95% CI), p, n}."""
+    tasks_of = meta.get("metric_tasks") or {  # older studies' meta: a metric's task is the part of its key it names
+        m: t for m in meta.get("metrics", []) for t in meta.get("tasks", []) if t in m.split("/")
+    }
+    baseline: dict[tuple[str, str], dict] = {}  # (task, context) -> seed -> metrics
+    for c in cells:
+        if c["kind"] == "baseline":
+            task = c["row"].split(", ", 1)[0].removeprefix("single-task ")
+            baseline.setdefault((task, _context(c["row"])), {})[c["seed"]] = c["metrics"]
+    contexts = {ctx for _, ctx in baseline if ctx}
+    out: dict[str, dict[str, dict]] = defaultdict(dict)
+    by_row = defaultdict(dict)
+    for c in cells:
+        if c["kind"] != "baseline":
+            by_row[c["row"]][c["seed"]] = c["metrics"]
+    for row, seeds in by_row.items():
+        parts = set(row.split(", "))
+        ctx = next((x for x in contexts if set(x.split(", ")) <= parts), "")
+        for m, task in tasks_of.items():
+            base = baseline.get((task, ctx), {})
+            pairs = [(seeds[s][m], base[s][m]) for s in seeds if s in base and m in seeds[s] and m in base[s]]
+            if not pairs:
+                continue
+            sign = 1.0 if meta["directions"][m] else -1.0
+            a, b = [sign * x for x, _ in pairs], [sign * y for _, y in pairs]
+            diff, p = paired_test(a, b)
+            low, high = paired_ci(a, b)
+            out[row][m] = {"diff": diff, "low": low, "high": high, "p": p, "n": len(pairs)}
+    return dict(out)
 
 
 def verdict(diff: float, p: float) -> str:
@@ -163,6 +220,10 @@ def verdict(diff: float, p: float) -> str:
     if p >= ALPHA:
         return "no significant difference"
     return "better" if diff > 0 else "worse"
+
+
+def _num(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -208,7 +269,7 @@ def write_report(folder: Path) -> Path:
     tested = ref_row in a["rows"]
     dm_head = {"nashmtl": "Δm% vs single-task (flat, lower is better)", "libmtl": "Δm% vs single-task (per task)"}
     head = ["row", "n", *metrics, dm_head.get(meta.get("delta_m"), "Δm% vs single-task"), "mean rank"]
-    head += [f"vs {ref_row}: Δ score, p", "verdict"] if tested else []
+    head += [f"vs {ref_row}: Δ score [95% CI], p", "verdict"] if tested else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ordered = sorted(a["rows"], key=lambda r: (a["rows"][r]["kind"] == "baseline", a["rows"][r].get("rank", 99), r))
     for r in ordered:
@@ -227,7 +288,8 @@ def write_report(folder: Path) -> Path:
         if "delta_m" in refs.get(r, {}):
             dm_s += f" (paper {refs[r]['delta_m']:+g})"
         t = a["tests"].get(r)
-        test_s = "" if t is None else f"{t['diff']:+.3f}, p = {_fmt(t['p'], 3) or 'n/a'}"
+        ci = "" if t is None or math.isnan(t.get("low", math.nan)) else f" [{t['low']:+.3f}, {t['high']:+.3f}]"
+        test_s = "" if t is None else f"{t['diff']:+.3f}{ci}, p = {_fmt(t['p'], 3) or 'n/a'}"
         verd = "" if t is None else verdict(t["diff"], t["p"])
         n = max((s[2] for s in row["stats"].values() if s), default=0)
         tail = [test_s, verd] if tested else []
@@ -253,6 +315,33 @@ def write_report(folder: Path) -> Path:
             f"`{label}` searched for {rec['compute_trial_epochs']} trial-epochs; its best weights [{weights}] "
             f"(tasks {', '.join(meta['tasks'])}) were retrained per seed as its row."
         )
+    for label, rec in (meta.get("tuned") or {}).items():  # what a tuned row found, and what finding it cost
+        found = ", ".join(f"{k}={_num(v)}" for k, v in rec["found"].items())
+        lines.append(
+            f"`{label}` was tuned for {rec['compute_trial_epochs']} trial-epochs ({rec.get('trials')} trials, "
+            f"{rec.get('stopped_early')} stopped early by ASHA) on the held-out part of the training split; it "
+            f"found {found}, retrained per seed as its row."
+        )
+    if a["single"]:
+        lines += [
+            "",
+            "## Against single-task (paired by seed)",
+            "",
+            "Each row's metric minus its task's single-task baseline of the same seed (signed so that > 0 is better), "
+            "with its 95% confidence interval and the paired t-test's p.",
+            "",
+        ]
+        ms = [m for m in metrics if any(m in v for v in a["single"].values())]
+        lines += ["| row | " + " | ".join(ms) + " |", "|" + "---|" * (len(ms) + 1)]
+        for r in ordered:
+            if r not in a["single"]:
+                continue
+            vals = []
+            for m in ms:
+                t = a["single"][r].get(m)
+                ci = "" if t is None or math.isnan(t["low"]) else f" [{t['low']:+.4f}, {t['high']:+.4f}]"
+                vals.append("" if t is None else f"{t['diff']:+.4f}{ci}, p = {_fmt(t['p'], 3) or 'n/a'}")
+            lines.append(f"| {r} | " + " | ".join(vals) + " |")
     if a["conflict"]:
         k = a["conflict"]
         lines += [

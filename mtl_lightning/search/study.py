@@ -40,6 +40,7 @@ from ..loggers import wandb_mode
 from ..model import metric_directions
 from .budget import budget_overrides, equal_steps
 from .config import compose_search, split_overrides
+from .space import overrides_of
 
 STUDY_DIR = Path(__file__).resolve().parents[2] / "experiments" / "studies"
 SPECIAL_AXES = ("weighting", "p", "capacity", "seed")
@@ -56,6 +57,8 @@ class StudyConfig:
     axes: dict[str, list[Any]] = field(default_factory=dict)
     baselines: bool = True  # single-task runs of every task, per seed and per value of the other context axes
     searches: list[dict[str, Any]] = field(default_factory=list)  # search configs whose found weights become rows
+    # the budget of every tuned row (a weighting row with `tune: {space: ...}`): search.* keys of search=asha
+    tune: dict[str, Any] = field(default_factory=dict)
     metrics: list[str] = field(default_factory=list)  # default: every task's primary metric on test
     compare: str | None = "uniform"  # the row every other is tested against (paired by seed)
     references: dict[str, dict[str, float]] = field(default_factory=dict)  # row -> metric -> published number
@@ -113,7 +116,7 @@ def axis_value(key: str, value, tasks: list[str]) -> tuple[str, list[str]]:
             return value, [f"weighting={value}"]
         if not isinstance(value, dict) or "name" not in value:
             raise MTLError(f"axes.weighting value {value!r} must be a weighting name or a mapping with `name`.")
-        opts = {k: v for k, v in value.items() if k not in ("name", "label", "overrides")}
+        opts = {k: v for k, v in value.items() if k not in ("name", "label", "overrides", "tune")}
         extra = list(value.get("overrides", []))  # other keys the row sets (model.architecture=mmoe ...)
         label = value.get("label") or value["name"] + "".join(f" {k}={_fmt(v)}" for k, v in [*opts.items()])
         label += "".join(f" {o}" for o in extra) if not value.get("label") else ""
@@ -137,8 +140,13 @@ def axis_value(key: str, value, tasks: list[str]) -> tuple[str, list[str]]:
     return f"{key}={_fmt(value)}", [f"{key}={_fmt(value)}"]
 
 
+def slug(text: str) -> str:
+    """A label as a file name."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")
+
+
 def cell_id(label: str, seed) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{label}__seed{seed}").strip("_")
+    return slug(f"{label}__seed{seed}")
 
 
 def native_context(cfg: StudyConfig, train_cfg, tasks: list[str]) -> list[str]:
@@ -173,7 +181,8 @@ def make_cells(cfg: StudyConfig, tasks: list[str], base_seed: int, baseline_task
         for s in seeds:
             over = [o for _, ov in combo for o in ov] + [f"seed={s}"]
             cell = {"id": cell_id(row, s), "row": row, "seed": s, "overrides": over, "kind": "method"}
-            cells.append({**cell, "axes": {k: ov for k, (_, ov) in zip(keys, combo)}})
+            labels = {k: lbl for k, (lbl, _) in zip(keys, combo)}
+            cells.append({**cell, "axes": {k: ov for k, (_, ov) in zip(keys, combo)}, "labels": labels})
     if cfg.baselines:  # per seed, and per value of the axes that change the model or the data, not the weighting
         context = [k for k in keys if k not in CONTEXT_FREE]
         for combo in itertools.product(*(labelled[k] for k in context)) if context else [()]:
@@ -210,6 +219,85 @@ def check_cells(cfg: StudyConfig, cells: list[dict], overrides: list[str]) -> No
                 f"Study {cfg.name}: {where} gives a config the experiment rejects: {e} Axis keys are "
                 f"{', '.join(SPECIAL_AXES)} or a config key."
             ) from None
+
+
+# -- tuned rows ---------------------------------------------------------------------------------------------
+TUNE_KEYS = ("scheduler", "trials", "grace_period", "reduction_factor", "algo", "train_fraction", "seed", "metric")
+
+
+def tuned_rows(cfg: StudyConfig, tasks: list[str]) -> dict[str, dict]:
+    """The weighting rows with `tune: {space: ...}`, by label: their overrides, space and budget (the study's `tune`,
+    which a row may repeat but not change: every tuned row gets the same trials and epochs). A `space` in the study's
+    `tune` tunes every row over it (a row's own space adds its method's keys)."""
+    study = dict(cfg.tune or {})
+    common = dict(study.pop("space", None) or {})
+    out = {}
+    for value in cfg.axes.get("weighting", []):
+        if not common and not (isinstance(value, dict) and "tune" in value):
+            continue
+        label, over = axis_value("weighting", value, tasks)
+        spec = dict((value.get("tune") if isinstance(value, dict) else None) or {})
+        space = {**common, **dict(spec.pop("space", None) or {})}
+        if not space:
+            raise MTLError(
+                f"Study {cfg.name}: row {label!r} has `tune` without a `space`: give the keys to tune, e.g. "
+                "tune: {space: {optim.lr: loguniform(1e-4, 1e-2)}}."
+            )
+        out[label] = {"overrides": over, "space": space, "budget": {**study, **spec}}
+    for label, row in out.items():
+        bad = [k for k in row["budget"] if k not in TUNE_KEYS]
+        if bad:
+            raise MTLError(
+                f"Study {cfg.name}: tune keys {bad} of row {label!r} are unknown. Valid keys: {', '.join(TUNE_KEYS)}."
+            )
+        if row["budget"].get("scheduler", "asha") != "asha":
+            raise MTLError(
+                f"Study {cfg.name}: row {label!r} tunes with scheduler={row['budget']['scheduler']!r}; a tuned row "
+                "finds one configuration to retrain per seed, which is what search=asha gives (scheduler: asha)."
+            )
+    budgets = {json.dumps(r["budget"], sort_keys=True) for r in out.values()}
+    if len(budgets) > 1:
+        raise MTLError(
+            f"Study {cfg.name}: every tuned row gets the same budget, but the rows give {sorted(budgets)}: put the "
+            "budget (trials, grace_period ...) in the study's `tune` and only the space in each row."
+        )
+    return out
+
+
+def tune_keys(row: dict) -> list[str]:
+    """A tuned row as search overrides: ASHA over its space, with the row's own weighting (no weights searched)."""
+    from .space import flat_space
+
+    budget = {k: v for k, v in row["budget"].items() if k != "scheduler"}
+    keys = ["search=asha", "search.weights=false", *(f"search.{k}={_fmt(v)}" for k, v in budget.items())]
+    return keys + [f"search.space.{k}={_fmt(v)}" for k, v in flat_space(row["space"]).items()]
+
+
+def _run_tuned_row(cfg: StudyConfig, label: str, row: dict, shared: list[str], out: Path) -> dict:
+    """ASHA over a row's space on the held-out split; the best configuration is kept in searches/tune-<label>.json."""
+    from .driver import run_search
+
+    path = out / "searches" / f"tune-{slug(label)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    over = [*shared, *row["overrides"], *tune_keys(row), f"search.storage_path={out / 'searches'}"]
+    over.append(f"search.name_suffix=tune-{slug(label)}")
+    if cfg.num_cpus:
+        over.append(f"search.num_cpus={cfg.num_cpus}")
+    scfg, rest = compose_search(cfg.exp, over)
+    print(f"tuning {label} ({scfg.trials} trials, ASHA; their output goes to their console.log)")
+    res = run_search(cfg.exp, rest, scfg, quiet=True)
+    trials = res.get("trials_record", {})
+    record = {
+        "found": res["best_params"],
+        "compute_trial_epochs": res["compute_trial_epochs"],
+        "trials": trials.get("trials"),
+        "stopped_early": trials.get("stopped_early"),
+        "search_dir": str(Path(res["search_dir"]).relative_to(out)),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(record, indent=1))
+    return record
 
 
 # -- running --------------------------------------------------------------------------------------------------
@@ -283,6 +371,7 @@ class Plan:
     tasks: list[str]
     cells: list[dict]  # the crossed axes and the baselines; search rows are added once their searches ran
     search_rows: dict[str, str]  # search label -> its row (the label at the experiment's own context)
+    tuned: dict[str, dict]  # weighting label -> its tuned row (tuned_rows)
     metrics: list[str]
     directions: dict[str, bool]  # metric -> higher is better
     metric_tasks: dict[str, str]  # metric -> its task
@@ -317,6 +406,12 @@ def plan_study(cfg: StudyConfig, overrides: list[str]) -> Plan:
         except MTLError as e:
             raise MTLError(f"Study {cfg.name}, search row {_search_label(spec)}: {e}") from None
         search_rows[_search_label(spec)] = ", ".join([_search_label(spec), *context])
+    tuned = tuned_rows(cfg, tasks)
+    for label, row in tuned.items():  # a bad space or budget fails now, named
+        try:
+            compose_search(cfg.exp, [*cfg.overrides, *overrides, *row["overrides"], *tune_keys(row)])
+        except MTLError as e:
+            raise MTLError(f"Study {cfg.name}, tuned row {label!r}: {e}") from None
     rows = list(dict.fromkeys([c["row"] for c in cells] + list(search_rows.values())))
     for row, refs in cfg.references.items():
         if row not in rows:
@@ -343,11 +438,11 @@ def plan_study(cfg: StudyConfig, overrides: list[str]) -> Plan:
             except MTLError as e:
                 raise MTLError(f"Study {cfg.name} with study.backend=population: {e}") from None
     metric_tasks = {m: t.name for m in metrics for t in dm.tasks if m in own[t.name]}
-    return Plan(train_cfg, tasks, cells, search_rows, metrics, directions, metric_tasks, extra)
+    return Plan(train_cfg, tasks, cells, search_rows, tuned, metrics, directions, metric_tasks, extra)
 
 
 # what changes a study's results: a resumed study must match them (not num_cpus, references or the report's rows)
-RESULT_KEYS = ("exp", "overrides", "axes", "baselines", "searches", "grad_cos_every", "backend")
+RESULT_KEYS = ("exp", "overrides", "axes", "baselines", "searches", "tune", "grad_cos_every", "backend")
 # config keys that say where outputs go and how they are shown, not what trains
 NOT_RESULTS = ("out_dir", "run_name", "resume", "logger", "wandb.", "trainer.enable_progress_bar")
 
@@ -381,6 +476,8 @@ def check_reuse(out: Path, made_by: dict, resume: bool) -> None:
         if there is None:  # a study folder from before the config was recorded: its study keys only
             continue
         for k in [*here, *(k for k in there if k not in here)]:
+            if k not in there and not here.get(k):  # a key added since that study was made, at its default
+                continue
             if here.get(k) != there.get(k):
                 diffs.append(
                     f"{'study.' if section == 'study' else ''}{k} {there.get(k)!r} there, {here.get(k)!r} here"
@@ -424,6 +521,7 @@ def run_study(cfg: StudyConfig, overrides: list[str], command: str | None = None
         "steps": steps,
         "gpus_per_trial": None,
         "searches": {},
+        "tuned": {},  # tuned row -> the options found, and what finding them cost
         "wandb": None,  # where the report's table and figures go, beside the cells' runs
     }
     if "wandb" in [n.strip() for n in train_cfg.logger.split(",")]:
@@ -441,6 +539,12 @@ def run_study(cfg: StudyConfig, overrides: list[str], command: str | None = None
         for s in cfg.axes.get("seed", [train_cfg.seed]):
             over = ["weighting=fixed", f"weighting.weights={_fmt(weights)}", f"seed={s}"]
             cells.append({"id": cell_id(row, s), "row": row, "seed": s, "overrides": over, "kind": "search"})
+    for label, row in plan.tuned.items():  # tune each tuned row's options, then train them per seed
+        record = _run_tuned_row(cfg, label, row, shared, out)
+        meta["tuned"][label] = record
+        for c in cells:
+            if c.get("labels", {}).get("weighting") == label:
+                c["overrides"] = [*c["overrides"], *overrides_of(record["found"])]
     write_atomic(out / "meta.json", json.dumps(meta, indent=1))
     pending = [c for c in cells if not (cells_dir / f"{c['id']}.json").exists()]
     if pending and cfg.backend == "population":

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..config import compose
 from ..train import train
+from .space import overrides_of
 
 
 class ApplyLearningRate(Callback):
@@ -139,8 +140,9 @@ def _trial(config: dict) -> None:
     over += [f"wandb.group={config['search']}", *config.get("extra", [])]
     if weights is not None:
         over += ["weighting=fixed", f"weighting.weights=[{','.join(map(str, weights))}]", "weighting.normalize=true"]
-    lr = config.get("lr")
-    if lr is not None:
+    over += overrides_of(config.get("params", {}))  # search.space: this trial's values of any key
+    lr = config.get("lr", config.get("params", {}).get("optim.lr"))
+    if config.get("lr") is not None:
         over.append(f"optim.lr={lr}")
     ckpt = tune.get_checkpoint()
     if ckpt is None:

@@ -5,6 +5,7 @@ from .binary import Binary
 from .classification import Classification, LinearHead
 from .delta_m import delta_m, read_base
 from .dense import Depth, Normal, PixelRegression, Segmentation
+from .regression import Regression
 from .views import AUXILIARY, Exemplar, Rotation
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "Exemplar",
     "Normal",
     "PixelRegression",
+    "Regression",
     "Rotation",
     "Segmentation",
     "Task",
