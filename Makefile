@@ -33,9 +33,12 @@ bench:  ## benchmarks; results go to BENCHMARKS.md by hand, with the command
 	$(PY) benchmarks/semi_supervised.py
 	$(PY) benchmarks/graphs.py
 
+gpu-check:  ## every GPU claim in one run, about 8 minutes on one GPU (benchmarks/gpu.py; README says how)
+	$(PY) benchmarks/gpu.py --out gpu-check.md
+
 # A fresh clone has no stamp: install once (pip is quick when the packages are already there).
 .installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch .installed
 
-.PHONY: help install run test lint bench
+.PHONY: help install run test lint bench gpu-check

@@ -168,10 +168,20 @@ class ForkMerge(Callback):
             module._check_finite(losses)
             opt.zero_grad()
             module.manual_backward(loss)
-            if module.clip_val:
+            scale = module.loss_scale()  # fp16: the gradients stay scaled until the scaler's step unscales them
+            if module.clip_val and scale is None:
                 module.clip_gradients(opt, gradient_clip_val=module.clip_val, gradient_clip_algorithm="norm")
-            # the LightningOptimizer's step counts a global step: once per batch, on the last branch
-            (opt if b == self.B - 1 else opt.optimizer).step()
+            elif module.clip_val:  # clipping the scaled gradients at scale x max_norm is clipping the true ones
+                params = [p for p in module.parameters() if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, module.clip_val * scale)
+            if b == self.B - 1:  # the LightningOptimizer's step counts a global step: once per batch, the last branch
+                opt.step()  # (and under fp16 the precision plugin's scaler steps, skips on inf/NaN, and updates)
+            elif scale is not None:  # the other branches step the same optimiser: the scaler once per branch
+                scaler = module.trainer.precision_plugin.scaler
+                scaler.step(opt.optimizer)
+                scaler.update()
+            else:
+                opt.optimizer.step()
             self.leave(b, module, opt.optimizer)
             shown.append(loss.detach())
         sched = module.lr_schedulers()

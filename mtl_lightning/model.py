@@ -89,6 +89,15 @@ class TaskModel(L.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
 
+    def loss_scale(self) -> Tensor | None:
+        """fp16's current loss scale as a tensor (no host sync), or None when no GradScaler runs (fp32, bf16). What
+        a backward the Trainer does not scale itself must multiply by (per-task gradients, per-member clipping)."""
+        trainer = getattr(self, "_trainer", None)
+        scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return scaler.scale(torch.ones((), device=self.device))
+
     def _check_finite(self, losses: Tensor, member: str = "") -> None:
         """`losses` (K,) of one model; `member` names it in a population."""
         if not torch.isfinite(losses).all():

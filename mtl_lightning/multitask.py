@@ -130,7 +130,7 @@ class MultiTaskModule(TaskModel):
         elif getattr(self.weighting, "gradient_based", False):
             # Heads train on their own task's loss; the backbone gets the method's combined gradient.
             heads_loss = self.batch_losses(x, y, detach=True, z=z)[0].sum()  # the batch's z again, not a new forward
-            loss, w = self.weighting.surrogate(losses, heads_loss, z, self.shared_parameters())
+            loss, w = self.weighting.surrogate(losses, heads_loss, z, self.shared_parameters(), self.loss_scale())
             shown = (w * losses).sum().detach()
         else:
             loss, w = self.weighting(losses)

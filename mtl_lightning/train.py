@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +26,7 @@ from .checks import check_one_device, check_settings
 from .config import save_run_config, write_atomic
 from .console import progress_callbacks, quiet_lightning, say, summary
 from .data import MixtureDataModule, create_datamodule
+from .errors import MTLError
 from .forkmerge import ForkMerge, forkmerge_criterion, rank_auxiliaries
 from .loggers import build_loggers, end_wandb
 from .model import TaskModel, default_monitor, higher_is_better
@@ -77,7 +79,24 @@ def build(cfg: DictConfig) -> Built:
     else:
         model = MultiTaskModule(*net, weighting, cfg.data.mixing, cfg.seed, **shared, grad_cos_every=cfg.grad_cos_every)
     model.monitor, model.maximise = monitor, maximise
+    if cfg.trainer.compile:
+        compile_network(cfg, model)
     return Built(dm, weighting, model, bases, monitor, maximise)
+
+
+def compile_network(cfg: DictConfig, model: TaskModel) -> None:
+    """torch.compile in place (`nn.Module.compile`: parameter names, checkpoints and ForkMerge's branch copies are
+    unchanged); a population compiles its vectorised call. Per-task gradients (autograd.grad through the compiled
+    graph, retained) work with it."""
+    if cfg.model.backbone == "mpnn":
+        raise MTLError(
+            "trainer.compile=true with model.backbone=mpnn: every graph batch has its own numbers of atoms and bonds, "
+            "so the network would be recompiled batch after batch. Leave trainer.compile=false for graphs."
+        )
+    if isinstance(model, PopulationModule):
+        model._vmap = torch.compile(model._vmap)
+    else:
+        model.backbone.compile()
 
 
 def train(
@@ -172,7 +191,7 @@ def make_trainer(
         accelerator=t.accelerator,
         devices=1 if cfg.population.weights and t.devices == "auto" else t.devices,
         strategy=t.strategy,
-        precision=t.precision,
+        precision=None if fp16_cpu(t) else t.precision,
         log_every_n_steps=t.log_every_n_steps,
         check_val_every_n_epoch=t.check_val_every_n_epoch,
         limit_train_batches=t.limit_train_batches,
@@ -185,10 +204,21 @@ def make_trainer(
         logger=build_loggers(cfg, run_dir) or False,
         callbacks=[*checkpoints, *callbacks, *stop, *shown],
         enable_checkpointing=save_checkpoints,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *fp16_cpu(t)],
         default_root_dir=run_dir,
         use_distributed_sampler=False,  # MixtureSampler shards by rank itself
     )
+
+
+def fp16_cpu(t) -> list:
+    """fp16 on the CPU with a GradScaler, as on a GPU (Lightning gives the CPU none), so fp16's code paths (scaled
+    per-task gradients, skipped overflowing steps) run and are tested on any machine."""
+    cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
+    if not cpu or str(t.precision) not in ("16-mixed", "16"):
+        return []
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]
 
 
 def evaluate(trainer: L.Trainer, b: Built, stages: Sequence[str]) -> dict[str, float]:

@@ -306,3 +306,16 @@ def test_merge_takes_each_branch_best_weights_of_the_round(make_cfg, monkeypatch
     assert not all(torch.equal(a, b) for a, b in zip(snaps["epoch1"][0], snaps["end"][0]))  # branch 0 moved on
     for m, x, y in zip(snaps["merged"], b0, b1):
         assert torch.allclose(m, 0.5 * x + 0.5 * y, atol=1e-6)
+
+
+def test_fp16_branches_step_through_the_scaler_and_match_fp32(make_cfg, tmp_path):
+    """Every branch's step goes through the GradScaler (clipping the scaled gradients at scale x max_norm); on the
+    CPU fp16 runs with a scaler as on a GPU (train.fp16_cpu)."""
+    # SGD, unlike Adam, is not scale-invariant: a step or a clip on still-scaled gradients would show
+    args = [*BASE, *FM, "trainer.gradient_clip_val=0.5", "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9"]
+    fp32 = run(make_cfg("digits_forkmerge", *args, out_dir=tmp_path / "a"))
+    fp16 = run(make_cfg("digits_forkmerge", *args, "trainer.precision=16-mixed", out_dir=tmp_path / "b"))
+    target = next(k for k in fp32 if k.startswith("val/loss/"))
+    assert abs(fp16[target] - fp32[target]) < 0.05, (fp16[target], fp32[target])
+    params = model_params(final(fp16))
+    assert all(torch.isfinite(v.float()).all() for v in params.values())

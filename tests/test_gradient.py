@@ -273,16 +273,44 @@ def test_surrogate_backward_delivers_the_combined_gradient(name, mode):
 
 
 def test_unsupported_combinations_stop_at_start_up(make_cfg):
-    with pytest.raises(MTLError, match="trainer.precision=16-mixed is not supported"):
-        make("pcgrad").check("16-mixed", distributed=False)
     with pytest.raises(MTLError, match="with several devices use weighting.mode=param"):
         make("graddrop", mode="rep").check("32-true", distributed=True)
     make("graddrop", mode="param").check("bf16-mixed", distributed=True)  # supported
     make("mgda_ub").check("bf16-mixed", distributed=True)
     with pytest.raises(MTLError, match="Unknown weighting.mode='both'"):
         make("pcgrad", mode="both")
-    with pytest.raises(MTLError, match="16-mixed"):
-        run(make_cfg("digits_mtl", "weighting=pcgrad", "trainer.precision=16-mixed", "trainer.max_steps=1"))
+
+
+def test_fp16_per_task_gradients_are_scaled_unscaled_and_an_overflow_skips_the_step():
+    """In fp16 a small task gradient underflows unless its loss is scaled first; an overflowing scale gives a
+    non-finite update that the GradScaler skips (parameters unchanged, scale lowered), without feeding the solver."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8)
+    x = torch.randn(16, 8)
+
+    def losses_and_z(fp16=True):
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+            z = lin(x)
+            return torch.stack([z.float().mean() * 1e-6, z.float().pow(2).mean() * 1e-6]), z
+
+    shared = list(lin.parameters())
+    want = make("mgda", "ab").jacobian(*losses_and_z(fp16=False), shared)
+    lost = make("mgda", "ab").jacobian(*losses_and_z(), shared)  # unscaled: fp16 activations' gradients underflow
+    got = make("mgda", "ab").jacobian(*losses_and_z(), shared, scale=torch.tensor(2.0**16))
+    assert lost[0].abs().max() < 0.5 * want[0].abs().max()
+    assert torch.allclose(got, want, rtol=2e-2, atol=1e-9)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows fp16 (max 65504) at once
+    opt = torch.optim.SGD(shared, lr=0.1)
+    before = [p.detach().clone() for p in shared]
+    losses, z = losses_and_z()
+    method = make("mgda", "ab")
+    method.combine = lambda J, G: pytest.fail("the solver was fed a non-finite Jacobian")
+    loss, w = method.surrogate(losses, losses.sum() * 0, z, shared, scale=scaler.scale(torch.ones(())))
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p, b) for p, b in zip(shared, before)) and scaler.get_scale() < 2.0**40
 
 
 def method_args(name):
@@ -311,12 +339,14 @@ def test_method_learns_digits_and_resumes_exactly(name, make_cfg, tmp_path):
             assert torch.allclose(torch.as_tensor(v).float(), torch.as_tensor(w).float(), atol=1e-5), (k, key)
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 @pytest.mark.parametrize("name", ["pcgrad", "graddrop", "mgda_ub"])
-def test_bf16_autocast_matches_fp32(name, make_cfg, tmp_path):
+def test_mixed_precision_matches_fp32(name, precision, make_cfg, tmp_path):
+    """fp16 on the CPU runs with a GradScaler, as on a GPU (train.fp16_cpu): the scaled per-task gradients."""
     args = ["data.train_size=640", "data.batch_size=64", "trainer.max_epochs=1", "test=false", f"weighting={name}"]
     fp32 = run(make_cfg("digits_mtl", *args, out_dir=tmp_path / "a"))
-    bf16 = run(make_cfg("digits_mtl", *args, "trainer.precision=bf16-mixed", out_dir=tmp_path / "b"))
-    assert math.isfinite(bf16["val/loss/left"]) and abs(bf16["val/loss/left"] - fp32["val/loss/left"]) < 0.05
+    mixed = run(make_cfg("digits_mtl", *args, f"trainer.precision={precision}", out_dir=tmp_path / "b"))
+    assert math.isfinite(mixed["val/loss/left"]) and abs(mixed["val/loss/left"] - fp32["val/loss/left"]) < 0.05
 
 
 # pcgrad in param mode; in rep mode (the ranks' Gramians summed) the example plugin's aggregator, whose file the

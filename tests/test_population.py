@@ -160,6 +160,20 @@ def test_gradient_clipping_is_per_member(make_cfg):
     norms = torch.stack([p.grad.flatten(1).pow(2).sum(1) for p in module.stacked.values()]).sum(0).sqrt()
     assert norms[0] == pytest.approx(1.0, rel=1e-4) and norms[2] == pytest.approx(1.0, rel=1e-4)
     assert all(torch.equal(p.grad[1], g[1]) for p, g in zip(module.stacked.values(), before))  # untouched
+    clipped = [p.grad.clone() for p in module.stacked.values()]
+    for p, g in zip(module.stacked.values(), before):  # fp16: scaled gradients clipped at scale x max_norm
+        p.grad = g * 1024.0
+    module._clip_per_member(torch.tensor(1024.0))
+    assert all(torch.allclose(p.grad / 1024.0, c, rtol=1e-5) for p, c in zip(module.stacked.values(), clipped))
+
+
+def test_fp16_population_matches_fp32(make_cfg, tmp_path):
+    args = [*TINY, weights_arg(W[:2]), "trainer.gradient_clip_val=0.5", "trainer.max_epochs=1"]
+    args += ["optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9"]  # not scale-invariant, unlike Adam
+    fp32 = run(make_cfg("digits_mtl", *args, out_dir=tmp_path / "a"))
+    fp16 = run(make_cfg("digits_mtl", *args, "trainer.precision=16-mixed", out_dir=tmp_path / "b"))
+    for i in range(2):
+        assert abs(fp16[f"val/loss/left/m{i}"] - fp32[f"val/loss/left/m{i}"]) < 0.05, i
 
 
 def test_population_grid_search_writes_the_grid_table(tmp_path, capsys):

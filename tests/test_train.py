@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 
 from experiments.run import main, run
 from mtl_lightning.errors import MTLError, NonFiniteLossError
+from mtl_lightning.model import SCHEDULERS
 
 SMALL = [
     "data.train_size=4000",
@@ -227,7 +228,7 @@ def test_resume_errors_and_no_overwrite(make_cfg, tmp_path):
 def test_bad_settings_fail_before_any_write(make_cfg, tmp_path, capsys):
     with pytest.raises(MTLError, match=r"^optim.lr=-0.1 must be > 0\.$"):
         run(make_cfg("digits_mtl", "optim.lr=-0.1"))
-    valid = "cosine, step, milestones, constant"
+    valid = ", ".join(SCHEDULERS)  # every one named
     with pytest.raises(MTLError, match=f"Unknown optim.scheduler='cos'. Valid choices: {valid}"):
         run(make_cfg("digits_mtl", "optim.scheduler=cos"))
     with pytest.raises(MTLError, match=r"optim.warmup=1.5 must lie in \[0, 1\)"):

@@ -179,8 +179,9 @@ class PopulationModule(TaskModel):
             self.manual_backward(member_loss.sum())  # members' parameters are disjoint: each gets its own gradient
             shown.append(member_loss.detach())
             rows.append(losses.detach())
-        if self.clip_val:
-            self._clip_per_member(self.clip_val)
+        if self.clip_val:  # fp16: the gradients are still scaled here (the scaler unscales in opt.step)
+            scale = self.loss_scale()
+            self._clip_per_member(self.clip_val if scale is None else self.clip_val * scale)
         opt.step()
         sched = self.lr_schedulers()
         if sched is not None:
@@ -195,7 +196,7 @@ class PopulationModule(TaskModel):
                 logger.log_metrics(row, step=self.global_step)
         return shown.mean()
 
-    def _clip_per_member(self, max_norm: float) -> None:
+    def _clip_per_member(self, max_norm: float | Tensor) -> None:
         """Each member's gradient rescaled to norm <= max_norm (its own norm, as a standalone run clips)."""
         grads = [p.grad for p in self.stacked.values() if p.grad is not None]
         sq = sum(g.flatten(1).float().pow(2).sum(1) for g in grads)

@@ -52,8 +52,9 @@ class FAMO(Weighting):
         self.t += 1
         self.exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
         self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        m = self.exp_avg / (1 - b1 ** self.t.item())
-        v = self.exp_avg_sq / (1 - b2 ** self.t.item())
+        t = self.t.double()  # bias corrections on the device: no host sync in the step
+        m = self.exp_avg / (1 - torch.pow(b1, t)).to(self.exp_avg)
+        v = self.exp_avg_sq / (1 - torch.pow(b2, t)).to(self.exp_avg_sq)
         self.logits -= self.cfg.lr * m / (v.sqrt() + 1e-8)
 
     def extra_repr(self) -> str:

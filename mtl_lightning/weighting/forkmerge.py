@@ -127,12 +127,5 @@ class ForkMerge(Weighting):
         """Each branch's domain sampling probabilities (its weights, normalised) for `data.mixing=sample`."""
         return self.branch_weights / self.branch_weights.sum(1, keepdim=True)
 
-    def check(self, precision: str, distributed: bool) -> None:
-        if str(precision).startswith("16"):
-            raise MTLError(
-                f"weighting=forkmerge steps each branch's optimiser itself, outside the fp16 GradScaler: "
-                f"trainer.precision={precision} is not supported with it. Use bf16-mixed or 32-true."
-            )
-
     def extra_repr(self) -> str:
         return f"tasks={self.tasks}, target={list(self.cfg.target)}, branches={self.branch_weights.tolist()}"

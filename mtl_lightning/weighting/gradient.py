@@ -17,8 +17,11 @@ is averaged over ranks first (then every rank computes the same g); in `rep` mod
 features, and the global Gramian is the sum of the ranks' Gramians / world_size^2, from which every rank gets the
 same weights c, then backpropagates c^T J_rank; DDP's average of those is c^T J_global. Methods that are not
 Gramian-weighted (GradDrop) are exact under DDP in `param` mode only; `rep` + DDP stops at start-up.
-Mixed precision: bf16 autocast works (J and the aggregation in float32); fp16 (`16-mixed`) stops at start-up,
-because per-task gradients taken outside the GradScaler underflow in fp16.
+Mixed precision: bf16 autocast works (J and the aggregation in float32). fp16 (`16-mixed`): the per-task gradients
+are taken outside the Trainer's GradScaler, where fp16 activations' gradients underflow, so each task's loss is
+multiplied by the scaler's current scale before its backward and J divided by it in float32 (as the scaler unscales);
+a J with inf/NaN (the scale overflowed) is not aggregated: its non-finite sum goes on to the backward, and the
+scaler then skips the step and lowers the scale, as it does for any overflowing step.
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ class GradientWeighting(Weighting):
 
     What the framework guarantees: `combine` is called once per training step with every task's gradient (a task
     without labelled samples in the batch has a zero row); heads get their own task's unweighted gradient; g reaches
-    the optimiser through an ordinary backward, so clipping, bf16 and DDP work as usual; fp16 is refused at
-    start-up (`check`). State kept in parameters or persistent buffers is checkpointed, as for any `Weighting`.
+    the optimiser through an ordinary backward, so clipping, bf16, fp16 (J unscaled, overflowing steps skipped)
+    and DDP work as usual. State kept in parameters or persistent buffers is checkpointed, as for any `Weighting`.
     """
 
     gradient_based: ClassVar[bool] = True
@@ -75,11 +78,6 @@ class GradientWeighting(Weighting):
 
     def check(self, precision: str, distributed: bool) -> None:
         """Refuse, at start-up, the combinations this method cannot run correctly."""
-        if str(precision).startswith("16"):
-            raise MTLError(
-                f"weighting={self.name} takes per-task gradients outside the fp16 GradScaler, where they underflow: "
-                f"trainer.precision={precision} is not supported with it. Use bf16-mixed or 32-true."
-            )
         if distributed and self.mode == "rep" and not self.gramian_only:
             raise MTLError(
                 f"weighting={self.name} combines the ranks' representation gradients coordinate by coordinate, "
@@ -94,7 +92,10 @@ class GradientWeighting(Weighting):
         """A term added to the surrogate for the method's own parameters (GradNorm's weights)."""
         return None
 
-    def jacobian(self, losses: Tensor, z: Tensor, shared: list[Tensor]) -> Tensor:
+    def jacobian(self, losses: Tensor, z: Tensor, shared: list[Tensor], scale: Tensor | None = None) -> Tensor:
+        """J (K, N) float32; with fp16's loss `scale`, each backward is taken on the scaled loss and J unscaled."""
+        if scale is not None:
+            losses = losses * scale.to(losses.dtype)
         rows = []
         for k in range(len(losses)):
             if self.mode == "rep":
@@ -104,11 +105,15 @@ class GradientWeighting(Weighting):
                 gs = torch.autograd.grad(losses[k], shared, retain_graph=True, allow_unused=True)
                 gs = [torch.zeros_like(p) if g is None else g for p, g in zip(shared, gs)]
                 rows.append(torch.cat([g.flatten() for g in gs]))
-        return torch.stack(rows).float()
+        J = torch.stack(rows).float()
+        return J if scale is None else J / scale.float()
 
-    def surrogate(self, losses: Tensor, heads_loss: Tensor, z: Tensor, shared: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """The scalar whose backward leaves the combined gradient in the shared part, and the weights used."""
-        J = self.jacobian(losses, z, shared)
+    def surrogate(
+        self, losses: Tensor, heads_loss: Tensor, z: Tensor, shared: list[Tensor], scale: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The scalar whose backward leaves the combined gradient in the shared part, and the weights used. `scale`:
+        fp16's loss scale (`TaskModel.loss_scale`), None otherwise."""
+        J = self.jacobian(losses, z, shared, scale)
         world = _world()
         if world > 1 and self.mode == "param":
             dist.all_reduce(J)
@@ -117,7 +122,11 @@ class GradientWeighting(Weighting):
         if world > 1 and self.mode == "rep":
             dist.all_reduce(G)
             G /= world**2
-        g, w = self.combine(J, G)
+        if scale is not None and not torch.isfinite(G).all():  # fp16 overflow: a host sync, in fp16 runs only
+            # The solvers are not fed inf/NaN: the non-finite sum reaches the shared gradient, the scaler skips the step
+            g, w = J.sum(0), torch.full((len(losses),), 1.0 / len(losses), device=J.device)
+        else:
+            g, w = self.combine(J, G)
         if g is None:
             g = w.to(J) @ J
         if self.mode == "rep":

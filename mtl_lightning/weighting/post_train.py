@@ -38,8 +38,11 @@ class PostTrain(Weighting):
                 f"weighting=post_train needs weighting.joint_epochs >= 1 (got {cfg.joint_epochs}): the epochs of joint"
                 f" training before fine-tuning on {cfg.target}; and weighting.aux_weight >= 0 (got {cfg.aux_weight})."
             )
-        self.joint = torch.full((len(self.tasks),), float(cfg.aux_weight))
-        self.joint[self.t] = 1.0
+        joint = torch.full((len(self.tasks),), float(cfg.aux_weight))
+        joint[self.t] = 1.0
+        # buffers follow the module to the device (no per-step copy); not saved: they follow from the config
+        self.register_buffer("joint", joint, persistent=False)
+        self.register_buffer("alone", torch.nn.functional.one_hot(torch.tensor(self.t), len(self.tasks)).float(), False)
         self.finetuning = False
 
     def on_train_epoch_start(self, epoch: int) -> None:
@@ -47,7 +50,7 @@ class PostTrain(Weighting):
 
     def weights(self, losses: Tensor) -> Tensor:
         if self.finetuning:
-            return torch.nn.functional.one_hot(torch.tensor(self.t), len(self.tasks)).to(losses)
+            return self.alone.to(losses)
         return self.joint.to(losses)
 
     def extra_repr(self) -> str:
