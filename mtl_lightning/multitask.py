@@ -100,7 +100,7 @@ class MultiTaskModule(TaskModel):
         return [p for p in (*self.backbone.parameters(), *self.arch.shared_parameters()) if p.requires_grad]
 
     def setup(self, stage: str) -> None:
-        # Refuse combinations a weighting cannot run correctly (fp16 or DDP for some gradient methods) up front.
+        # Refuse combinations a weighting cannot run correctly (DDP for some gradient methods) up front.
         self.weighting.check(str(self.trainer.precision), self.trainer.world_size > 1)
         check_architecture(self.arch, self.weighting)
         rep = getattr(self.weighting, "gradient_based", False) and self.weighting.cfg.mode == "rep"

@@ -1,13 +1,16 @@
 """The search against a Ray cluster started here (a head and one worker node on 127.0.0.1), via RAY_ADDRESS.
 
-Its own module: `ray stop` ends every Ray process on the machine, so it must not share one with other tests.
+Its own module. At the end only this cluster's processes are stopped (they name its port): `ray stop` would end
+every Ray process on the machine, a developer's running study included.
 """
 
 import csv
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,27 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _cluster_pids(port: int) -> list[int]:
+    """The Ray processes of the cluster at `port` (its GCS, raylets, workers and agents name the port), no other."""
+    marks, pids = (f"127.0.0.1:{port}", f"--gcs_server_port={port}", f"--port={port}"), []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        if int(proc.name) != os.getpid() and "ray" in cmd and any(m in cmd for m in marks):
+            pids.append(int(proc.name))
+    return pids
+
+
+def _stop_cluster(port: int) -> None:
+    for pid in _cluster_pids(port):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def test_search_runs_on_a_ray_cluster(tmp_path):
@@ -54,4 +78,6 @@ def test_search_runs_on_a_ray_cluster(tmp_path):
             == 2
         )
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True)
+        _stop_cluster(port)
+    time.sleep(1)
+    assert not _cluster_pids(port)  # nothing of it left, and no other Ray on the machine touched
