@@ -27,7 +27,7 @@ pytestmark = pytest.mark.xdist_group("ray")  # every Ray test on one xdist worke
 @pytest.fixture
 def local_ray():
     """A caller's own Ray (as a notebook's): the search uses it and leaves it up; the fixture shuts it down."""
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     assert ray.is_initialized()
     ray.shutdown()
@@ -225,13 +225,31 @@ def test_ray_session_shuts_down_what_it_started_and_leaves_the_callers_ray():
             assert ray.is_initialized()
             raise RuntimeError("inside")
     assert not ray.is_initialized()  # started here: shut down, on an error too
-    ray.init(num_cpus=1, include_dashboard=False)  # a caller's own Ray (a notebook's): used, and left up
+    ray.init(address="local", num_cpus=1, include_dashboard=False)  # a caller's own Ray (a notebook's): kept
     try:
         with ray_session(1, quiet=True):
             pass
         assert ray.is_initialized()
     finally:
         ray.shutdown()
+
+
+def test_a_search_starts_its_own_ray_beside_another_process_ray():
+    """Two studies on one machine: a plain ray.init() would join the other's Ray (named in /tmp/ray) and then refuse
+    num_cpus; ours starts its own."""
+    from mtl_lightning.search.ray_session import ray_session
+
+    code = "import ray, time; ray.init(address='local', num_cpus=1, include_dashboard=False)\n"
+    code += "print(ray.get_runtime_context().gcs_address, flush=True); time.sleep(300)"
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        theirs = other.stdout.readline().strip()
+        assert theirs, "the other process's Ray did not start"
+        with ray_session(1, quiet=True):
+            assert ray.get_runtime_context().gcs_address != theirs and ray.cluster_resources()["CPU"] == 1
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_pb2_ranks_by_a_lower_is_better_dense_metric(tmp_path, capsys):

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +45,10 @@ def _stop_cluster(port: int) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    # `ray start` names its cluster in <temp>/ray/ray_current_cluster for a plain ray.init() to join; not any more
+    for path in Path(tempfile.gettempdir(), "ray").glob("ray_current_cluster"):
+        if path.read_text().strip().endswith(f":{port}"):
+            path.unlink(missing_ok=True)
 
 
 def test_search_runs_on_a_ray_cluster(tmp_path):

@@ -58,7 +58,9 @@ def init_ray(num_cpus: int | None, quiet: bool = False, plugins=()) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**args)  # an existing cluster
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **args)
+        # "local": a new Ray of our own, never a `ray start` cluster that happens to run on the machine (which
+        # ray.init() would join, refusing num_cpus), as the README says: a cluster is used only with RAY_ADDRESS
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **args)
     return True
 
 
