@@ -106,7 +106,8 @@ def main() -> None:
     for name, extra in rows:
         t, m = timed_run("synthetic_mtl", [*base, *extra], a.warmup, a.steps)
         ref = ref or (t, m)
-        print(f"| {name} | {t:.3f} | {m:.0f} | {t / ref[0]:.2f}× | {m / ref[1]:.2f}× |", flush=True)
+        # max(.., 1): a tiny run can allocate nothing new on top of the warm-up (a 0 MiB reference)
+        print(f"| {name} | {t:.3f} | {m:.0f} | {t / ref[0]:.2f}× | {m / max(ref[1], 1):.2f}× |", flush=True)
 
 
 if __name__ == "__main__":
