@@ -185,13 +185,14 @@ def make_trainer(
         stop = [EarlyStopping(b.monitor, patience=t.early_stopping_patience, mode=mode, check_on_train_epoch_end=False)]
     shown, bar = progress_callbacks(t.enable_progress_bar, b.monitor)
     manual = not b.model.automatic_optimization  # a population and ForkMerge clip their own gradients
+    fp16 = fp16_cpu(t)  # the CPU's fp16 plugin, which then stands for trainer.precision
     return L.Trainer(
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
         accelerator=t.accelerator,
         devices=1 if cfg.population.weights and t.devices == "auto" else t.devices,
         strategy=t.strategy,
-        precision=None if fp16_cpu(t) else t.precision,
+        precision=None if fp16 else t.precision,
         log_every_n_steps=t.log_every_n_steps,
         check_val_every_n_epoch=t.check_val_every_n_epoch,
         limit_train_batches=t.limit_train_batches,
@@ -204,7 +205,7 @@ def make_trainer(
         logger=build_loggers(cfg, run_dir) or False,
         callbacks=[*checkpoints, *callbacks, *stop, *shown],
         enable_checkpointing=save_checkpoints,
-        plugins=[AtomicCheckpointIO(), *fp16_cpu(t)],
+        plugins=[AtomicCheckpointIO(), *fp16],
         default_root_dir=run_dir,
         use_distributed_sampler=False,  # MixtureSampler shards by rank itself
     )
