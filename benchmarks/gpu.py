@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling benchmarks it reuses: methods, population
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: experiments.search runs from it
 CAPS = {"paths": 150, "vit": 120, "population": 90, "pbt": 120, "methods": 60}  # seconds, at full size
 PEAK_TFLOPS = {  # dense bf16/fp16 tensor-core peaks (vendor sheets): MFU's denominator
@@ -172,56 +173,21 @@ def vit(a) -> list[str]:
 
 
 def population(a) -> list[str]:
-    """N digits ViTs (3 x 64) as one vectorised module against N modules stepped one after the other, one batch."""
-    import torch
-    from omegaconf import OmegaConf
+    """N digits ViTs (3 x 64) as one vectorised module against N modules stepped one after the other, one batch:
+    benchmarks/population.py's step timing, on this device."""
+    from population import one
 
-    from mtl_lightning.config import ModelConfig, OptimConfig
-    from mtl_lightning.model import param_groups
-    from mtl_lightning.network import build_network
-    from mtl_lightning.population import PopulationModule
-    from mtl_lightning.tasks import Classification
-
-    dev = device()
-    depth, width = (1, 16) if a.tiny else (3, 64)
-    mcfg = OmegaConf.structured(ModelConfig(backbone="vit_small_patch16_224", depth=depth, width=width, patch_size=4))
-    tasks = [Classification("left", 10), Classification("right", 10)]
-    x = torch.randn(8 if a.tiny else 128, 1, 16, 16, device=dev)
-    ys = [torch.randint(0, 10, (len(x),), device=dev) for _ in tasks]
-    rows = ["| N | population step (ms) | N separate (ms) | speed-up |", "|---|---|---|---|"]
+    dev, batch, steps = device(), (8 if a.tiny else 128), 3
+    cuda = dev == "cuda"
+    rows = ["| N | population step (ms) | N separate (ms) | speed-up | peak MiB: population / separate |"]
+    rows.append("|---|---|---|---|---|")
     for n in [1, 2] if a.tiny else [1, 8, 32]:
-        pop = PopulationModule(
-            tasks, 1, 16, mcfg, OmegaConf.structured(OptimConfig()), torch.full((n, 2), 0.5), list(range(n))
-        ).to(dev)
-        pop.setup("fit")
-        popt = torch.optim.AdamW(pop.param_groups(), lr=1e-3)
-
-        def pop_step(pop=pop, popt=popt, n=n):
-            popt.zero_grad(set_to_none=True)
-            losses, _ = pop._vmap(slice(0, n), x, ys)
-            (pop.member_weights.to(losses) * losses).sum().backward()
-            popt.step()
-
-        nets = [torch.nn.ModuleList(build_network(tasks, 1, 16, mcfg)).to(dev) for _ in range(n)]
-        opts = [torch.optim.AdamW(param_groups(net, 0.05), lr=1e-3) for net in nets]
-
-        def sep_step(nets=nets, opts=opts):
-            for (backbone, arch, heads), opt in zip(nets, opts):
-                opt.zero_grad(set_to_none=True)
-                reps = arch(backbone(x))
-                sum(0.5 * t.loss(h(r), y)[0] for t, h, r, y in zip(tasks, heads, reps, ys)).backward()
-                opt.step()
-
-        times = []
-        for fn in (pop_step, sep_step):
-            fn(), fn()
-            sync()
-            t = time.perf_counter()
-            for _ in range(3):
-                fn()
-            sync()
-            times.append((time.perf_counter() - t) / 3 * 1000)
-        rows.append(f"| {n} | {times[0]:.1f} | {times[1]:.1f} | {times[1] / times[0]:.2f}× |")
+        # fused attention where it has a batching rule (CUDA); vmap on CPU needs the unfused path
+        p, s = (one("digits ViT 3x64", n, mode, steps, batch, cuda, device=dev) for mode in ("population", "separate"))
+        mem = f"{p['peak_mb']:.0f} / {s['peak_mb']:.0f}" if cuda else "n/a (CPU: one process, see population.py)"
+        rows.append(
+            f"| {n} | {p['step_s'] * 1e3:.1f} | {s['step_s'] * 1e3:.1f} | {s['step_s'] / p['step_s']:.2f}× | {mem} |"
+        )
     return rows
 
 
@@ -256,7 +222,6 @@ def pbt(a) -> list[str]:
 
 
 def methods(a) -> list[str]:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from methods import timed_run  # the methods benchmark's timing through the real training step
 
     k = 4 if a.tiny else 40

@@ -33,8 +33,12 @@ MODELS = {  # name: (depth, width, patch, image size, in_chans)
 }
 
 
-def one(model: str, n: int, mode: str, steps: int, batch: int, fused: bool, chunk: int = 0) -> dict:
-    """Time `steps` training steps (after 2 warm-up steps) of `n` members, vectorised or one model after another."""
+def one(
+    model: str, n: int, mode: str, steps: int, batch: int, fused: bool, chunk: int = 0, device: str = "cpu"
+) -> dict:
+    """Time `steps` training steps (after 2 warm-up steps) of `n` members, vectorised or one model after another, on
+    `device`. Peak memory: the process's resident peak on CPU (so one (model, N, mode) per process), the allocated
+    peak of these steps on CUDA (benchmarks/gpu.py calls this in one process)."""
     import torch
     from omegaconf import OmegaConf
 
@@ -51,11 +55,12 @@ def one(model: str, n: int, mode: str, steps: int, batch: int, fused: bool, chun
     )
     ocfg = OmegaConf.structured(OptimConfig())
     tasks = [Classification("a", 10), Classification("b", 10)]
-    x = torch.randn(batch, chans, size, size)
-    y = torch.randint(0, 10, (batch, 2))
+    dev = torch.device(device)
+    x = torch.randn(batch, chans, size, size, device=dev)
+    y = torch.randint(0, 10, (batch, 2), device=dev)
     targets = [y[:, 0], y[:, 1]]
     if mode == "population":
-        m = PopulationModule(tasks, chans, size, mcfg, ocfg, torch.full((n, 2), 0.5), list(range(n)))
+        m = PopulationModule(tasks, chans, size, mcfg, ocfg, torch.full((n, 2), 0.5), list(range(n))).to(dev)
         m.fused_attn = "on" if fused else "off"
         m.setup("fit")
         opt = torch.optim.AdamW(m.param_groups(), lr=1e-3)
@@ -76,7 +81,7 @@ def one(model: str, n: int, mode: str, steps: int, batch: int, fused: bool, chun
             for mod in backbone.modules():
                 if hasattr(mod, "fused_attn"):
                     mod.fused_attn = fused
-            nets.append(torch.nn.ModuleDict({"backbone": backbone, "arch": arch, "heads": heads}))
+            nets.append(torch.nn.ModuleDict({"backbone": backbone, "arch": arch, "heads": heads}).to(dev))
         opts = [torch.optim.AdamW(param_groups(net, 0.05), lr=1e-3) for net in nets]
 
         def step():
@@ -87,13 +92,22 @@ def one(model: str, n: int, mode: str, steps: int, batch: int, fused: bool, chun
                 loss.backward()
                 opt.step()
 
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else lambda: None  # CUDA runs ahead of the host: time finished work
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
         step()
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
+    sync()
     dt = (time.perf_counter() - t0) / steps
-    return {"step_s": dt, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {"step_s": dt, "peak_mb": peak}
 
 
 def steps_table(members: list[int], steps: int, batch: int, fused: bool, chunk: int, models: list[str]) -> None:
