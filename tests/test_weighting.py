@@ -106,6 +106,23 @@ def test_learned_scales_converge_to_inverse_losses(name):
     assert torch.allclose(w(losses)[1], torch.tensor([0.5, 2.0]), atol=1e-3)
 
 
+def test_uncertainty_is_imtl_l_with_its_scale_negated():
+    # e^{-s} L + s at s is e^{s'} L - s' at s' = -s, and both start at 0, so a sign-equivariant optimiser (SGD, Adam)
+    # takes the same steps: why their study rows agree cell for cell (REPRODUCTION.md, claim 1)
+    u, i = make("uncertainty", tasks=["a", "b"]), make("imtl_l", tasks=["a", "b"])
+    opts = [torch.optim.Adam(w.parameters(), lr=0.05) for w in (u, i)]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        losses = 3 * torch.rand(2, generator=g)
+        out = [w(losses) for w in (u, i)]
+        assert torch.allclose(out[0][0], out[1][0]) and torch.allclose(out[0][1], out[1][1])
+        for o, (loss, _) in zip(opts, out):
+            o.zero_grad()
+            loss.backward()
+            o.step()
+    assert torch.allclose(u.log_var, -i.s) and u.log_var.abs().min() > 0.1  # they moved, in mirror
+
+
 def test_uncertainty_loss_by_hand():
     w = make("uncertainty", tasks=["a", "b"])
     with torch.no_grad():
