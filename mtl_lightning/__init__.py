@@ -15,7 +15,7 @@ from .errors import MTLError, NonFiniteLossError
 from .model import TaskModel
 from .multitask import MultiTaskModule
 from .network import create_backbone
-from .tasks import Classification, Task
+from .tasks import Classification, Regression, Task
 from .weighting import WEIGHTINGS, Weighting, create_weighting
 from .weighting.gradient import GradientWeighting
 
@@ -34,6 +34,7 @@ __all__ = [
     "MixtureDataModule",
     "MultiTaskModule",
     "NonFiniteLossError",
+    "Regression",
     "Task",
     "TaskModel",
     "Weighting",

@@ -36,7 +36,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class LastCheckpoint(Checkpoint):
     """Keep `last.ckpt` current: every `every_n_steps` training steps (if set), at every epoch end (after that
-    epoch's validation), and when fitting ends.
+    epoch's validation), and when fitting ends (after every other callback's on_train_end).
 
     Lightning's `ModelCheckpoint(save_last=True)` refreshes `last.ckpt` only when a top-k checkpoint was saved in
     the same step, so it goes stale whenever the monitored metric does not improve. Subclassing `Checkpoint` makes
@@ -44,11 +44,10 @@ class LastCheckpoint(Checkpoint):
     """
 
     def __init__(self, dirpath: Path, every_n_steps: int | None = None):
-        self.path, self.every_n_steps, self._saved_step = Path(dirpath) / "last.ckpt", every_n_steps, -1
+        self.path, self.every_n_steps = Path(dirpath) / "last.ckpt", every_n_steps
 
     def _save(self, trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)  # the full state, said so (Lightning logs otherwise)
-        self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
@@ -58,8 +57,9 @@ class LastCheckpoint(Checkpoint):
         self._save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self._saved_step:  # stopped mid-epoch (max_steps)
-            self._save(trainer)
+        # Always: a callback's on_train_end may change the model after the last step's save (ForkMerge merges the
+        # round the budget cut short), and last.ckpt is the final model whose numbers metrics.json holds
+        self._save(trainer)
 
 
 def checkpoint_callbacks(ckpt_dir: Path, monitor: str, maximise: bool, every_n_steps: int | None) -> list:

@@ -17,6 +17,12 @@ def check_settings(cfg: DictConfig) -> None:
         value = cfg.trainer[key]
         if value < -1 or (key == "max_epochs" and value == 0):
             raise MTLError(f"trainer.{key}={value} must be a positive number, or -1 for no limit.")
+    if cfg.trainer.limit_train_batches in (0, 0.0) and cfg.trainer.limit_train_batches is not None:
+        raise MTLError(
+            f"trainer.limit_train_batches={cfg.trainer.limit_train_batches} gives every epoch 0 training steps: the "
+            "run would train nothing. Use a positive number of batches (or a fraction), or evaluate a trained run "
+            "with `python -m experiments.evaluate RUN`."
+        )
     if cfg.grad_cos_every < 0 or cfg.trainer.early_stopping_patience < 0:
         raise MTLError(
             f"grad_cos_every={cfg.grad_cos_every} and trainer.early_stopping_patience="

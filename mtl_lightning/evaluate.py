@@ -87,6 +87,8 @@ def write_predictions(b: Built, stage: str, path: Path) -> Path:
     split, in order: `.npz` (arrays `<task>` and `<task>_target`), or `.csv` when every prediction is one number."""
     if isinstance(b.model, PopulationModule):
         raise MTLError("--predict writes one model's predictions: pick a population's member with member=N.")
+    if Path(path).suffix not in (".npz", ".csv"):  # numpy would write PATH.npz, not the file named
+        raise MTLError(f"--predict {path}: give a file ending in .npz (every task) or .csv (one number per sample).")
     b.dm.setup("test")
     loader = b.dm.val_dataloader() if stage == "val" else b.dm.test_dataloader()
     tasks = [(k, t) for k, t in enumerate(b.model.tasks) if not t.view]  # a view task predicts its own views
@@ -97,7 +99,8 @@ def write_predictions(b: Built, stage: str, path: Path) -> Path:
             out, ys = b.model(x), b.model.targets(y)
             for k, t in tasks:
                 pred = t.predict(out[k])
-                preds[t.name].append((pred[:, 0] if pred.ndim == 2 and pred.shape[1] == 1 else pred).float().cpu())
+                pred = pred[:, 0] if pred.ndim == 2 and pred.shape[1] == 1 else pred
+                preds[t.name].append((pred.float() if pred.is_floating_point() else pred).cpu())  # class ids: ints
                 targets[t.name].append(ys[k].cpu())
     arrays = {}
     for _, t in tasks:

@@ -70,8 +70,14 @@ class TaskModel(L.LightningModule):
         self.monitor, self.maximise = "val/loss", False  # what best.ckpt and a plateau schedule go by (train sets them)
 
     def targets(self, y) -> list[Tensor]:
-        """Per-task targets from a batch's labels: columns of a (B, K) label tensor, or the given sequence."""
-        return [y[:, k] for k in range(len(self.tasks))] if isinstance(y, Tensor) else list(y)
+        """Per-task targets from a batch's labels: columns of a (B, K) label tensor, or the given sequence. A float
+        label tensor's class-id columns become int64 (NaN = -1), its regression columns stay float."""
+        if not isinstance(y, Tensor):
+            return list(y)
+        cols = [y[:, k] for k in range(len(self.tasks))]
+        if y.is_floating_point():
+            cols = [c if t.target_dtype == "float" else c.nan_to_num(-1).long() for t, c in zip(self.tasks, cols)]
+        return cols
 
     def task_losses(self, preds: list[Tensor], y) -> tuple[Tensor, Tensor]:
         """Each task's mean loss over its labelled samples (or pixels), and the samples labelled for it."""
@@ -128,13 +134,20 @@ class TaskModel(L.LightningModule):
 
     # evaluation: each mode implements _eval_step(stage, batch) and _eval_epoch_end(stage)
     def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_reseed(batch_idx)
         self._eval_step("val", batch)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
     def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_reseed(batch_idx)
         self._eval_step("test", batch)
+
+    def _eval_reseed(self, batch_idx: int) -> None:
+        # An evaluation that draws (Exemplar's augmented views) depends only on (seed, batch), not on what trained
+        # before it: `evaluate` of a checkpoint then gives the run's numbers. Training reseeds at every step anyway.
+        torch.default_generator.manual_seed(self.seed * 1_000_003 + 999_983 + batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")

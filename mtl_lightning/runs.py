@@ -97,7 +97,12 @@ def check_resumable(ckpt: Path, model, cfg: DictConfig, key: str = "resume=", in
         hp, state = saved.get("hyper_parameters") or {}, saved["state_dict"]
     except Exception as e:
         raise MTLError(f"{key}{ckpt} is not a readable Lightning checkpoint ({type(e).__name__}: {e}).") from None
-    here = {"data.name": cfg.data.name, "tasks": [t.name for t in model.tasks], "data.img_size": cfg.data.img_size}
+    # img_size only where the data has one: graphs, tabular and dense mixtures have none (a resume read it blindly)
+    here = {
+        "data.name": cfg.data.name,
+        "tasks": [t.name for t in model.tasks],
+        "data.img_size": cfg.data.get("img_size"),
+    }
     here.update({f"model.{k}": OmegaConf.to_container(cfg.model, resolve=True)[k] for k in ARCHITECTURE})
     there = {"data.name": (hp.get("data") or {}).get("name"), "tasks": saved.get("tasks")}
     there["data.img_size"] = (hp.get("data") or {}).get("img_size")

@@ -65,6 +65,7 @@ def build(cfg: DictConfig) -> Built:
         dm.probs = weighting.mixture_probs()
     dm.check()
     check_one_device(cfg, dm, forks)
+    dm.check_epoch(cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1)  # an epoch with no step
     weighting.check(str(cfg.trainer.precision), distributed=False)  # again with the world size in setup()
     bases = delta_bases(cfg, dm.tasks)
     monitor = cfg.checkpoint.monitor if cfg.checkpoint.monitor != "auto" else default_monitor(dm.tasks, bool(bases))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from experiments.run import main as run_main
 from experiments.run import run
@@ -109,6 +110,84 @@ def test_a_dataset_and_a_weighting_from_files_train_evaluate_and_resume(folder, 
         from mtl_lightning.evaluate import find_checkpoint, load_for_evaluation
 
         load_for_evaluation(find_checkpoint(run_dir), ["model.depth=2"])
+
+
+# A plugin mixture of class ids and a number per sample, in one float label tensor (issue 35: the labels were cast to
+# int64, every fraction in [0, 1) became 0): the left digit as a fraction (d / 10 + 0.05), NaN (none) for every 4th.
+MIXED = """
+from dataclasses import dataclass
+import torch
+from mtl_lightning import DATASETS, LabelledTensors, Regression
+from mtl_lightning.data.digits import DigitsConfig, DigitsDataModule
+
+@dataclass
+class MixedConfig(DigitsConfig):
+    name: str = "digits_brightness"
+    bad: str = "none"  # class_fraction | int_regression: the two label tensors setup refuses
+
+@DATASETS.register("digits_brightness")
+class DigitsBrightness(DigitsDataModule):
+    Config = MixedConfig
+
+    def describe(self):
+        return [*super().describe(), Regression("brightness")]
+
+    def load(self):
+        out = {}
+        for k, s in super().load().items():
+            level = s.labels[:, 0].float() / 10 + 0.05  # the left digit as a fraction: 0.05 ... 0.95
+            level[::4] = float("nan")
+            labels = torch.cat([s.labels.float(), level[:, None]], 1)
+            if self.cfg.bad == "class_fraction":
+                labels[3, 0] = 2.5
+            if self.cfg.bad == "int_regression":
+                labels = labels.nan_to_num(-1).long()
+            out[k] = LabelledTensors(s.images, labels, s.domains)
+        return out
+"""
+
+
+def test_a_mixed_classification_and_regression_plugin_dataset_runs_resumes_evaluates_predicts(tmp_path):
+    plugin = tmp_path / "mixed.py"
+    plugin.write_text(MIXED)
+    over = [f"plugins=[{plugin}]", "data=digits_brightness", "data.train_size=3000", "data.batch_size=32"]
+    over += ["data.val_size=200", "data.test_size=200", f"out_dir={tmp_path / 'runs'}", "run_name=m", *QUIET]
+    first = run(compose("digits_mtl", [*over, "trainer.max_epochs=3"]))
+    from mtl_lightning.data import create_datamodule
+
+    dm = create_datamodule(compose("digits_mtl", over).data)
+    dm.setup()
+    train, test = (dm.splits[s].labels[:, 2] for s in ("train", "test"))
+    assert train.dtype == torch.float32 and 0 < float(train.nanmean()) < 1  # kept as the fractions they are
+    trivial = float((test - train.nanmedian()).abs().nanmean())
+    assert (
+        first["test/brightness/mae"] < 0.9 * trivial and first["test/acc/left"] > 0.4
+    )  # both learn (truncated: MAE ~0.5)
+    # resumed to a fourth epoch, then evaluated and predicted by a fresh process
+    resumed = run(compose("digits_mtl", [*over, "trainer.max_epochs=4", "resume=last"]))
+    assert resumed["run_dir"] == first["run_dir"] and resumed["test/brightness/mae"] < 0.9 * trivial
+    preds, out = tmp_path / "preds.csv", tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "experiments.evaluate", first["run_dir"], "--predict", str(preds), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(out.read_text()) == {k: v for k, v in resumed.items() if k != "run_dir"}
+    table = list(csv.DictReader(open(preds)))
+    assert len(table) == 200 and all(r["left"].lstrip("-").isdigit() for r in table)  # class ids are integers
+    targets = np.array([float(r["brightness_target"]) for r in table])
+    assert np.allclose(targets, test.numpy(), equal_nan=True)  # the fractions, NaN where there is none
+    mae = np.nanmean(np.abs(np.array([float(r["brightness"]) for r in table]) - targets))
+    assert mae == pytest.approx(resumed["test/brightness/mae"], rel=1e-4)
+    with pytest.raises(MTLError, match=r"--predict .*preds.txt: give a file ending in .npz"):
+        from mtl_lightning.evaluate import find_checkpoint, load_for_evaluation, write_predictions
+
+        write_predictions(load_for_evaluation(find_checkpoint(first["run_dir"]), [])[1], "test", tmp_path / "preds.txt")
+    # refused before any folder: a class id with a fraction, a regression target stored as an integer
+    bad = [o.replace("run_name=m", "run_name=bad") for o in over]
+    with pytest.raises(MTLError, match=r"train split: task 'left' is Classification.*row 3 holds 2.5"):
+        run(compose("digits_mtl", [*bad, "data.bad=class_fraction"]))
+    with pytest.raises(MTLError, match=r"train split: task 'brightness' is Regression.*labels are int64"):
+        run(compose("digits_mtl", [*bad, "data.bad=int_regression"]))
+    assert not (tmp_path / "runs" / "digits_mtl" / "bad").exists()
 
 
 def test_a_task_and_a_gradient_aggregator_from_files_train(tmp_path):

@@ -242,6 +242,36 @@ def test_bad_settings_fail_before_any_write(make_cfg, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    "exp, args, what",
+    [
+        ("digits_mtl", ["data.train_size=50", "data.drop_last=true"], "a train split of 50 samples"),
+        (
+            "digits_mtl",
+            ["data.train_size=20", "data.train_fraction=0.01"],
+            "a train split of 0 samples",
+        ),  # a hold-out that keeps none
+        ("digits_mtl", ["data.epoch_size=30", "data.drop_last=true"], "data.epoch_size=30 samples"),
+        ("digits_mdl", ["data.mixing=multi_input", "data.train_size=40", "data.drop_last=true"], "of 80 samples"),
+        (
+            "digits_mdl",
+            ["data.mixing=sample", "data.train_size=20", "data.train_fraction=0.01"],
+            "a train split of 0 samples",
+        ),
+        ("digits_mtl", ["population.weights=[[1,1],[1,2]]", "data.train_size=20", "data.drop_last=true"], "of 20"),
+    ],
+)
+def test_an_epoch_without_a_step_is_refused_before_any_write(exp, args, what, make_cfg, tmp_path):
+    """Issue 35: a run whose epoch had 0 steps exited 0, reported an untrained model and left no checkpoint."""
+    cfg = make_cfg(exp, "data.batch_size=64", "data.val_size=20", "data.test_size=20", *args)
+    with pytest.raises(MTLError, match=rf"training epoch of 0 steps: .*{what}.*data.batch_size=64"):
+        run(cfg)
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(MTLError, match=r"limit_train_batches=0 gives every epoch 0 training steps"):
+        run(make_cfg("digits_mtl", "trainer.limit_train_batches=0"))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_checkpoint_writes_are_atomic(make_cfg, monkeypatch, tmp_path):
     args = [
         "run_name=r",

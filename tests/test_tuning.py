@@ -63,11 +63,23 @@ def test_space_keys_are_checked_against_the_composed_config():
         (["search=asha", "search.search_lr=true", "search.space.optim.lr=[0.1]"], "keep one"),
         (["search=asha", "weighting=cagrad"], "search.weights=false and a search.space"),
         (["search=hyperband"], "Valid choices: asha, grid, pb2, pbt"),
+        # issue 35: each candidate checked as a command-line value is, before any trial (one died inside Ray)
+        (["search=asha", "search.space.optim.name=[adam,foo]"], r"value 'foo' is refused: Unknown optim.name='foo'"),
+        (["search=asha", "search.space.optim.warmup=[0.1,1.5]"], r"value 1.5 is refused: optim.warmup=1.5 must lie"),
+        (["search=asha", "search.space.data.batch_size=[0,8]"], r"value 0 is refused: data.batch_size=0 must be"),
+        # ... and a grace period longer than the run (Ray's AssertionError)
+        (["search=asha", "search.grace_period=5", "trainer.max_epochs=2"], r"grace_period=5 exceeds .*max_epochs=2"),
     ],
 )
 def test_bad_tuning_searches_name_the_key(argv, message):
     with pytest.raises(MTLError, match=message):
         compose_search("synthetic_mtl", argv)
+
+
+def test_only_pbt_and_pb2_warn_of_a_run_too_short_to_perturb(capsys):
+    for name in ("asha", "pbt"):  # ASHA searches and a study's tuning printed PBT's warning (issue 35)
+        compose_search("synthetic_mtl", [f"search={name}", "trainer.max_epochs=1"])
+        assert ("PBT perturbs every" in capsys.readouterr().err) == (name == "pbt"), name
 
 
 def test_a_method_option_is_searched_with_the_method_named():

@@ -42,7 +42,7 @@ class Split:
     def select(self, keep: list[int], mdl: bool):
         """Keep the label columns `keep`, and the samples labelled for at least one of them."""
         labels = self.labels[:, keep]
-        rows = (labels >= 0).any(1).nonzero().squeeze(1)
+        rows = (~labels.isnan() if labels.is_floating_point() else labels >= 0).any(1).nonzero().squeeze(1)
         domains = self.domains[rows]
         if mdl:  # domain d is head d: renumber the kept domains 0..len(keep)-1
             remap = torch.full((int(self.domains.max()) + 1,), -1, dtype=torch.long)
@@ -52,7 +52,12 @@ class Split:
 
 
 class LabelledTensors(Dataset, Split):
-    """An in-memory split: images (N, C, H, W) of any dtype, labels (N, K) with -1 = unlabelled, domains (N,).
+    """An in-memory split: images (N, C, H, W) of any dtype, labels (N, K), domains (N,).
+
+    Labels are integers (class ids, -1 = unlabelled; int8 is kept as int8, for tens of millions of log rows) or
+    floating point, one column per task: a regression task's number (NaN = none) beside class ids held as whole
+    numbers (NaN or -1 = none). Batches carry int64 or float32 labels; the module casts each column to its task's
+    `target_dtype`. Setup refuses a float label for a classification task and integer labels for a regression one.
 
     `images` may also be a dict of (N, ...) tensors (tabular data: {"cat": ids, "num": values}); a sample is then
     the dict of its rows. `rows` maps sample i to images[rows[i]]. Memory-mapped inputs (a decoded-image or parsed
@@ -62,9 +67,10 @@ class LabelledTensors(Dataset, Split):
     def __init__(self, images: Tensor | dict[str, Tensor], labels: Tensor, domains: Tensor, rows: Tensor | None = None):
         n = len(next(iter(images.values()))) if isinstance(images, dict) else len(images)
         assert len(labels) == len(domains) == (n if rows is None else len(rows))
-        # int8 labels and domains stay int8 (tens of millions of log rows); batches get int64 labels
+        # int8 labels and domains stay int8 (tens of millions of log rows); batches get int64 (or float32) labels
         small = lambda t: t if t.dtype == torch.int8 else t.long()  # noqa: E731
-        self.images, self.labels, self.domains, self.rows = images, small(labels), small(domains), rows
+        labels = labels.float() if labels.is_floating_point() else small(labels)
+        self.images, self.labels, self.domains, self.rows = images, labels, small(domains), rows
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -73,12 +79,15 @@ class LabelledTensors(Dataset, Split):
         r = i if self.rows is None else self.rows[i]
         return {k: v[r] for k, v in self.images.items()} if isinstance(self.images, dict) else self.images[r]
 
+    def _labels(self, i):
+        y = self.labels[i]
+        return y if y.is_floating_point() else y.long()
+
     def __getitem__(self, i):
-        return self._inputs(i), self.labels[i].long()
+        return self._inputs(i), self._labels(i)
 
     def __getitems__(self, idx: list[int]):  # DataLoader's batched fetch: one gather instead of B items + collate
-        idx = torch.as_tensor(idx)
-        return self._inputs(idx), self.labels[idx].long()
+        return self._inputs(torch.as_tensor(idx)), self._labels(torch.as_tensor(idx))
 
     def take(self, rows: Tensor, labels: Tensor, domains: Tensor) -> LabelledTensors:
         if self.rows is None and not isinstance(self.images, dict):
@@ -101,6 +110,32 @@ def holdout(ds, fraction: float, seed: int):
         keep.append(rows[:n])
         held.append(rows[n:])
     return ds.subset(torch.cat(keep).sort().values), ds.subset(torch.cat(held).sort().values)
+
+
+def check_labels(split, tasks: list[Task], where: str) -> None:
+    """A (N, K) label tensor's columns agree with their tasks' `target_dtype`: no class id with a fraction (it would
+    be truncated), no regression target stored as an integer (its -1 would be read as a value)."""
+    labels = getattr(split, "labels", None)
+    if not isinstance(labels, Tensor) or labels.ndim != 2 or labels.shape[1] != len(tasks):
+        return
+    for k, t in enumerate(tasks):
+        if t.target_dtype == "float" and not labels.is_floating_point():
+            raise MTLError(
+                f"{where}: task {t.name!r} is {type(t).__name__}, a number per sample, but its labels are "
+                f"{str(labels.dtype).replace('torch.', '')}: regression targets are floats with NaN = none (in an "
+                "integer column -1 would be read as a target). Give the split float labels (e.g. torch.float32, "
+                "class ids as whole numbers beside them)."
+            )
+        if t.target_dtype == "long" and labels.is_floating_point():
+            col = labels[:, k]
+            bad = (col != col.floor()) & ~col.isnan() | (col < -1)
+            if bad.any():
+                i = int(bad.nonzero()[0, 0])
+                raise MTLError(
+                    f"{where}: task {t.name!r} is {type(t).__name__}, whose labels are class ids, but row {i} holds "
+                    f"{float(col[i]):g}: a class id is a whole number >= 0 (-1 or NaN = none). For a number per "
+                    "sample, declare the task as Regression in describe()."
+                )
 
 
 def collate_batched(batch):
@@ -404,6 +439,8 @@ class MixtureDataModule(L.LightningDataModule):
                     "data.train_fraction < 1 to hold out part of the training split instead."
                 )
                 splits["val"] = splits["test"]
+            for name, split in splits.items():
+                check_labels(split, self.all_tasks[: self.n_base], f"data={self.cfg.name}'s {name} split")
             base = [i for i in self.keep if i < self.n_base]
             if base != list(range(self.n_base)):
                 splits = {k: v.select(base, self.kind == "mdl") for k, v in splits.items()}
@@ -412,6 +449,27 @@ class MixtureDataModule(L.LightningDataModule):
             if self.cfg.labels_per_class is not None:  # semi-supervised: most of train loses its class labels
                 splits["train"], self._labelled = ssl.keep_labels(splits["train"], self.tasks, self.cfg)
             self.splits = splits
+
+    def check_epoch(self, world_size: int = 1) -> None:
+        """Refuse, before a run folder exists, a configuration whose training epoch has no step: the run would end
+        at once, report untrained metrics and leave nothing to resume or evaluate. Counts as train_dataloader does."""
+        self.setup("fit")
+        c, n_split = self.cfg, len(self.splits["train"])
+        plain = c.mixing == "loss" and c.labels_per_class is None  # a DataLoader over MixtureSampler, sharded by rank
+        n = (c.epoch_size or n_split) // (world_size if plain else 1)
+        steps = n // c.batch_size if c.drop_last and plain else -(-n // c.batch_size)
+        if c.mixing == "multi_input" and c.drop_last and n_split:  # whole batches of each domain: the largest's
+            steps = int(torch.bincount(self.splits["train"].domains.long()).max()) // c.batch_size
+        if n_split and steps:
+            return
+        size = f"data.epoch_size={c.epoch_size} samples" if c.epoch_size else f"a train split of {n_split} samples"
+        per = f" per device ({world_size} devices)" if world_size > 1 else ""
+        raise MTLError(
+            f"data={c.name} gives a training epoch of 0 steps: {size}{per}, data.batch_size={c.batch_size}, "
+            f"data.drop_last={str(c.drop_last).lower()} (the partial batch is dropped when true). The run would train "
+            f"nothing and report an untrained model. Lower data.batch_size to at most {max(1, n)}, set "
+            "data.drop_last=false, or point data.root at the full dataset. Nothing was written."
+        )
 
     def _loader(self, split: str, batch_size: int, sampler=None, batch_sampler=None) -> DataLoader:
         ds = self.splits[split]

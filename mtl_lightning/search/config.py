@@ -124,8 +124,14 @@ def compose_search(exp: str, overrides: list[str]) -> tuple[SearchConfig, list[s
             "search.space (a study compares methods: python -m experiments.study)."
         )
     cfg = compose(exp, rest)  # fail now, not inside a trial, on a bad training override
-    if scfg.name != "grid" and scfg.backend == "ray":  # (a population's PBT says it when it starts)
+    if scfg.name in ("pbt", "pb2") and scfg.backend == "ray":  # (a population's PBT says it when it starts)
         warn_no_perturbation(cfg.trainer.max_epochs, scfg.perturbation_interval, "search.perturbation_interval")
+    if scfg.name == "asha" and scfg.grace_period > cfg.trainer.max_epochs:
+        raise MTLError(
+            f"search.grace_period={scfg.grace_period} exceeds trainer.max_epochs={cfg.trainer.max_epochs}: ASHA lets "
+            "every trial train its grace period before it may stop one, so it must fit in the run. Lower "
+            f"search.grace_period to at most {cfg.trainer.max_epochs}, or raise trainer.max_epochs."
+        )
     dm_tasks, has_delta = create_datamodule(cfg.data).tasks, bool(cfg.delta_m.runs or cfg.delta_m.base)
     if scfg.metric == "auto":
         scfg.metric = default_monitor(dm_tasks, has_delta)

@@ -119,11 +119,22 @@ def check_space(space, exp: str, overrides: list[str], where: str = "search.spac
             what = f" with weighting={cfg.weighting.name}" if section == "weighting" else ""
             raise MTLError(f"{where} key {key!r} is not an option of exp={exp}{what}. Valid keys: {', '.join(valid)}.")
         for value in dist.examples():
-            try:
-                compose(exp, [*overrides, f"{key}={_fmt(value)}"])
+            try:  # composed and checked as a command-line value is before a run starts (no data loaded)
+                check_config(compose(exp, [*overrides, f"{key}={_fmt(value)}"]))
             except MTLError as e:
                 raise MTLError(f"{where}.{key}={dist}: the value {value!r} is refused: {e}") from None
     return dists
+
+
+def check_config(cfg) -> None:
+    """What a run checks of its settings before it loads any data: the trainer's, optimiser's and scheduler's
+    numbers and names, the data section's options and tasks, the weighting's options."""
+    from ..checks import check_settings
+    from ..data import create_datamodule
+    from ..weighting import create_weighting
+
+    check_settings(cfg)
+    create_weighting([t.name for t in create_datamodule(cfg.data, cfg.seed).tasks], cfg.weighting)
 
 
 def overrides_of(params: dict) -> list[str]:

@@ -21,10 +21,11 @@ class Task:
     """A task: a head, a loss and metrics. A dataset declares its tasks in `describe()` (examples/custom_task.py).
 
     To implement: class attributes `metrics` ({name: higher is better}; logged as `<stage>/<task>/<name>`), `primary`
-    (the metric Δm%, ForkMerge and `checkpoint.monitor` use), `dense` (True for per-pixel targets); and `head(channels,
-    spatial, reduction)` (an `nn.Module` called as head(z, size)), `loss(pred, target) -> (mean loss over the
-    labelled samples, their count)`, `make_metrics()` (torchmetrics `Metric`s by name, so they sync under DDP) and
-    `update(metrics, pred, target)`. Optional: `predict(pred)` (what `experiments.evaluate --predict` writes).
+    (the metric Δm%, ForkMerge and `checkpoint.monitor` use), `dense` (True for per-pixel targets), `target_dtype`
+    ("float" for a number per sample); and `head(channels, spatial, reduction)` (an `nn.Module` called as head(z,
+    size)), `loss(pred, target) -> (mean loss over the labelled samples, their count)`, `make_metrics()` (torchmetrics
+    `Metric`s by name, so they sync under DDP) and `update(metrics, pred, target)`. Optional: `predict(pred)` (what
+    `experiments.evaluate --predict` writes).
 
     What the framework guarantees: `z` is the architecture's representation for this task, pooled (B, channels) for
     image-level tasks or a map (B, channels, h, w), `reduction` times smaller than the image, when any task is
@@ -37,6 +38,9 @@ class Task:
     dense: ClassVar[bool] = False
     unit: ClassVar[bool] = False  # dense: the head's output is normalised to unit vectors (surface normals)
     view: ClassVar[bool] = False  # owns its view of the input (tasks/views.py): the module calls view_forward
+    # what a column of a (N, K) label tensor holds for this task: "long" (a class id, -1 = none) or "float" (a number,
+    # NaN = none). A float label tensor carries both kinds; its columns are cast per task (TaskModel.targets)
+    target_dtype: ClassVar[str] = "long"
     metrics: ClassVar[dict[str, bool]]  # metric name -> higher is better
     primary: ClassVar[str]
 

@@ -15,6 +15,7 @@ from .base import Task
 
 class Regression(Task):
     kind = "regression"
+    target_dtype = "float"  # NaN = none; refused as integers, where -1 would be read as a target
     metrics = {"mae": False}
     primary = "mae"
 
