@@ -41,6 +41,8 @@ def main() -> None:
     population = [start, f"search.population={size}", "search.cpus_per_trial=0.5"]
     rows = []
     runs = [("grid", ["search.baselines=false"]), ("pbt", population), ("pb2", population)]
+    if a.smoke:  # the script's two paths (a grid, a population search); PB2 is PBT's path with another scheduler
+        runs = runs[:2]
     for reuse in () if a.smoke else ("true", "false"):  # the same search twice: not what a smoke run checks
         runs.append(("pbt", [*population, f"search.reuse_actors={reuse}", f"search.name_suffix=reuse-{reuse}"]))
     wall = []

@@ -39,6 +39,7 @@ def main() -> None:
     if a.smoke:
         a.epochs, a.seeds = 1, 1
         a.overrides += ["data.train_size=64", "model.depth=1", "model.width=16"]
+        a.overrides += ["study.axes.weighting=[uniform]", "study.baselines=false"]  # one cell
     tmp = Path(tempfile.mkdtemp())
     (tmp / "bench.yaml").write_text(STUDY.format(epochs=a.epochs, seeds=list(range(a.seeds))))
     wall, cells = {}, {}

@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     try:
+        unknown = [a for a in argv if a.startswith("--") and a not in ("--predict", "--out")]
+        if unknown:
+            raise MTLError(f"unknown option {unknown[0]}. Options: --predict FILE (.npz or .csv), --out FILE (.json).")
+        if argv[-1] in ("--predict", "--out"):
+            raise MTLError(f"{argv[-1]} needs a file name after it. See --help.")
         flags = {a: argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--predict", "--out")}
         rest = [a for i, a in enumerate(argv) if a not in flags and (i == 0 or argv[i - 1] not in flags)]
         path, args = rest[0], rest[1:]

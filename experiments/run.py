@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "--list" in argv or "exp=list" in argv:
             plugins = OmegaConf.from_dotlist([a for a in argv if a.startswith("plugins=")]).get("plugins") or []
-            print(listing(list(plugins)))
+            print(listing([plugins] if isinstance(plugins, str) else list(plugins)))  # one without brackets too
             return 0
         exps = [a.split("=", 1)[1] for a in argv if a.startswith("exp=")]
         if len(exps) != 1:

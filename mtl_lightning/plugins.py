@@ -43,7 +43,7 @@ def load_plugins(specs) -> list[str]:
     """Import each plugin once (and, once per process, the installed entry points); returns the specs resolved."""
     load_entry_points()
     out = []
-    for spec in specs or ():
+    for spec in [specs] if isinstance(specs, str) else specs or ():  # one plugin without brackets
         spec = resolve(str(spec))
         if spec not in _loaded:
             _loaded[spec] = _import(spec)
@@ -93,7 +93,14 @@ def _run(load, what: str) -> None:
         raise
     except Exception as e:
         last = traceback.format_exception_only(type(e), e)[-1].strip()
-        raise MTLError(f"The plugin {what} failed to import: {last}") from None
+        if isinstance(e, SyntaxError):  # the line Python could not read
+            at = f" ({e.filename}, line {e.lineno}{f': {e.text.strip()}' if e.text else ''})"
+        else:  # the innermost line of the plugin's own code that raised
+            ours = str(Path(__file__).resolve().parent)
+            frames = traceback.extract_tb(e.__traceback__)
+            mine = [f for f in frames if "importlib" not in f.filename and not f.filename.startswith(ours)]
+            at = f" ({mine[-1].filename}, line {mine[-1].lineno})" if mine else ""
+        raise MTLError(f"The plugin {what} failed to import: {last}{at}") from None
 
 
 def load_entry_points() -> None:

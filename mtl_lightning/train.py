@@ -8,6 +8,7 @@ its records), `loggers.py`, `checkpoint.py`, `console.py`, `forkmerge.py` (ForkM
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -129,6 +130,7 @@ def train(
         announce(cfg)
     say(summary(cfg, b.dm.tasks, b.model, run_dir))
     fresh, trainer = not run_dir.exists(), None
+    made = [p for p in (run_dir.parent.parent, run_dir.parent) if not p.exists()]  # out_dir, its <exp>/
     try:
         if not worker:
             make_run_dir(run_dir)
@@ -142,6 +144,9 @@ def train(
         if fresh and not worker and not trained(run_dir, trainer):
             end_wandb(cfg)
             shutil.rmtree(run_dir, ignore_errors=True)
+            for folder in reversed(made):  # and the folders made for it, when nothing else is in them
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         raise
     out = final_metrics(cfg, trainer, b, method)
     if trainer.is_global_zero:  # the base results a later Δm% reads (delta_m.runs=[this run_dir])

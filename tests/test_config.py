@@ -143,3 +143,17 @@ def test_the_console_shows_a_summary_and_epochs_not_the_config(tmp_path, capsys)
     assert "data:" in config and "batch_size" in config
     assert main([*argv, "trainer.max_epochs=1", "--print-config"]) == 0
     assert "batch_size:" in capsys.readouterr().out  # and behind a flag
+
+
+def test_messages_name_the_real_cause(tmp_path, capsys):
+    """Issue 35: a YAML parser error without its line for a study's unquoted `plugins=[...]`; `--predictt` called
+    "not key=value"."""
+    from experiments.evaluate import main as evaluate_main
+    from mtl_lightning.search.study import load_study
+
+    study = tmp_path / "mine.yaml"
+    study.write_text("exp: digits_mtl\noverrides: [plugins=[a.py], trainer.max_epochs=1]\naxes: {seed: [0]}\n")
+    with pytest.raises(MTLError, match=r"mine.yaml, line 2: .* must be quoted in a YAML list: overrides: \['plugins="):
+        load_study(str(study), [])
+    assert evaluate_main([str(tmp_path), "--predictt", "x.csv"]) == 2
+    assert "unknown option --predictt. Options: --predict FILE" in capsys.readouterr().err

@@ -7,6 +7,8 @@ are one clear paragraph each; no import circle remains in the package."""
 import ast
 import csv
 import json
+import math
+import re
 import shutil
 import subprocess
 import sys
@@ -123,7 +125,7 @@ from mtl_lightning.data.digits import DigitsConfig, DigitsDataModule
 @dataclass
 class MixedConfig(DigitsConfig):
     name: str = "digits_brightness"
-    bad: str = "none"  # class_fraction | int_regression: the two label tensors setup refuses
+    bad: str = "none"  # class_fraction | class_range | int_regression: label tensors setup refuses
 
 @DATASETS.register("digits_brightness")
 class DigitsBrightness(DigitsDataModule):
@@ -140,6 +142,8 @@ class DigitsBrightness(DigitsDataModule):
             labels = torch.cat([s.labels.float(), level[:, None]], 1)
             if self.cfg.bad == "class_fraction":
                 labels[3, 0] = 2.5
+            if self.cfg.bad == "class_range":
+                labels[5, 1] = 10
             if self.cfg.bad == "int_regression":
                 labels = labels.nan_to_num(-1).long()
             out[k] = LabelledTensors(s.images, labels, s.domains)
@@ -187,6 +191,10 @@ def test_a_mixed_classification_and_regression_plugin_dataset_runs_resumes_evalu
         run(compose("digits_mtl", [*bad, "data.bad=class_fraction"]))
     with pytest.raises(MTLError, match=r"train split: task 'brightness' is Regression.*labels are int64"):
         run(compose("digits_mtl", [*bad, "data.bad=int_regression"]))
+    with pytest.raises(
+        MTLError, match=r"task 'right' has 10 classes \(ids 0 to 9, -1 = none\), but row 5 holds class 10"
+    ):
+        run(compose("digits_mtl", [*bad, "data.bad=class_range"]))  # was an IndexError traceback at the first step
     assert not (tmp_path / "runs" / "digits_mtl" / "bad").exists()
 
 
@@ -228,14 +236,16 @@ def test_ray_workers_import_the_plugins_even_where_the_file_is_not_on_disk(folde
         return out
 
     monkeypatch.setattr(ray, "init", init_then_remove)
-    over = folder_run(folder, tmp_path, "trainer.max_epochs=10", f"model.architecture={name}")
+    over = folder_run(folder, tmp_path, "trainer.max_epochs=1", f"model.architecture={name}")
     over = [o for o in over if not o.startswith("weighting")]  # the grid trains fixed weights
     over[0] = over[0][:-1] + f",{probe}]"
     scfg, rest = compose_search("digits_mtl", ["search=grid", "search.grid=[0.5]", "search.baselines=false", *over])
     out = run_search("digits_mtl", rest, scfg)
     assert not probe.exists() and out["failed_trials"] == []
     (row,) = list(csv.DictReader(open(Path(out["search_dir"]) / "grid.csv")))
-    assert float(row["acc/digit"]) > 0.3  # the trial trained on the plugin dataset with the plugin architecture
+    # the trial trained on the plugin dataset (its tasks) with the plugin architecture; that they learn is
+    # test_a_dataset_and_a_weighting_from_files_train_evaluate_and_resume's, outside Ray
+    assert int(row["steps"]) > 0 and 0 <= float(row["acc/digit"]) <= 1 and 0 <= float(row["acc/parity"]) <= 1
 
 
 @RAY
@@ -243,16 +253,15 @@ def test_study_cells_train_the_plugin_methods_in_ray_workers(tmp_path):
     from mtl_lightning.search.study import load_study, run_study
 
     study = tmp_path / "plugins.yaml"
-    study.write_text(
-        f"exp: digits_mdl\noverrides: {json.dumps(value_run())}\n"
+    study.write_text(  # one epoch: that the plugins learn is test_a_task_and_a_gradient_aggregator_from_files_train's
+        f"exp: digits_mdl\noverrides: {json.dumps(value_run('trainer.max_epochs=1'))}\n"
         "axes: {weighting: [loss_power, unit_mean], seed: [0]}\nbaselines: false\ncompare: null\nnum_cpus: 2\n"
     )
     out = run_study(*load_study(str(study), [f"study.out_dir={tmp_path / 'st'}"]))
     cells = {p.stem: json.loads(p.read_text())["metrics"] for p in (out / "cells").glob("*.json")}
     assert sorted(cells) == ["loss_power__seed0", "unit_mean__seed0"]
-    trivial = trivial_mae()
-    for m in cells.values():
-        assert m["test/value/mae"] < trivial - 0.2 and m["test/acc_mean"] > 0.2
+    for m in cells.values():  # trained with the plugin task and methods: their metrics, finite
+        assert math.isfinite(m["test/value/mae"]) and 0 <= m["test/acc_mean"] <= 1
 
 
 def test_list_marks_plugin_entries(capsys):
@@ -288,8 +297,12 @@ def test_an_entry_point_plugin_is_loaded_without_being_named(tmp_path, monkeypat
 def test_bad_plugins_are_one_clear_paragraph(tmp_path):
     broken = tmp_path / f"broken_{uuid.uuid4().hex[:8]}.py"
     broken.write_text("import numpy\nraise ValueError('the lab server is down')\n")
-    with pytest.raises(MTLError, match=rf"The plugin {broken} failed to import: ValueError: the lab server is down"):
+    with pytest.raises(MTLError, match=rf"failed to import: ValueError: the lab server is down \({broken}, line 2\)"):
         compose("digits_mtl", [f"plugins=[{broken}]"])
+    typo = tmp_path / f"typo_{uuid.uuid4().hex[:8]}.py"
+    typo.write_text("x = 1\ndef f(:\n    pass\n")  # issue 35: a SyntaxError without file and line
+    with pytest.raises(MTLError, match=rf"failed to import: SyntaxError: .* \({typo}, line 2: def f\(:\)"):
+        compose("digits_mtl", [f"plugins=[{typo}]"])
     twice = tmp_path / f"twice_{uuid.uuid4().hex[:8]}.py"
     twice.write_text(
         "from mtl_lightning import WEIGHTINGS\nfrom mtl_lightning.weighting.uniform import Uniform\n\n\n"
@@ -304,6 +317,32 @@ def test_bad_plugins_are_one_clear_paragraph(tmp_path):
     (tmp_path / "json.py").write_text("x = 1\n")  # named like a module already imported
     with pytest.raises(MTLError, match=r"named like the module 'json'.*Rename the file"):
         compose("digits_mtl", [f"plugins=[{tmp_path / 'json.py'}]"])
+
+
+def weighting_plugin(tmp_path, body: str) -> tuple[Path, str]:
+    name = f"w_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(
+        "import torch\nfrom mtl_lightning import WEIGHTINGS, Weighting\n\n\n"
+        f"@WEIGHTINGS.register({name!r})\nclass Lab(Weighting):\n    def weights(self, losses):\n        {body}\n"
+    )
+    return path, name
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [  # issue 35: a NaN weight was blamed on the tasks' losses ("lower the lr"); a wrong shape was a traceback
+        ("return losses * float('nan')", r"weights\(\) returned non-finite weights \[nan, nan\] for the finite task"),
+        ("return torch.ones(3)", r"weights\(\) returned shape \(3,\) for 2 tasks \['left', 'right'\]; it must"),
+    ],
+)
+def test_a_plugin_weighting_that_returns_bad_weights_is_named(body, message, tmp_path, capsys):
+    path, name = weighting_plugin(tmp_path, body)
+    argv = ["exp=digits_mtl", f"plugins={path}", f"weighting={name}", f"out_dir={tmp_path / 'runs'}", *QUIET]
+    assert run_main([*argv, "trainer.max_steps=2", "data.train_size=64"]) == 2  # one path: no brackets needed
+    err = capsys.readouterr().err
+    assert re.search(rf"weighting={name} \(Lab, plugin {path}\): " + message, err), err
+    assert "Traceback" not in err and "lower" not in err and not (tmp_path / "runs").exists()
 
 
 def test_a_resumed_run_whose_plugin_is_gone_says_which_and_where(tmp_path):

@@ -61,7 +61,9 @@ def test_pbt_moves_toward_the_known_optimum_and_exploiters_continue_the_donor(lo
         # a restored trial continues the donor's step count (a restart from 0 would count from its own restore)
         for r in rows:
             assert int(r["step"]) == int(r["training_iteration"]) * steps_per_epoch
-        assert int(rows[-1]["training_iteration"]) == 6
+        # every epoch once, in order (issue 35: a trial exploited a donor's final checkpoint at its own epoch 2, then
+        # trained nothing and reported a copy of the donor's row): exploits happen in step, never at the last epoch
+        assert [int(r["training_iteration"]) for r in rows] == list(range(1, 7))
         restored += any(int(r["training_iteration"]) > int(r["iterations_since_restore"]) for r in rows)
         weights = [tuple(json.loads(r["weights"])) for r in rows]
         changed += len(set(weights)) > 1  # the mutated weights were applied after restoring the donor

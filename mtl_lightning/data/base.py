@@ -126,6 +126,15 @@ def check_labels(split, tasks: list[Task], where: str) -> None:
                 "integer column -1 would be read as a target). Give the split float labels (e.g. torch.float32, "
                 "class ids as whole numbers beside them)."
             )
+        classes = getattr(t, "num_classes", None)
+        if classes is not None and len(labels):  # a class id out of range: IndexError deep in the first step
+            top = labels[:, k].nan_to_num(-1).max() if labels.is_floating_point() else labels[:, k].max()
+            if int(top) >= classes:
+                i = int((labels[:, k] == top).nonzero()[0, 0])
+                raise MTLError(
+                    f"{where}: task {t.name!r} has {classes} classes (ids 0 to {classes - 1}, -1 = none), but row {i} "
+                    f"holds class {int(top)}. Fix the labels, or the number of classes the dataset declares."
+                )
         if t.target_dtype == "long" and labels.is_floating_point():
             col = labels[:, k]
             bad = (col != col.floor()) & ~col.isnan() | (col < -1)

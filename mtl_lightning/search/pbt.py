@@ -42,7 +42,8 @@ def _initial_weights_callback(path: Path):
 
 def _pbt_space(scfg, cfg, tasks, base, dists):
     from ray import tune
-    from ray.tune.schedulers import PopulationBasedTraining
+
+    from .schedulers import PB2, PBT
 
     K = len(tasks) if scfg.weights else 0
     space = {**base, **{f"w{k}": tune.uniform(scfg.weight_low, 1.0) for k in range(K)}}
@@ -56,8 +57,10 @@ def _pbt_space(scfg, cfg, tasks, base, dists):
         space["params"] = {k: d.tune() for k, d in dists.items()}
         mutations["params"] = dict(space["params"])
         bounds["params"] = {k: d.bounds() for k, d in dists.items()}
+    last = int(cfg.trainer.max_epochs)  # no exploit at the last epoch (schedulers.py)
     if scfg.name == "pbt":
-        sched = PopulationBasedTraining(
+        sched = PBT(
+            last_epoch=last,
             time_attr="training_iteration",
             perturbation_interval=scfg.perturbation_interval,
             hyperparam_mutations=mutations,
@@ -66,9 +69,8 @@ def _pbt_space(scfg, cfg, tasks, base, dists):
             custom_explore_fn=_explore,
         )
     else:
-        from ray.tune.schedulers.pb2 import PB2
-
         sched = PB2(
+            last_epoch=last,
             time_attr="training_iteration",
             perturbation_interval=scfg.perturbation_interval,
             hyperparam_bounds=bounds,

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 
 from ..config import compose, flatten, write_atomic
@@ -90,6 +91,16 @@ def load_study(name: str, overrides: list[str]) -> tuple[StudyConfig, list[str]]
         raise MTLError(f"Unknown study {name!r}. Valid choices: {', '.join(files)} (or a path to a YAML file).")
     mine, rest = split_overrides(overrides, "study")
     schema = OmegaConf.structured(StudyConfig)
+    try:
+        OmegaConf.load(path)
+    except yaml.YAMLError as e:  # the parser's own words, with the line: a bare `[a=[b]]` is the usual cause
+        mark = getattr(e, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark else ""
+        raise MTLError(
+            f"Bad study {path}{line}: {getattr(e, 'problem', None) or e} ({getattr(e, 'context', '') or 'YAML'}). "
+            "A list item holding brackets or commas, such as plugins=[a.py,b.py], must be quoted in a YAML list: "
+            "overrides: ['plugins=[a.py,b.py]', trainer.max_epochs=2]."
+        ) from None
     try:
         merged = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(mine))
         cfg = StudyConfig(**OmegaConf.to_container(merged, resolve=True))
