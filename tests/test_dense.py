@@ -128,6 +128,11 @@ def test_nyuv2_missing_data_is_one_clear_paragraph(tmp_path, capsys):
     assert main(["exp=nyuv2_mtl", f"data.root={tmp_path}", "trainer.enable_progress_bar=false"]) == 2
     err = capsys.readouterr().err
     assert "nyuv2" in err and "lorenmt/mtan" in err and "Traceback" not in err
+    # one folder missing: named alone (issue 35: every folder was listed as "not there")
+    write_nyuv2(tmp_path, train=1, val=1)
+    shutil.rmtree(tmp_path / "nyuv2" / "val" / "normal")
+    assert main(["exp=nyuv2_mtl", f"data.root={tmp_path}", "trainer.enable_progress_bar=false"]) == 2
+    assert "and of them val/normal/ are not there" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

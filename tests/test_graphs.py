@@ -73,6 +73,22 @@ def test_qm9_missing_data_and_missing_dependency_are_clear(tmp_path, capsys, mon
         create_datamodule(compose("qm9_mtl", [f"data.root={tmp_path}"]).data).check()
 
 
+def test_qm9_raw_files_that_pyg_cannot_read_are_named(tmp_path):
+    """Issue 35: a CSV shorter than the SDF, or a malformed uncharacterized.txt, came back as PyG's IndexError."""
+    write_qm9(tmp_path)
+    raw = tmp_path / "qm9" / "raw"
+    good = {p: p.read_text() for p in (raw / "gdb9.sdf.csv", raw / "uncharacterized.txt")}
+    check = lambda: create_datamodule(compose("qm9_mtl", [f"data.root={tmp_path}"]).data).check()  # noqa: E731
+    lines = good[raw / "gdb9.sdf.csv"].splitlines()
+    (raw / "gdb9.sdf.csv").write_text("\n".join(lines[:-3]) + "\n")  # three molecules without targets
+    with pytest.raises(MTLError, match=r"gdb9.sdf.csv holds 57 rows of targets for the 60 molecules of .*gdb9.sdf"):
+        check()
+    (raw / "gdb9.sdf.csv").write_text(good[raw / "gdb9.sdf.csv"])
+    (raw / "uncharacterized.txt").write_text(good[raw / "uncharacterized.txt"].replace("     4  gdb_4", "gdb_4"))
+    with pytest.raises(MTLError, match=r"uncharacterized.txt, line 10: 'gdb_4 .* does not start with a molecule"):
+        check()
+
+
 def test_the_mpnn_learns_a_known_count_of_generated_molecules(make_cfg):
     over = ["data.size=600", "data.test_size=100", "data.val_size=100", "data.batch_size=32", "model.width=16"]
     m = run(make_cfg("synthetic_graphs", *over, "optim.lr=3e-3", "trainer.max_epochs=8", "test=true"))

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..console import warn
 from ..errors import MTLError
 from ..registry import Registry
 from ..tasks import Task
@@ -442,7 +442,7 @@ class MixtureDataModule(L.LightningDataModule):
             if self.cfg.train_fraction < 1:  # the ranking split: part of train, never the test split
                 splits["train"], splits["val"] = holdout(splits["train"], self.cfg.train_fraction, self.cfg.split_seed)
             elif "val" not in splits:
-                rank_zero_warn(
+                warn(
                     f"data={self.cfg.name} has no official validation split and data.train_fraction=1: validating "
                     "on the test split. Choosing checkpoints or hyperparameters on it tunes on the test set; set "
                     "data.train_fraction < 1 to hold out part of the training split instead."

@@ -33,10 +33,15 @@ class FileDataConfig(DataConfig):
     crop: bool = True  # centre-crop to a square before resizing; false: resize the whole image (FAMO's, LibMTL's)
 
 
-def missing(dataset: str, root: Path, folder: Path, expected: list[str], source: str, downloadable: bool) -> MTLError:
+def missing(
+    dataset: str, root: Path, folder: Path, expected: list[str], source: str, downloadable: bool, absent=None
+) -> MTLError:
+    """`absent`: those of `expected` that are not there (all of them by default); named alone when some are there."""
     how = " or set data.download=true to fetch them with torchvision" if downloadable else ""
+    absent = expected if absent is None else absent
+    gone = "they are not there" if len(absent) == len(expected) else f"of them {', '.join(absent)} are not there"
     return MTLError(
-        f"data={dataset} needs {', '.join(expected)} in {folder}, and they are not there. Get them from {source} "
+        f"data={dataset} needs {', '.join(expected)} in {folder}, and {gone}. Get them from {source} "
         f"and put them in {folder}{how}; or point data.root (or $MTL_DATA_ROOT) at the folder that already "
         f"holds them (now data.root={root})."
     )
@@ -126,14 +131,18 @@ def cached(ds: ImageFiles, cache_dir: Path, tag: str, num_workers: int = 0) -> L
         say(f"decoding {len(ds):,} images of {tag} once into {path} (later runs memory-map it)")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ds), 3, ds.size, ds.size))
-        i = 0
-        for x, _ in DataLoader(ds, batch_size=256, num_workers=num_workers):
-            out[i : i + len(x)] = x.numpy()
-            i += len(x)
-        out.flush()
-        del out
-        os.replace(tmp, path)
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ds), 3, ds.size, ds.size))
+            i = 0
+            for x, _ in DataLoader(ds, batch_size=256, num_workers=num_workers):
+                out[i : i + len(x)] = x.numpy()
+                i += len(x)
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        except BaseException:  # a bad image, Ctrl-C, a full disk: no half-written cache left (gigabytes at scale)
+            tmp.unlink(missing_ok=True)
+            raise
     images = torch.from_numpy(np.load(path, mmap_mode="c"))  # copy-on-write: writable, so torch does not warn
     return LabelledTensors(images, ds.labels, ds.domains, rows=torch.arange(len(ds)))
 
@@ -160,9 +169,10 @@ class RootedDataModule(MixtureDataModule):
         self.require()
 
     def require(self) -> None:
-        if self._absent():
+        absent = self._absent()
+        if absent:
             root = Path(self.cfg.root).expanduser()
-            raise missing(self.cfg.name, root, self.folder, self.expected(), self.source, self.downloadable)
+            raise missing(self.cfg.name, root, self.folder, self.expected(), self.source, self.downloadable, absent)
 
 
 class FileDataModule(RootedDataModule):

@@ -120,6 +120,29 @@ class QM9DataModule(GraphDataModule, RootedDataModule):
                     f"data=qm9 finds QM9's raw files in {self.folder / 'raw'} and no processed/data_v3.pt: processing "
                     f"them once needs RDKit, which is not installed: {INSTALL}."
                 ) from None
+            self._check_raw()
+
+    def _check_raw(self) -> None:
+        """What PyG's QM9.process reads, checked first: its IndexError or ValueError names neither file nor line."""
+        raw = self.folder / "raw"
+        with open(raw / "gdb9.sdf", errors="replace") as f:
+            molecules = sum(1 for line in f if line.startswith("$$$$"))
+        with open(raw / "gdb9.sdf.csv", errors="replace") as f:
+            rows = sum(1 for line in f if line.strip()) - 1  # after its header
+        if rows < molecules:
+            raise MTLError(
+                f"{raw / 'gdb9.sdf.csv'} holds {rows} rows of targets for the {molecules} molecules of "
+                f"{raw / 'gdb9.sdf'}: PyG's QM9 reads one CSV row (after the header) per SDF molecule, in order. The "
+                "CSV is truncated or from another release: get both files again."
+            )
+        lines = (raw / "uncharacterized.txt").read_text(errors="replace").split("\n")
+        for n, line in enumerate(lines[9:-2], 10):  # PyG skips the 9 header lines and the 2 last ones
+            if not line.split()[:1] or not line.split()[0].isdigit() or not 1 <= int(line.split()[0]) <= molecules:
+                raise MTLError(
+                    f"{raw / 'uncharacterized.txt'}, line {n}: {line.strip()!r} does not start with a molecule index "
+                    f"1..{molecules}. PyG's QM9 reads the lines after a 9-line header (and before 2 closing lines) as "
+                    "'<index> ...', the molecules it leaves out: get the file again from QM9's figshare release."
+                )
 
     def load(self) -> dict[str, GraphSplit]:
         self.check()

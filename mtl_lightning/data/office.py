@@ -81,14 +81,18 @@ class OfficeDataModule(FileDataModule):
     def _read(self, domain: str, split: str):
         path = self._lists() / f"{domain}_{split}.txt"
         try:
-            rows = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
-            if any(len(r) != 2 for r in rows):
-                raise ValueError("lines must be '<relative path> <label>'")
-            labels = np.array([int(r[1]) for r in rows], dtype=np.int64)
-            if len(labels) and (labels.min() < 0 or labels.max() >= self.spec[3]):
-                raise ValueError(f"labels must lie in 0..{self.spec[3] - 1}")
-        except (ValueError, IndexError) as e:
+            lines = [(n, ln.split()) for n, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip()]
+        except (ValueError, OSError) as e:  # not text
             raise corrupt(path, e) from None
+        classes = self.spec[3]
+        for n, r in lines:  # a line's own fault, named with its number and the bound (not "truncated or corrupt")
+            if len(r) != 2 or not r[1].lstrip("-").isdigit() or not 0 <= int(r[1]) < classes:
+                raise MTLError(
+                    f"{path}, line {n}: {' '.join(r)!r} is not '<relative path> <label>' with a label in "
+                    f"0..{classes - 1} (data={self.cfg.name} has {classes} classes)."
+                )
+        rows = [r for _, r in lines]
+        labels = np.array([int(r[1]) for r in rows], dtype=np.int64)
         return np.array([str(self.folder / r[0]) for r in rows]), torch.from_numpy(labels)
 
     def load(self) -> dict[str, ImageFiles]:

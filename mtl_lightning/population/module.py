@@ -18,11 +18,11 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils._pytree import tree_map
 
+from ..console import warn
 from ..errors import MTLError
 from ..graph import MPNN
 from ..model import TaskModel, compute_metrics, metric_directions, param_groups
@@ -152,7 +152,7 @@ class PopulationModule(TaskModel):
                 opt.zero_grad()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                rank_zero_warn(f"Out of memory: the population now steps {self.chunk} member(s) at a time.")
+                warn(f"Out of memory: the population now steps {self.chunk} member(s) at a time.")
                 self._reseed()
 
     def _step(self, opt, batch) -> Tensor:

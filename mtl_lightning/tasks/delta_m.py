@@ -16,8 +16,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from lightning.pytorch.utilities import rank_zero_warn
-
+from ..console import warn
 from ..errors import MTLError
 from .base import Task
 
@@ -97,9 +96,9 @@ def delta_bases(cfg, tasks) -> dict[str, dict[str, float]]:
         except MTLError:
             if stage == "val":
                 raise
-            rank_zero_warn(f"No test/delta_m: the base results have no test-split values for every task ({source}).")
+            warn(f"No test/delta_m: the base results have no test-split values for every task ({source}).")
             continue
         if left:
-            rank_zero_warn(f"{stage}/delta_m leaves out {left}: the base results give no value for them.")
+            warn(f"{stage}/delta_m leaves out {left}: the base results give no value for them.")
         bases[stage] = base
     return bases
