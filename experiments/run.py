@@ -22,10 +22,11 @@ def print_table(metrics: dict) -> None:
     names = [k[4:] for k in metrics if k.startswith("val/") and not k.startswith("val/loss/")]
     names += [k[5:] for k in metrics if k.startswith("test/") and f"val/{k[5:]}" not in metrics and "/loss/" not in k]
     width = max([len(n) for n in names] + [16]) + 2
-    print(f"\n{'metric':<{width}}{'val':>10}{'test':>10}")
+    shown = {k: f"{v:.4f}" for k, v in metrics.items() if isinstance(v, float)}
+    col = max([len(s) for s in shown.values()] + [8]) + 2  # QM9's meV MAEs above 10^4 ran into each other at 10
+    print(f"\n{'metric':<{width}}{'val':>{col}}{'test':>{col}}")
     for n in names:
-        val, test = metrics.get(f"val/{n}"), metrics.get(f"test/{n}")
-        cells = "".join(f"{'' if v is None else f'{v:.4f}':>10}" for v in (val, test))
+        cells = "".join(f"{shown.get(f'{s}/{n}', ''):>{col}}" for s in ("val", "test"))
         print(f"{n:<{width}}{cells}")
 
 
