@@ -57,6 +57,8 @@ def test_pbt_moves_toward_the_known_optimum_and_exploiters_continue_the_donor(lo
     changed = restored = 0
     steps_per_epoch = math.ceil(2 * 2100 / 128)  # 70% of 3000 samples per domain, batches of 128
     for progress in path.glob("trial_*/progress.csv"):  # Tune's result.json can lose rows across PBT restarts
+        # named by what varies (issue 35: the whole fixed config was in the name)
+        assert re.fullmatch(r"trial_\w+?_w0=[\d.e-]+_w1=[\d.e-]+", progress.parent.name), progress.parent.name
         rows = list(csv.DictReader(open(progress)))
         # a restored trial continues the donor's step count (a restart from 0 would count from its own restore)
         for r in rows:
@@ -109,6 +111,10 @@ def test_grid_sweep_writes_table_and_plots(local_ray, tmp_path, capsys):
     assert "trial(s) failed" not in printed.err
     assert "best weights" in printed.out and "retrain/test/acc_mean" in printed.out and "trial-epochs" in printed.out
     path = tmp_path / "search" / "synthetic_mdl-grid"
+    names = sorted(p.name.split("_", 3)[-1] for p in path.glob("trial_*"))  # what varies: p or the task, the capacity
+    assert names == sorted(
+        f"{v}_{c}" for v in ("p=0.0", "p=0.5", "p=1.0", "single=domain0", "single=domain1") for c in ("1x16", "2x16")
+    )
     rows = list(csv.DictReader(open(path / "grid.csv")))
     assert len(rows) == (3 + 2) * 2  # 3 weightings + 2 single-task baselines, at 2 capacities
     assert {(r["depth"], r["width"]) for r in rows} == {("1", "16"), ("2", "16")}

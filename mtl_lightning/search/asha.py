@@ -8,6 +8,7 @@ proposed by Optuna's TPE (`search.algo=optuna`, Bergstra et al. 2011) through Ra
 from __future__ import annotations
 
 from ..errors import MTLError
+from .trial import trial_dirname
 
 
 def optuna_searcher(seed: int):
@@ -45,6 +46,7 @@ def _asha_space(scfg, cfg, tasks, base, dists):
     tc = tune.TuneConfig(
         metric="score",
         mode="max",
+        trial_dirname_creator=trial_dirname,
         scheduler=sched,
         num_samples=scfg.trials,
         search_alg=search_alg,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import MTLError
 from .plots import _pyplot
+from .trial import trial_dirname
 
 
 def _grid_space(scfg, cfg, tasks, base):
@@ -21,7 +22,10 @@ def _grid_space(scfg, cfg, tasks, base):
     variants = [["mix", p] for p in scfg.grid] + ([["single", t] for t in tasks] if scfg.baselines else [])
     space = {**base, "variant": tune.grid_search(variants), "capacity": tune.grid_search(caps)}
     space["extra"] = tune.sample_from(lambda config: _grid_overrides(config))
-    return space, tune.TuneConfig(metric="score", mode="max", reuse_actors=scfg.reuse_actors)
+    tc = tune.TuneConfig(
+        metric="score", mode="max", reuse_actors=scfg.reuse_actors, trial_dirname_creator=trial_dirname
+    )
+    return space, tc
 
 
 def _grid_overrides(config: dict) -> list[str]:

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import MTLError
 from .plots import _pyplot
-from .trial import _config_weights
+from .trial import _config_weights, trial_dirname
 
 
 def _explore(config: dict) -> dict:
@@ -97,6 +97,7 @@ def _pbt_space(scfg, cfg, tasks, base, dists):
     tc = tune.TuneConfig(
         metric="score", mode="max", scheduler=sched, num_samples=n, search_alg=search_alg, reuse_actors=reuse
     )
+    tc.trial_dirname_creator = trial_dirname  # named by what varies
     return space, tc
 
 

@@ -4,6 +4,7 @@ search's trials and a study's cells all run this function."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -74,6 +75,24 @@ def _report_callback(metric: str, sign: float):
             }
 
     return Report(filename="trial.ckpt", on="validation_end")
+
+
+def trial_dirname(trial) -> str:
+    """A trial's folder: `trial_<id>` and what varies between the search's trials (Tune's default name held the
+    whole fixed config: the experiment, the metric, every override): a study's cell, a grid point, the weights, the
+    learning rate, the search.space values. Short and file-system safe."""
+    c = trial.config
+    if "cell" in c:
+        varies = [str(c["cell"].get("id", ""))]
+    elif "variant" in c:  # a grid point: p or a single task, at a capacity
+        (kind, value), (depth, width) = c["variant"], c.get("capacity", (None, None))
+        varies = [f"p={value}" if kind == "mix" else f"single={value}"] + ([f"{depth}x{width}"] if depth else [])
+    else:
+        varies = [f"w{k}={c[f'w{k}']:.3g}" for k in range(c.get("num_tasks", 0)) if f"w{k}" in c]
+        varies += [f"lr={c['lr']:.3g}"] if isinstance(c.get("lr"), float) else []
+        varies += [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in (c.get("params") or {}).items()]
+    name = "_".join([f"trial_{trial.trial_id}", *varies])
+    return re.sub(r"[^\w.=+-]", "", name)[:120]
 
 
 def _config_weights(config: dict) -> list[float] | None:
