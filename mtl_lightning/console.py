@@ -61,17 +61,31 @@ def summary(cfg, tasks, model, run_dir) -> str:
 
 class EpochLines(Callback):
     """One line per epoch when there is no progress bar (a log file, a search's trials, the tests): the epoch, the
-    step, the training loss, the monitored metric and the time it took."""
+    step, the training loss, the monitored metric and the time it took.
+
+    Printed when the epoch's validation ends (before a search trial reports to Tune, which may pause or restart the
+    trial there), else at the epoch's end; only for an epoch that trained batches in this process: a run restored
+    from a checkpoint saved at validation end replays that epoch's end with no metrics (an empty line, issue 35)."""
 
     def __init__(self, monitor: str):
-        self.monitor, self.t0 = monitor, time.monotonic()
+        self.monitor, self.t0, self.batches, self.shown = monitor, time.monotonic(), 0, -1
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.t0 = time.monotonic()
+        self.t0, self.batches = time.monotonic(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":
+            self.on_train_epoch_end(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking or not trainer.is_global_zero or not self.batches:
             return
+        if self.shown == trainer.current_epoch:
+            return
+        self.shown = trainer.current_epoch
         m = trainer.callback_metrics
         shown = [f"{k} {float(m[k]):.4g}" for k in ("train/loss", self.monitor) if k in m]
         total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""

@@ -209,7 +209,7 @@ def make_trainer(
         enable_progress_bar=bar,
         enable_model_summary=t.enable_model_summary,
         logger=build_loggers(cfg, run_dir) or False,
-        callbacks=[*checkpoints, *callbacks, *stop, *shown],
+        callbacks=[*shown, *checkpoints, *callbacks, *stop],  # the epoch's line before a search trial reports
         enable_checkpointing=save_checkpoints,
         plugins=[AtomicCheckpointIO(), *fp16],
         default_root_dir=run_dir,

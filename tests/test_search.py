@@ -40,7 +40,7 @@ NOISY_DOMAIN = ["data.num_tasks=2", "data.sizes=null", "data.label_noise=[0,1.0]
 NOISY_DOMAIN += ["data.num_classes=2", "data.latent_dim=8"]
 
 
-def test_pbt_moves_toward_the_known_optimum_and_exploiters_continue_the_donor(local_ray, tmp_path):
+def test_pbt_moves_toward_the_known_optimum_and_exploiters_continue_the_donor(local_ray, tmp_path, capfd):
     over = [*NOISY_DOMAIN, "trainer.max_epochs=6", f"out_dir={tmp_path}", "logger=csv"]
     # a start symmetric about p0 = 0.5; half a CPU per trial so the 4 trials run (and are compared) side by side
     start = ["search.initial=[[0.1,0.9],[0.3,0.7],[0.7,0.3],[0.9,0.1]]", "search.cpus_per_trial=0.5"]
@@ -54,6 +54,10 @@ def test_pbt_moves_toward_the_known_optimum_and_exploiters_continue_the_donor(lo
     rows = list(csv.reader(open(path / "best_schedule.csv")))
     assert rows[0] == ["epoch", "domain0", "domain1"] and len(rows) == 1 + 6  # one row per epoch, across exploits
     assert list(path.glob("pbt_policy_*.txt"))  # exploits happened
+    console = capfd.readouterr()
+    # each said in one line (issue 35: Ray's multi-line [Exploit]/[Explore] blocks), never at the last epoch
+    assert re.search(r"^PBT exploit at epoch [1-5]: \w+ continues from \w+$", console.out, re.M), console.out[-3000:]
+    assert "[Exploit] Cloning" not in console.out + console.err
     changed = restored = 0
     steps_per_epoch = math.ceil(2 * 2100 / 128)  # 70% of 3000 samples per domain, batches of 128
     for progress in path.glob("trial_*/progress.csv"):  # Tune's result.json can lose rows across PBT restarts

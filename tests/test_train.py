@@ -326,3 +326,29 @@ def test_loss_level_method_learns_and_resumes_exactly(name, make_cfg, tmp_path):
     assert any(k.startswith("weighting.") for k in a) == (name in ("uncertainty", "imtl_l", "dwa"))  # state saved
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+class SaveAtValidationEnd(Callback):
+    """Saves the run as a search trial's report does: at the first epoch's validation end, before its epoch ends."""
+
+    def __init__(self, dest: Path):
+        self.dest = dest
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.state.fn == "fit" and not self.dest.exists():
+            trainer.save_checkpoint(self.dest, weights_only=False)
+
+
+def test_every_epoch_line_carries_its_metrics_also_after_a_restore_at_validation_end(make_cfg, tmp_path, capsys):
+    """Issue 35: a PBT trial restored from its epoch-end report printed `epoch 1/3, step 33:  (0.2 s)` (no metric)."""
+    over = ["data.train_size=256", "data.val_size=64", "data.test_size=64", "data.batch_size=64", "test=false"]
+    snap = tmp_path / "report.ckpt"
+    run(
+        make_cfg("digits_mtl", *over, "trainer.max_epochs=2", out_dir=tmp_path / "a"),
+        callbacks=[SaveAtValidationEnd(snap)],
+    )
+    capsys.readouterr()
+    run(make_cfg("digits_mtl", *over, "trainer.max_epochs=3", f"resume={snap}", out_dir=tmp_path / "b"))
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch ")]
+    assert [x.split(",")[0] for x in lines] == ["epoch 2/3", "epoch 3/3"], lines  # epoch 1 was trained before
+    assert all("train/loss" in x and "val/acc_mean" in x for x in lines), lines

@@ -37,6 +37,17 @@ def quiet_tune() -> None:
         controller_log.addFilter(_DoubleDeleteFilter())
 
 
+def quiet_worker() -> None:
+    """Run by every Ray worker as it starts: Ray's line per saved checkpoint ("Checkpoint successfully created") and
+    per restore ("Restored on ... from checkpoint") stay out of the search's console; warnings still show."""
+    for name in (
+        "ray.train._internal.storage",
+        "ray.tune.trainable.trainable",
+        "ray.tune.trainable.function_trainable",
+    ):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def init_ray(num_cpus: int | None, quiet: bool = False, plugins=()) -> bool:
     """Local Ray with `num_cpus` (None: all), or the cluster at RAY_ADDRESS; nothing if Ray is already up. `quiet`:
     Ray's and Tune's own console lines (start-up, the experiment's table, where results went) only on errors.
@@ -53,8 +64,9 @@ def init_ray(num_cpus: int | None, quiet: bool = False, plugins=()) -> bool:
         return False
     args = {"logging_level": logging.ERROR, "log_to_driver": False} if quiet else {}
     files = [p for p in plugins if is_file(p)]
+    args["runtime_env"] = {"worker_process_setup_hook": "mtl_lightning.search.ray_session.quiet_worker"}
     if files:
-        args["runtime_env"] = {"py_modules": files}
+        args["runtime_env"]["py_modules"] = files
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**args)  # an existing cluster
     else:

@@ -9,6 +9,8 @@ own), and never at the last epoch, after which nothing is left to train.
 
 from __future__ import annotations
 
+import logging
+
 from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 from ray.tune.schedulers.pb2 import PB2 as _RayPB2
 
@@ -22,6 +24,13 @@ class _NoFinalExploit:
         if result.get(self._time_attr, 0) >= self.last_epoch:  # the trial's last report: nothing follows to train
             return TrialScheduler.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)
+
+    def _exploit(self, tune_controller, trial, trial_to_clone) -> None:
+        # one line per exploit, instead of Ray's multi-line [Exploit] and [Explore] blocks (its logger is quietened)
+        logging.getLogger("ray.tune.schedulers.pbt").setLevel(logging.WARNING)
+        epoch = self._trial_state[trial_to_clone].last_train_time
+        print(f"PBT exploit at epoch {epoch}: {trial.trial_id} continues from {trial_to_clone.trial_id}", flush=True)
+        super()._exploit(tune_controller, trial, trial_to_clone)
 
 
 class PBT(_NoFinalExploit, PopulationBasedTraining):
