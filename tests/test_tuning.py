@@ -244,3 +244,29 @@ def test_a_space_in_the_studys_tune_tunes_every_row_and_a_row_adds_its_methods_k
     assert "search.trials=3" in tune_keys(rows["cagrad"]) and "search.space.weighting.c=uniform(0.1, 0.9)" in tune_keys(
         rows["cagrad"]
     )
+
+
+def test_pbt_perturbs_every_trial_at_the_same_epoch_and_never_at_the_last():
+    """Issue 35: a trial took its donor's final (epoch-3) checkpoint at its own epoch 2, then trained nothing and
+    reported a copy of the donor's row."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from mtl_lightning.search.schedulers import PB2, PBT
+
+    for kind, extra in (
+        (PBT, {"hyperparam_mutations": {"w0": [0.1, 0.2]}}),
+        (PB2, {"hyperparam_bounds": {"w0": [0, 1]}}),
+    ):
+        sched = kind(
+            last_epoch=3, time_attr="training_iteration", perturbation_interval=1, metric="score", mode="max", **extra
+        )
+        assert sched._synch  # exploits wait for every trial to reach the epoch: no donor is ahead of its receiver
+
+        class Controller:  # what a perturbation would ask first
+            def get_trials(self):
+                raise AssertionError("perturbed at the last epoch")
+
+            get_live_trials = get_trials
+
+        result = {"training_iteration": 3, "score": 1.0}
+        assert sched.on_trial_result(Controller(), object(), result) == TrialScheduler.CONTINUE, kind
