@@ -363,7 +363,8 @@ class MixtureDataModule(L.LightningDataModule):
     `check()` to fail early, before a run folder exists, when files are missing (one paragraph: where to get them,
     where to put them). Set `kind` ("mtl": every sample labelled for every task; "mdl": one domain and head per
     sample), `in_chans` and `img_size`. A split is `LabelledTensors(images (N, C, H, W) any dtype (uint8 is scaled to
-    [-1, 1] on the device), labels (N, K) long with -1 = none, domains (N,))`, or any Dataset with those attributes.
+    [-1, 1] on the device), labels (N, K): class ids with -1 = none, or floats with NaN = none where a task is a
+    number (see LabelledTensors), domains (N,))`, or any Dataset with those attributes.
 
     What the framework provides: `data.tasks` subsets, `train_fraction`/`val_count` hold-outs when there is no
     official validation split, sampled mixtures (`data.mixing=sample`), semi-supervised splits and augmentations,
