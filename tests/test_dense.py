@@ -519,3 +519,12 @@ def test_reports_at_the_best_epoch_and_as_the_mean_of_the_last_epochs(make_cfg, 
     assert "test/delta_m" not in last  # no base results given
     with pytest.raises(MTLError, match="evaluation.report=last_mean .* validates here on a held-out part of train"):
         run(make_cfg("cityscapes_mtan", *city, "data.train_fraction=0.5"))
+
+
+def test_cityscapes_without_the_chosen_label_folder_names_only_it(tmp_path):
+    """Issue 35: data.classes=19 without label_19/ listed every folder as "not there"."""
+    write_cityscapes(tmp_path, train=1, val=1)
+    for split in ("train", "val"):  # a copy with the 7-class labels only
+        shutil.rmtree(tmp_path / "cityscapes" / split / "label_19")
+    with pytest.raises(MTLError, match=r"and of them train/label_19/, val/label_19/ are not there"):
+        cityscapes(tmp_path, "data.classes=19")
