@@ -42,7 +42,7 @@ def run(cfg: DictConfig, callbacks=(), show_config: bool = False) -> dict:
     return metrics
 
 
-def listing(plugins: list[str]) -> str:
+def listing(plugins) -> str:
     """The experiments, then every name a config can choose, a plugin's marked with where it comes from."""
     import timm
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "--list" in argv or "exp=list" in argv:
             plugins = OmegaConf.from_dotlist([a for a in argv if a.startswith("plugins=")]).get("plugins") or []
-            print(listing([plugins] if isinstance(plugins, str) else list(plugins)))  # one without brackets too
+            print(listing(plugins))  # load_plugins takes one path without brackets too
             return 0
         exps = [a.split("=", 1)[1] for a in argv if a.startswith("exp=")]
         if len(exps) != 1:

@@ -17,7 +17,7 @@ def check_settings(cfg: DictConfig) -> None:
         value = cfg.trainer[key]
         if value < -1 or (key == "max_epochs" and value == 0):
             raise MTLError(f"trainer.{key}={value} must be a positive number, or -1 for no limit.")
-    if cfg.trainer.limit_train_batches in (0, 0.0) and cfg.trainer.limit_train_batches is not None:
+    if cfg.trainer.limit_train_batches == 0:  # (None: Lightning's default, every batch)
         raise MTLError(
             f"trainer.limit_train_batches={cfg.trainer.limit_train_batches} gives every epoch 0 training steps: the "
             "run would train nothing. Use a positive number of batches (or a fraction), or evaluate a trained run "

@@ -211,11 +211,11 @@ def compose(exp: str, overrides: Sequence[str] = (), config_dir: Path = CONFIG_D
     delta = OmegaConf.load(path) or OmegaConf.create({})
     cli = _parse_overrides(overrides)
     # plugins first: what they register is then selectable and typed like a built-in (a resumed run's, too)
-    given = load_plugins([*_as_list(delta.get("plugins")), *_as_list(cli.get("plugins"))])
-    plugins = list(dict.fromkeys([*given, *_recorded_plugins(exp, cli, delta)]))
-    for src in (cli, delta):  # set below in any case; a single path must not fail the typed merge
+    for src in (cli, delta):  # `plugins=a.py`, one path without brackets, is a list of one (and types as one)
         if isinstance(src.get("plugins"), str):
             src.plugins = [src.plugins]
+    given = load_plugins([*(delta.get("plugins") or []), *(cli.get("plugins") or [])])
+    plugins = list(dict.fromkeys([*given, *_recorded_plugins(exp, cli, delta)]))
 
     def chosen(section: str, default: str) -> str:
         for src in (cli, delta):
@@ -243,11 +243,6 @@ def compose(exp: str, overrides: Sequence[str] = (), config_dir: Path = CONFIG_D
     cfg = _merge(cfg, cli, "the command line")
     cfg.exp, cfg.plugins = exp, plugins
     return cfg
-
-
-def _as_list(plugins) -> list:
-    """`plugins=a.py` (one, without brackets) as `plugins=[a.py]`: a string would be read letter by letter."""
-    return [plugins] if isinstance(plugins, str) else list(plugins or [])
 
 
 def _recorded_plugins(exp: str, cli: DictConfig, delta: DictConfig) -> list[str]:

@@ -66,7 +66,6 @@ def build(cfg: DictConfig) -> Built:
         dm.probs = weighting.mixture_probs()
     dm.check()
     check_one_device(cfg, dm, forks)
-    dm.check_epoch(cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1)  # an epoch with no step
     weighting.check(str(cfg.trainer.precision), distributed=False)  # again with the world size in setup()
     bases = delta_bases(cfg, dm.tasks)
     monitor = cfg.checkpoint.monitor if cfg.checkpoint.monitor != "auto" else default_monitor(dm.tasks, bool(bases))
@@ -124,6 +123,8 @@ def train(
         run_dir, ckpt = resolve_run(cfg)
     cfg.run_name = run_dir.name  # the directory actually used, in config.yaml and the logged hyperparameters
     b = build(cfg)
+    # an epoch with no step: checked for training only (evaluating a run on another root needs no training split)
+    b.dm.check_epoch(cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1)
     if ckpt and not worker:
         check_resumable(Path(ckpt), b.model, cfg, instead="start a new run without resume")
     if announce is not None:

@@ -87,7 +87,8 @@ class LabelledTensors(Dataset, Split):
         return self._inputs(i), self._labels(i)
 
     def __getitems__(self, idx: list[int]):  # DataLoader's batched fetch: one gather instead of B items + collate
-        return self._inputs(torch.as_tensor(idx)), self._labels(torch.as_tensor(idx))
+        idx = torch.as_tensor(idx)
+        return self._inputs(idx), self._labels(idx)
 
     def take(self, rows: Tensor, labels: Tensor, domains: Tensor) -> LabelledTensors:
         if self.rows is None and not isinstance(self.images, dict):

@@ -137,7 +137,8 @@ class QM9DataModule(GraphDataModule, RootedDataModule):
             )
         lines = (raw / "uncharacterized.txt").read_text(errors="replace").split("\n")
         for n, line in enumerate(lines[9:-2], 10):  # PyG skips the 9 header lines and the 2 last ones
-            if not line.split()[:1] or not line.split()[0].isdigit() or not 1 <= int(line.split()[0]) <= molecules:
+            first = (line.split() or [""])[0]
+            if not first.isdigit() or not 1 <= int(first) <= molecules:
                 raise MTLError(
                     f"{raw / 'uncharacterized.txt'}, line {n}: {line.strip()!r} does not start with a molecule index "
                     f"1..{molecules}. PyG's QM9 reads the lines after a 9-line header (and before 2 closing lines) as "

@@ -92,7 +92,7 @@ def load_study(name: str, overrides: list[str]) -> tuple[StudyConfig, list[str]]
     mine, rest = split_overrides(overrides, "study")
     schema = OmegaConf.structured(StudyConfig)
     try:
-        OmegaConf.load(path)
+        given = OmegaConf.load(path)
     except yaml.YAMLError as e:  # the parser's own words, with the line: a bare `[a=[b]]` is the usual cause
         mark = getattr(e, "problem_mark", None)
         line = f", line {mark.line + 1}" if mark else ""
@@ -102,7 +102,7 @@ def load_study(name: str, overrides: list[str]) -> tuple[StudyConfig, list[str]]
             "overrides: ['plugins=[a.py,b.py]', trainer.max_epochs=2]."
         ) from None
     try:
-        merged = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(mine))
+        merged = OmegaConf.merge(schema, given, OmegaConf.from_dotlist(mine))
         cfg = StudyConfig(**OmegaConf.to_container(merged, resolve=True))
     except Exception as e:
         msg = str(e).splitlines()[0]

@@ -90,20 +90,24 @@ class Weighting(nn.Module):
 def check_output(weighting: Weighting, w, losses: Tensor) -> None:
     """What `weights()` returned is one finite weight per task: a wrong shape would fail deep in the step, a NaN
     weight would make the next step's losses NaN and be blamed on the tasks' data. Named, with where it comes from."""
-    from ..registry import where
-
-    what = f"weighting={weighting.cfg.name} ({type(weighting).__name__}, {where(type(weighting))})"
     if not isinstance(w, Tensor) or w.shape != losses.shape:
         got = f"shape {tuple(w.shape)}" if isinstance(w, Tensor) else type(w).__name__
         raise MTLError(
-            f"{what}: weights() returned {got} for {len(losses)} tasks {weighting.tasks}; it must return a tensor "
-            f"of shape ({len(losses)},), one weight per task in that order."
+            f"{_named(weighting)}: weights() returned {got} for {len(losses)} tasks {weighting.tasks}; it must return "
+            f"a tensor of shape ({len(losses)},), one weight per task in that order."
         )
     if not torch.isfinite(w).all():  # one host sync, beside the one that checks the losses
         raise MTLError(
-            f"{what}: weights() returned non-finite weights {[round(v, 4) for v in w.tolist()]} for the finite task "
-            f"losses {[round(v, 4) for v in losses.tolist()]}; training stopped. Look at that method's weights."
+            f"{_named(weighting)}: weights() returned non-finite weights {[round(v, 4) for v in w.tolist()]} for the "
+            f"finite task losses {[round(v, 4) for v in losses.tolist()]}; training stopped. Look at that method's "
+            "weights."
         )
+
+
+def _named(weighting: Weighting) -> str:
+    from ..registry import where
+
+    return f"weighting={weighting.cfg.name} ({type(weighting).__name__}, {where(type(weighting))})"
 
 
 def check_weights(weights: Sequence[float] | None, tasks: Sequence[str], key: str) -> Tensor:
