@@ -34,13 +34,38 @@ def _ray_up() -> bool:
     return ray is not None and ray.is_initialized()
 
 
+@pytest.fixture(scope="session")
+def _ray_until_the_end():
+    yield
+    if _ray_up():
+        sys.modules["ray"].shutdown()
+
+
+@pytest.fixture
+def shared_ray(_ray_until_the_end):
+    """One local Ray (2 CPUs, as a search starts it) for the "ray" group's in-process searches and studies: a start
+    and shutdown cost ~5 s. The first test that asks starts it; it stays up for the next ones (a search uses a Ray
+    that is up, and leaves it) and goes when the worker's session ends. A test that needs none up takes `no_ray`."""
+    from mtl_lightning.search.ray_session import init_ray
+
+    init_ray(2)  # nothing if it is up
+
+
+@pytest.fixture
+def no_ray():
+    """No Ray up when the test starts (it checks what a search starts and stops, or a Ray of its own making)."""
+    if _ray_up():
+        sys.modules["ray"].shutdown()
+
+
 @pytest.fixture(autouse=True)
 def no_ray_left_behind(request):
     """Fail the test that leaves a Ray session behind, where it happens: a leaked local cluster would make a later
-    test's ray.init fail, or share the cores with the "ray" group, depending on which worker runs what."""
+    test's ray.init fail, or share the cores with the "ray" group, depending on which worker runs what. The shared
+    one (`shared_ray`) is meant to stay."""
     before = _ray_up()
     yield
-    if not before and _ray_up():
+    if not before and _ray_up() and "shared_ray" not in request.fixturenames:
         import ray
 
         ray.shutdown()  # so the next test starts clean

@@ -222,7 +222,7 @@ def probe_plugin(folder: Path) -> tuple[Path, str]:
 
 
 @RAY
-def test_ray_workers_import_the_plugins_even_where_the_file_is_not_on_disk(folder, tmp_path, monkeypatch):
+def test_ray_workers_import_the_plugins_even_where_the_file_is_not_on_disk(no_ray, folder, tmp_path, monkeypatch):
     import ray
 
     from mtl_lightning.search import compose_search, run_search
@@ -249,7 +249,7 @@ def test_ray_workers_import_the_plugins_even_where_the_file_is_not_on_disk(folde
 
 
 @RAY
-def test_study_cells_train_the_plugin_methods_in_ray_workers(tmp_path):
+def test_study_cells_train_the_plugin_methods_in_ray_workers(no_ray, tmp_path):
     from mtl_lightning.search.study import load_study, run_study
 
     study = tmp_path / "plugins.yaml"

@@ -25,12 +25,10 @@ pytestmark = pytest.mark.xdist_group("ray")  # every Ray test on one xdist worke
 
 
 @pytest.fixture
-def local_ray():
-    """A caller's own Ray (as a notebook's): the search uses it and leaves it up; the fixture shuts it down."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+def local_ray(shared_ray):
+    """A caller's own Ray (as a notebook's, here the tests' shared one): the search uses it and leaves it up."""
     yield
     assert ray.is_initialized()
-    ray.shutdown()
 
 
 # domain1's training labels are noise: every sample drawn from it is wasted, so the best sampling weights put
@@ -233,7 +231,7 @@ def test_bad_search_config(argv, message, tmp_path, capsys):
     assert message in err and "Traceback" not in err
 
 
-def test_ray_session_shuts_down_what_it_started_and_leaves_the_callers_ray():
+def test_ray_session_shuts_down_what_it_started_and_leaves_the_callers_ray(no_ray):
     from mtl_lightning.search.ray_session import ray_session
 
     assert not ray.is_initialized()
@@ -251,7 +249,7 @@ def test_ray_session_shuts_down_what_it_started_and_leaves_the_callers_ray():
         ray.shutdown()
 
 
-def test_a_search_starts_its_own_ray_beside_another_process_ray():
+def test_a_search_starts_its_own_ray_beside_another_process_ray(no_ray):
     """Two studies on one machine: a plain ray.init() would join the other's Ray (named in /tmp/ray) and then refuse
     num_cpus; ours starts its own."""
     from mtl_lightning.search.ray_session import ray_session
@@ -269,7 +267,7 @@ def test_a_search_starts_its_own_ray_beside_another_process_ray():
         other.wait()
 
 
-def test_pb2_ranks_by_a_lower_is_better_dense_metric(tmp_path, capsys):
+def test_pb2_ranks_by_a_lower_is_better_dense_metric(no_ray, tmp_path, capsys):
     over = ["data.train_size=64", "data.val_size=32", "data.batch_size=16", "data.img_size=16", "model.depth=1"]
     over += ["model.width=32", "trainer.max_epochs=2", f"out_dir={tmp_path}", "logger=csv"]
     argv = ["exp=shapes_dense", "search=pb2", "search.population=2", "search.metric=val/depth/abs_err", *over]

@@ -51,7 +51,7 @@ def _stop_cluster(port: int) -> None:
             path.unlink(missing_ok=True)
 
 
-def test_search_runs_on_a_ray_cluster(tmp_path):
+def test_search_runs_on_a_ray_cluster(no_ray, tmp_path):
     ray_cli = str(Path(sys.executable).parent / "ray")
     port = _free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled")  # a throwaway local cluster: no token to distribute

@@ -242,7 +242,7 @@ def test_baselines_are_trained_only_for_the_reported_tasks():
 
 
 @RAY
-def test_the_embedded_semi_supervised_study_runs_at_a_tiny_budget(tmp_path):
+def test_the_embedded_semi_supervised_study_runs_at_a_tiny_budget(shared_ray, tmp_path):
     row = "[{name: forkmerge, target: [clean], aux_weight: 10, label: forkmerge-10}]"  # ForkMerge with a view task
     over = [f"study.out_dir={tmp_path / 'st'}", "study.axes.seed=[0]", f"study.axes.weighting={row}", "logger=csv"]
     over += ["data.train_size=300", "data.val_size=100", "data.test_size=100", "trainer.max_epochs=1"]

@@ -128,7 +128,7 @@ def test_pbt_mutates_the_space_and_pb2_bounds_it():
 
 
 @RAY
-def test_asha_stops_the_bad_trials_early_and_keeps_the_best(tmp_path):
+def test_asha_stops_the_bad_trials_early_and_keeps_the_best(shared_ray, tmp_path):
     # the learning rate is the known best option here: over 4 orders of magnitude in 3 epochs, larger learns more
     over = ["data.num_tasks=2", "data.train_size=1200", "trainer.max_epochs=3", f"out_dir={tmp_path}", "logger=csv"]
     space = ["search.space.optim.lr=loguniform(1e-6,3e-3)", "search.trials=6", "search.grace_period=1"]
@@ -161,7 +161,7 @@ num_cpus: 2
 
 
 @RAY
-def test_a_tuned_row_is_retrained_with_exactly_the_options_found(tmp_path):
+def test_a_tuned_row_is_retrained_with_exactly_the_options_found(shared_ray, tmp_path):
     from omegaconf import OmegaConf
 
     from mtl_lightning.search.study import load_study, run_study
