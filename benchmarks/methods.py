@@ -29,10 +29,11 @@ from mtl_lightning.errors import MTLError
 from mtl_lightning.train import train
 from mtl_lightning.weighting import WEIGHTINGS
 
-LOSS_LEVEL = ["uniform", "uncertainty", "imtl_l", "dwa", "rlw", "gls", "famo", "post_train"]
-GRADIENT = ["gradnorm", "pcgrad", "cagrad", "graddrop", "mgda", "imtl_g", "nash_mtl", "upgrad"]
-GRADIENT += ["dualproj", "aligned_mtl", "fairgrad", "config", "gradvac", "sdmgrad", "excess_mtl"]
-GRADIENT += ["gcs", "ol_aux", "arml"]
+# every registered method (a new one is timed without editing this file), uniform first (the reference); not fixed
+# (uniform with other numbers), ForkMerge (benchmarks/forkmerge.py) or mgda_ub (mgda in rep mode, which is timed)
+_GRAD = {n for n, c in WEIGHTINGS.items() if getattr(c, "gradient_based", False)}
+LOSS_LEVEL = ["uniform", *(n for n in WEIGHTINGS.names() if n not in _GRAD | {"uniform", "fixed", "forkmerge"})]
+GRADIENT = [n for n in WEIGHTINGS.names() if n in _GRAD - {"mgda_ub"}]
 
 
 def _status(key: str) -> int:

@@ -298,7 +298,7 @@ def method_cases():
         extra = {"forkmerge": ["weighting.target=[semantic]"], "post_train": ["weighting.joint_epochs=1"]}.get(name, [])
         extra += ["weighting.target=semantic"] if cls.auxiliary else []
         if issubclass(cls, GradientWeighting):
-            modes = ("param",) if name == "excess_mtl" else ("param", "rep")  # Excess-MTL needs fixed coordinates
+            modes = ("param",) if cls.param_only else ("param", "rep")  # per-coordinate state: fixed coordinates
             yield from ((name, [*extra, f"weighting.mode={mode}"]) for mode in modes)
         else:
             yield name, extra

@@ -105,7 +105,7 @@ def weighting_cases():
         extra = {"forkmerge": ["weighting.target=[bonds]"], "post_train": ["weighting.joint_epochs=1"]}.get(name, [])
         extra += ["weighting.target=bonds"] if cls.auxiliary else []
         extra += ["weighting.weights=[1,1,1,1]"] if name == "fixed" else []
-        extra += ["weighting.mode=rep"] if issubclass(cls, GradientWeighting) and name != "excess_mtl" else []
+        extra += ["weighting.mode=rep"] if issubclass(cls, GradientWeighting) and not cls.param_only else []
         yield name, extra
 
 

@@ -78,17 +78,17 @@ def test_fixed_rejects_bad_weights(weights, expected):
 
 
 def test_unknown_weighting_lists_choices():
-    with pytest.raises(
-        MTLError, match="Did you mean 'pcgrad'.*Valid choices: aligned_mtl, arml, cagrad, config, dualproj, dwa, exc"
-    ):
+    valid = ", ".join(sorted(WEIGHTINGS.names()))
+    with pytest.raises(MTLError, match=f"Did you mean 'pcgrad'.*Valid choices: {valid}\\."):
         create_weighting(TASKS, type("C", (), {"name": "pcgradd"})())
 
 
 def test_registry_holds_every_method_of_the_papers():
-    loss_level = {"uniform", "fixed", "uncertainty", "imtl_l", "dwa", "rlw", "gls", "famo", "post_train"}
+    loss_level = {"uniform", "fixed", "uncertainty", "imtl_l", "dwa", "rlw", "gls", "famo", "post_train", "stch"}
     gradient = {"pcgrad", "cagrad", "graddrop", "mgda", "mgda_ub", "imtl_g", "nash_mtl", "upgrad", "gradnorm"}
     gradient |= {"aligned_mtl", "config", "dualproj", "fairgrad", "gradvac", "sdmgrad", "excess_mtl"}  # torchjd's
     gradient |= {"gcs", "ol_aux", "arml"}  # the auxiliary-task baselines of ForkMerge's tables (and post_train)
+    gradient |= {"db_mtl", "moco", "cr_mogm"}  # the 2023-24 baselines (and stch)
     builtin = {n for n, cls in WEIGHTINGS.items() if cls.__module__.startswith("mtl_lightning.")}  # not plugins'
     assert set(LOSS_LEVEL) == loss_level and builtin == loss_level | gradient | {"forkmerge"}
 
@@ -154,6 +154,41 @@ def test_dwa_weights_from_epoch_loss_ratios():
     fresh = make("dwa", tasks=["a", "b"])
     fresh.load_state_dict(state)
     assert torch.allclose(fresh(torch.tensor([1.0, 1.0]))[1], w(torch.tensor([1.0, 1.0]))[1])
+
+
+def test_stch_warms_up_on_log_losses_then_smooths_the_maximum_from_the_nadir_point():
+    def after_warm_up(mu):
+        w = make("stch", tasks=["a", "b", "c"], mu=mu, warmup_epochs=1)
+        w.train()
+        for epoch, batches in enumerate(([[1.0, 1.0, 1.0]], [[2.0, 4.0, 1.0], [4.0, 2.0, 3.0]])):
+            w.on_train_epoch_start(epoch)
+            for losses in batches:
+                x = torch.tensor(losses, requires_grad=True)
+                loss, weights = w(x)
+                loss.backward()
+                assert torch.allclose(loss, x.log().sum()) and torch.allclose(weights, 1 / x.detach())  # log losses
+        w.on_train_epoch_start(2)
+        return w
+
+    w = after_warm_up(1.0)
+    losses = torch.tensor([6.0, 3.0, 1.0], requires_grad=True)
+    loss, weights = w(losses)
+    assert torch.allclose(w.nadir, torch.tensor([3.0, 3.0, 2.0]))  # the mean loss of the last warm-up epoch
+    logs = (losses / w.nadir).log()  # the reference's objective: K mu log sum exp(log(L / n) / mu)
+    assert torch.allclose(loss, 3 * torch.logsumexp(logs, 0))
+    loss.backward()
+    assert torch.allclose(weights, losses.grad)  # the logged weights are the gradient's
+    # mu -> 0: the Tchebycheff scalarisation K max_k log(L_k / n_k), all its gradient on the worst task
+    x = torch.tensor([6.0, 3.0, 1.0])
+    loss, weights = after_warm_up(1e-3)(x)
+    assert torch.allclose(loss, 3 * (x / w.nadir).log().max(), atol=1e-2)
+    assert torch.allclose(weights, torch.tensor([3 / 6.0, 0.0, 0.0]), atol=1e-4)
+    # mu large: the linear scalarisation of the log losses, whose gradient is 1 / L_k
+    assert torch.allclose(after_warm_up(1e4)(x)[1], 1 / x, rtol=1e-3)
+    fresh = make("stch", mu=1.0, warmup_epochs=1)  # the nadir point is saved with the checkpoint
+    fresh.load_state_dict(w.state_dict())
+    fresh.on_train_epoch_start(3)
+    assert torch.equal(fresh(x)[0], w(x)[0])
 
 
 def test_rlw_is_reproducible_from_the_seed():

@@ -21,6 +21,8 @@ class ARML(GradientWeighting):
     so the checkpoint keeps them.
     """
 
+    stateful = True
+
     auxiliary = True  # one target task; the others serve it
 
     @dataclass

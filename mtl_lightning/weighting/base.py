@@ -42,6 +42,7 @@ class Weighting(nn.Module):
     name: ClassVar[str]
     stochastic: ClassVar[bool] = False  # draws random weights each step (RLW)
     auxiliary: ClassVar[bool] = False  # serves one `target` task with the others (GCS, OL-AUX, ARML, Post-train)
+    stateful: ClassVar[bool] = False  # carries state from step to step (learned weights, moving averages): checkpointed
 
     @dataclass
     class Config:

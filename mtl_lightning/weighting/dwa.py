@@ -19,6 +19,8 @@ class DWA(Weighting):
     The loss history lives in buffers and is saved with the checkpoint.
     """
 
+    stateful = True
+
     @dataclass
     class Config(Weighting.Config):
         name: str = "dwa"

@@ -21,6 +21,7 @@ class ExcessMTL(TorchJDStateful):
     """
 
     gramian_only = False
+    param_only = True
 
     @dataclass
     class Config(TorchJDStateful.Config):
@@ -33,11 +34,6 @@ class ExcessMTL(TorchJDStateful):
 
     def __init__(self, tasks, cfg: Config):
         super().__init__(tasks, cfg)
-        if self.mode != "param":
-            raise MTLError(
-                "weighting=excess_mtl accumulates squared gradients per coordinate across steps, which needs the "
-                "same coordinates every step: use weighting.mode=param."
-            )
         if cfg.robust_step_size <= 0 or cfg.warmup_steps < 1:
             raise MTLError(
                 f"weighting.robust_step_size={cfg.robust_step_size} must be > 0 and "

@@ -20,6 +20,8 @@ class FAMO(Weighting):
     weight of tasks whose loss fell least. xi and its Adam moments are buffers, saved with the checkpoint.
     """
 
+    stateful = True
+
     needs_post_step_losses = True
 
     @dataclass

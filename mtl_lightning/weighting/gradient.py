@@ -65,6 +65,9 @@ class GradientWeighting(Weighting):
 
     gradient_based: ClassVar[bool] = True
     gramian_only: ClassVar[bool] = True  # the weights depend on J only through G = J J^T (exact under DDP)
+    # keeps per-coordinate state of J across steps (moving averages of the task gradients): the same coordinates every
+    # step, which `mode=rep` (the batch's samples' features) does not have
+    param_only: ClassVar[bool] = False
 
     @dataclass
     class Config(Weighting.Config):
@@ -74,6 +77,11 @@ class GradientWeighting(Weighting):
         super().__init__(tasks, cfg)
         if cfg.mode not in ("rep", "param"):
             raise MTLError(f"Unknown weighting.mode={cfg.mode!r} for weighting={self.name}. Valid choices: rep, param.")
+        if self.param_only and cfg.mode != "param":
+            raise MTLError(
+                f"weighting={self.name} keeps state per coordinate of the task gradients across steps, which needs the "
+                "same coordinates every step (the shared parameters): use weighting.mode=param."
+            )
         self.mode = cfg.mode
 
     def check(self, precision: str, distributed: bool) -> None:

@@ -22,6 +22,8 @@ class GradNorm(GradientWeighting):
     tasks (the paper uses the last shared layer). The weights and first losses live in the checkpoint.
     """
 
+    stateful = True
+
     @dataclass
     class Config(GradientWeighting.Config):
         name: str = "gradnorm"

@@ -16,6 +16,8 @@ class IMTLL(Weighting):
     towards 1 (at the optimum exp(s_k) = 1 / L_k), so no task dominates by the scale of its loss.
     """
 
+    stateful = True
+
     def __init__(self, tasks, cfg):
         super().__init__(tasks, cfg)
         self.s = nn.Parameter(torch.zeros(len(self.tasks)))

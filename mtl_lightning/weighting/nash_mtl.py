@@ -17,6 +17,8 @@ class NashMTL(GradientWeighting):
     so it is given a K x K square root of the Gramian, which also makes it exact under DDP.
     """
 
+    stateful = True
+
     @dataclass
     class Config(GradientWeighting.Config):
         name: str = "nash_mtl"

@@ -24,6 +24,8 @@ class OLAux(GradientWeighting):
     digits_mtl, and the target learns less; smaller beta keeps the target in charge longer.
     """
 
+    stateful = True
+
     auxiliary = True  # one target task; the others serve it
 
     @dataclass

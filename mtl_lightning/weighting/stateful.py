@@ -10,6 +10,8 @@ class TorchJDStateful(GradientWeighting):
     """A gradient method whose torchjd weighting carries state between steps; it is saved in the checkpoint, so
     a resumed run continues from the same state. Subclasses set `self.method` and implement `combine`."""
 
+    stateful = True
+
     def __init__(self, tasks, cfg):
         super().__init__(tasks, cfg)
         self._pending: dict | None = None  # a loaded state, applied at the next step (on J's device)

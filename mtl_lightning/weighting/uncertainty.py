@@ -16,6 +16,8 @@ class Uncertainty(Weighting):
     the optimiser trains them and the checkpoint keeps them.
     """
 
+    stateful = True
+
     def __init__(self, tasks, cfg):
         super().__init__(tasks, cfg)
         self.log_var = nn.Parameter(torch.zeros(len(self.tasks)))
