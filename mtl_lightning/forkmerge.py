@@ -34,6 +34,7 @@ from .config import with_weighting, write_atomic
 from .console import say
 from .errors import MTLError
 from .tasks import delta_m
+from .validation import validation_loader
 
 
 def target_score(results: dict[str, float], tasks, criterion: str, base: dict[str, float] | None) -> float:
@@ -231,7 +232,7 @@ class ForkMerge(Callback):
         """Branch b's current weights scored on validation (the module is left pointing at them)."""
         for p, t in zip(self._params(module), self.branches[b]):
             p.data = t.to(p.device)
-        loader = module.trainer.datamodule.val_dataloader()
+        loader = validation_loader(module.trainer)
         return merge_score(module, loader, self.weighting.targets, self.cfg.val_batches, self.criterion)
 
     def track(self, module) -> None:
@@ -245,7 +246,7 @@ class ForkMerge(Callback):
 
     def merge(self, module) -> None:
         params = self._params(module)
-        loader = module.trainer.datamodule.val_dataloader()
+        loader = validation_loader(module.trainer)
         targets = self.weighting.targets
         cache: dict[tuple, float] = {}
         for b in range(self.B):  # each branch's own score; with best_of_round, its best weights of the round

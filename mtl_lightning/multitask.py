@@ -122,6 +122,8 @@ class MultiTaskModule(TaskModel):
         if self.fork is not None:
             return self.fork.step(self, batch)
         x, y = batch
+        if hasattr(self.weighting, "meta_step"):  # a bilevel weighting (Auto-Lambda) first updates its weights
+            self.weighting.meta_step(self, batch)
         losses, counts, z = self.batch_losses(x, y)
         self._check_finite(losses)
         if self.mixing == "sample":  # weights were spent on sampling: the loss is the plain mean over samples

@@ -85,6 +85,7 @@ def test_unknown_weighting_lists_choices():
 
 def test_registry_holds_every_method_of_the_papers():
     loss_level = {"uniform", "fixed", "uncertainty", "imtl_l", "dwa", "rlw", "gls", "famo", "post_train", "stch"}
+    loss_level |= {"auto_lambda"}  # bilevel
     gradient = {"pcgrad", "cagrad", "graddrop", "mgda", "mgda_ub", "imtl_g", "nash_mtl", "upgrad", "gradnorm"}
     gradient |= {"aligned_mtl", "config", "dualproj", "fairgrad", "gradvac", "sdmgrad", "excess_mtl"}  # torchjd's
     gradient |= {"gcs", "ol_aux", "arml"}  # the auxiliary-task baselines of ForkMerge's tables (and post_train)
@@ -189,6 +190,88 @@ def test_stch_warms_up_on_log_losses_then_smooths_the_maximum_from_the_nadir_poi
     fresh.load_state_dict(w.state_dict())
     fresh.on_train_epoch_start(3)
     assert torch.equal(fresh(x)[0], w(x)[0])
+
+
+class TinyTwoTask(torch.nn.Module):
+    """A shared linear layer and two linear heads, squared errors: the part of a module Auto-Lambda's meta-step uses."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared, self.heads = torch.nn.Linear(3, 4), torch.nn.ModuleList(torch.nn.Linear(4, 1) for _ in range(2))
+        self.global_step, self.device = 0, torch.device("cpu")
+
+    def batch_losses(self, x, y):
+        z = torch.tanh(self.shared(x))
+        return torch.stack([((h(z).squeeze(1) - y[:, k]) ** 2).mean() for k, h in enumerate(self.heads)]), None, z
+
+    def transfer_batch_to_device(self, batch, device, idx):
+        return batch
+
+
+def test_auto_lambda_meta_gradient_is_the_unrolled_steps_hypergradient():
+    g = torch.Generator().manual_seed(1)
+    train, val = [(torch.randn(16, 3, generator=g), torch.randn(16, 2, generator=g)) for _ in range(2)]
+    model = TinyTwoTask()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.01)
+    model.trainer = type("T", (), {"optimizers": [opt]})()
+    w = make("auto_lambda", tasks=["a", "b"], target=["a"], weight_init=0.5)
+    w.batches = type("B", (), {"next": lambda self, drawn: val})()
+    before = [p.detach().clone() for p in model.parameters()]
+    w.meta_step(model, train)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # theta restored
+    # exact: d/dw_k La(theta - lr (grad sum_j w_j L_j + wd theta)) = -lr grad L_k(theta) . grad La(theta')
+    params = list(model.parameters())
+    train_losses = model.batch_losses(*train)[0]
+    step = torch.autograd.grad((0.5 * train_losses).sum(), params, create_graph=False)
+    moved = [p - 0.1 * (s + 0.01 * p) for p, s in zip(params, step)]
+    with torch.no_grad():
+        for p, m in zip(params, moved):
+            p.copy_(m)
+    d = torch.autograd.grad(model.batch_losses(*val)[0][0], params)  # primary task a only
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            p.copy_(b)
+    exact = torch.stack(
+        [
+            -0.1 * sum((gk * dk).sum() for gk, dk in zip(torch.autograd.grad(L, params, retain_graph=True), d))
+            for L in model.batch_losses(*train)[0]
+        ]
+    )
+    assert torch.allclose(w.exp_avg / 0.1, exact, rtol=1e-3, atol=1e-7)  # Adam's first moment: 0.1 x the gradient
+    assert torch.allclose(w.w, 0.5 - 1e-4 * torch.sign(exact), atol=1e-7)  # Adam's first step: lr x sign
+    assert int(w.drawn) == 1
+
+
+def test_auto_lambda_lowers_the_weight_of_a_harmful_auxiliary(make_cfg):
+    from experiments.run import run
+    from mtl_lightning.checkpoint import load_model
+
+    # forkmerge_negative_transfer's setting: task1's labels are noise; task0 is the primary task
+    over = ["data.num_tasks=2", "data.train_size=1000", "data.label_noise=[0,1.0]", "optim.lr=3e-3", "test=false"]
+    out = run(
+        make_cfg(
+            "synthetic_mtl",
+            *over,
+            "trainer.max_epochs=3",
+            "weighting=auto_lambda",
+            "weighting.target=[task0]",
+            "weighting.lr=1e-3",
+        )
+    )
+    w = load_model(f"{out['run_dir']}/checkpoints/last.ckpt").weighting.w
+    assert w[1] < 0.1 < w[0], w.tolist()  # both started at 0.1
+
+
+def test_auto_lambda_refuses_to_learn_from_the_test_split(make_cfg, tmp_path):
+    from fixtures import write_cifar10
+
+    from experiments.run import run
+
+    write_cifar10(tmp_path / "data")  # CIFAR-10 has no official validation split
+    over = [f"data.root={tmp_path / 'data'}", "data.train_fraction=1", "data.batch_size=8", "trainer.max_steps=1"]
+    with pytest.raises(MTLError, match="learn from the test set.*data.train_fraction below 1"):
+        run(make_cfg("cifar10", *over, "weighting=auto_lambda", "model.pretrained=false"))
 
 
 def test_rlw_is_reproducible_from_the_seed():

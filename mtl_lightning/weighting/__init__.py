@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from . import (  # noqa: F401  (registers the methods)
     aligned_mtl,
     arml,
+    auto_lambda,
     cagrad,
     config_agg,
     cr_mogm,

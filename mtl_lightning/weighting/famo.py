@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._adam import adam_step
 from .base import Weighting
 from .registry import WEIGHTINGS
 
@@ -50,14 +51,7 @@ class FAMO(Weighting):
         delta = self.prev.clamp(min=1e-8).log() - new_losses.detach().to(self.prev).clamp(min=1e-8).log()
         z = torch.softmax(self.logits, 0)
         grad = z * (delta - (z * delta).sum()) + self.cfg.gamma * self.logits  # softmax VJP + weight decay
-        b1, b2 = 0.9, 0.999  # Adam, as the reference's torch.optim.Adam
-        self.t += 1
-        self.exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
-        self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        t = self.t.double()  # bias corrections on the device: no host sync in the step
-        m = self.exp_avg / (1 - torch.pow(b1, t)).to(self.exp_avg)
-        v = self.exp_avg_sq / (1 - torch.pow(b2, t)).to(self.exp_avg_sq)
-        self.logits -= self.cfg.lr * m / (v.sqrt() + 1e-8)
+        adam_step(self.logits, grad, self.exp_avg, self.exp_avg_sq, self.t, self.cfg.lr)  # the reference's Adam
 
     def extra_repr(self) -> str:
         return f"tasks={self.tasks}, lr={self.cfg.lr}, gamma={self.cfg.gamma}"
