@@ -1,8 +1,8 @@
 """Every GPU claim in one unattended run (issue 29): one Markdown table per section, each row a ratio measured side by
 side in this run, with the device, torch and CUDA versions in the header.
 
-Sections (each in its own process with its own time cap; one that fails or runs out of time says "skipped: why" and
-the others still run):
+Sections (each in its own process with its own time cap, at --tiny sizes all in one; one that fails or runs out of
+time says "skipped: why" and the others still run):
 - paths: a short training run of each step mode on the device, against the same run on the CPU (final parameters
   and validation loss to a tolerance). On a machine without CUDA the device is the CPU (a determinism check).
 - vit: ViT-S/4 on 64x64 inputs (CelebA's setting), one training step (forward, backward, AdamW) at batch --batch:
@@ -260,13 +260,21 @@ def main() -> None:
     p.add_argument("--out", default="", help="also write the tables to this file")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.child:  # one section, its rows as JSON on the last line
-        print(json.dumps(SECTIONS[a.child](a)))
+    if a.child:  # sections, each its time and rows, as JSON on the last line
+        out = {}
+        for name in a.child.split(","):
+            t = time.perf_counter()
+            rows = SECTIONS[name](a)
+            out[name] = [time.perf_counter() - t, rows]
+        print(json.dumps(out))
         return
     text = [header()]
-    for name in a.sections:
-        cap = a.cap or CAPS[name]
-        argv = [sys.executable, os.path.abspath(__file__), "--child", name, f"--batch={a.batch}"]
+    # each section in a process of its own with its own cap; at --tiny sizes (the tests' CPU check) one process runs
+    # them all: an import of torch and Lightning, not one per section
+    groups = [list(a.sections)] if a.tiny else [[name] for name in a.sections]
+    for group in groups:
+        cap = a.cap or sum(CAPS[name] for name in group)
+        argv = [sys.executable, os.path.abspath(__file__), "--child", ",".join(group), f"--batch={a.batch}"]
         argv += ["--tiny"] * a.tiny + ["--no-compile"] * a.no_compile
         t = time.perf_counter()
         # its own session: at the cap the whole section goes, the searches and Ray workers it started included
@@ -274,13 +282,16 @@ def main() -> None:
         try:
             out, err = proc.communicate(timeout=cap)
             last = err.strip().splitlines()[-1] if err.strip() else "no output"
-            rows = json.loads(out.strip().splitlines()[-1]) if proc.returncode == 0 else [f"skipped: failed ({last})"]
+            failed = {name: [time.perf_counter() - t, [f"skipped: failed ({last})"]] for name in group}
+            done = json.loads(out.strip().splitlines()[-1]) if proc.returncode == 0 else failed
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            rows = [f"skipped: over its {cap} s cap"]
-        text.append(f"## {name} ({time.perf_counter() - t:.0f} s)\n\n" + "\n".join(rows) + "\n")
-        print(text[-1], flush=True)
+            done = {name: [cap, [f"skipped: over its {cap} s cap"]] for name in group}
+        for name in group:
+            secs, rows = done[name]
+            text.append(f"## {name} ({secs:.0f} s)\n\n" + "\n".join(rows) + "\n")
+            print(text[-1], flush=True)
     if a.out:
         with open(a.out, "w") as f:
             f.write("\n".join(text))
