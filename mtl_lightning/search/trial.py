@@ -132,6 +132,9 @@ def _output_to(path: Path):
 def trial(config: dict) -> None:
     """A Tune function trainable: one `train()` from the trial's config, resumed from Tune's checkpoint if any. With
     `quiet` (a study's cells) its output goes to `console.log` in its run directory."""
+    from .ray_session import quiet_worker
+
+    quiet_worker()
     if not config.get("quiet"):
         return _trial(config)
     with _output_to(_run_dir(config) / "console.log"):
