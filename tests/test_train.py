@@ -329,6 +329,7 @@ def method_args(name):
     # their moving averages of the gradients (memories of ~10 and ~30 steps at the defaults, made for learning rates of
     # 1e-4) lag behind this test's large steps: shorter memories learn above the bar (about 0.45 each)
     extra["db_mtl"], extra["moco"] = ["weighting.beta=0.5"], ["weighting.beta_sigma=0"]
+    extra["nash_mtl"] = ["weighting.update_weights_every=4"]  # its cvxpy solve (the reference's option) every 4th step
     extra["auto_lambda"] = ["weighting.every=4"]  # its meta-step (4 passes more) every 4th step: a quarter of the cost
     return [f"weighting={name}", *target, *extra.get(name, [])]
 
