@@ -545,8 +545,10 @@ class MixtureDataModule(L.LightningDataModule):
         self._sampler.resume(epoch, batches * self.cfg.batch_size)
         return self._loader("train", self.cfg.batch_size, self._sampler)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.cfg.eval_batch_size)
+    def val_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """Validation batches of `data.eval_batch_size`; `batch_size` for a method's own draws (Auto-Lambda's
+        meta-batches are training-sized, as its reference)."""
+        return self._loader("val", batch_size or self.cfg.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.cfg.eval_batch_size)
