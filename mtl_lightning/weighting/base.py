@@ -34,7 +34,8 @@ class Weighting(nn.Module):
     weighting sees it); `weights` is called once per training step (per branch under ForkMerge); the returned
     weights are logged as `weights/<task>`. Being an `nn.Module`, its parameters (learned weights: trained by the
     model's optimiser) and persistent buffers are saved in every checkpoint and restored on resume; plain Python
-    attributes are not. Hooks: `on_train_epoch_start(epoch)` (also when a run resumes mid-epoch: make it idempotent),
+    attributes are not (declare `stateful = True` when it carries state from step to step: the tests check that the
+    checkpoint holds it). Hooks: `on_train_epoch_start(epoch)` (also when a run resumes mid-epoch: make it idempotent),
     `on_train_epoch_end()`, `check(precision, distributed)` to refuse at start-up what it cannot run, and
     `mixture_probs()` for `data.mixing=sample` (only fixed scalarizations have them).
     """

@@ -55,7 +55,8 @@ class GradientWeighting(Weighting):
     (`weighting.mode=param`, N their size) or the shared representation (`mode=rep`, N = batch x features); G = J J^T
     (K, K), the global one under DDP. Return the combined gradient g (N,) and the weights w (K,) it corresponds to
     (logged as `weights/<task>`), or `(None, w)` for g = w^T J. Set `gramian_only = False` when w depends on J beyond
-    G (then `mode=rep` is refused under DDP). Optional: `extra_loss(losses, J)` for the method's own parameters.
+    G (then `mode=rep` is refused under DDP), `param_only = True` when it keeps state per coordinate of J across steps
+    (then `mode=rep` is refused). Optional: `extra_loss(losses, J)` for the method's own parameters.
 
     What the framework guarantees: `combine` is called once per training step with every task's gradient (a task
     without labelled samples in the batch has a zero row); heads get their own task's unweighted gradient; g reaches
