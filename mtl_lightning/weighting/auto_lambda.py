@@ -8,6 +8,7 @@ from torch import Tensor
 from ..errors import MTLError
 from ..validation import CycledBatches
 from ._adam import adam_step
+from .auxiliary import target_indices
 from .base import Weighting
 from .registry import WEIGHTINGS
 
@@ -43,13 +44,7 @@ class AutoLambda(Weighting):
 
     def __init__(self, tasks, cfg: Config):
         super().__init__(tasks, cfg)
-        target = list(cfg.target) if cfg.target is not None else list(self.tasks)
-        bad = [t for t in target if t not in self.tasks]
-        if bad or not target:
-            raise MTLError(
-                f"weighting.target={list(cfg.target or [])}: {bad or 'empty'}; give primary tasks among the valid "
-                f"choices: {', '.join(self.tasks)} (or leave it unset: every task)."
-            )
+        targets = range(len(self.tasks)) if cfg.target is None else target_indices(self.tasks, cfg.target)
         if not cfg.lr > 0 or cfg.every < 1:
             raise MTLError(f"weighting.lr={cfg.lr} must be > 0 and weighting.every={cfg.every} >= 1.")
         K = len(self.tasks)
@@ -58,7 +53,7 @@ class AutoLambda(Weighting):
             self.register_buffer(name, torch.zeros(K))
         self.register_buffer("t", torch.zeros((), dtype=torch.long))
         self.register_buffer("drawn", torch.zeros((), dtype=torch.long))  # validation batches used so far
-        primary = torch.tensor([float(t in target) for t in self.tasks])
+        primary = torch.tensor([float(k in targets) for k in range(K)])
         self.register_buffer("primary", primary, persistent=False)
         self.batches: CycledBatches | None = None
 

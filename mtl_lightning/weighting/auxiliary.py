@@ -5,6 +5,14 @@ from __future__ import annotations
 from ..errors import MTLError
 
 
+def target_indices(tasks: list[str], target) -> list[int]:
+    """The positions of the target tasks (ForkMerge's, Auto-Lambda's primary tasks): one or more distinct tasks."""
+    bad = [t for t in target if t not in tasks]
+    if not target or bad or len(set(target)) != len(target):
+        raise MTLError(f"weighting.target={list(target)} must name one or more distinct tasks of {tasks}.")
+    return [tasks.index(t) for t in target]
+
+
 def target_index(tasks: list[str], target: str, name: str) -> int:
     if target not in tasks:
         raise MTLError(

@@ -32,7 +32,6 @@ class CRMOGM(GradientWeighting):
 
     def __init__(self, tasks, cfg: Config):
         super().__init__(tasks, cfg)
-        cls = WEIGHTINGS.get(cfg.base)
         bases = sorted(
             n
             for n, c in WEIGHTINGS.items()
@@ -45,6 +44,7 @@ class CRMOGM(GradientWeighting):
             )
         if not 0 <= cfg.alpha <= 1:
             raise MTLError(f"weighting.alpha={cfg.alpha} must be in [0, 1].")
+        cls = WEIGHTINGS.get(cfg.base)
         self.base = cls(tasks, cls.Config(mode=cfg.mode))
         self.register_buffer("lambd", torch.zeros(len(self.tasks)))  # all 0: no step yet
 

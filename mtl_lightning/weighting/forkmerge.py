@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MTLError
+from .auxiliary import target_indices
 from .base import Weighting, check_weights
 from .registry import WEIGHTINGS
 
@@ -54,10 +55,7 @@ class ForkMerge(Weighting):
 
     def __init__(self, tasks, cfg: Config):
         super().__init__(tasks, cfg)
-        bad = [t for t in cfg.target if t not in self.tasks]
-        if not cfg.target or bad or len(set(cfg.target)) != len(cfg.target):
-            raise MTLError(f"weighting.target={list(cfg.target)} must name one or more distinct tasks of {self.tasks}.")
-        self.targets = [self.tasks.index(t) for t in cfg.target]
+        self.targets = target_indices(self.tasks, cfg.target)
         self.aux = [k for k in range(len(self.tasks)) if k not in self.targets]
         if cfg.branches is not None:
             vectors = [check_weights(b, self.tasks, f"weighting.branches[{i}]") for i, b in enumerate(cfg.branches)]
