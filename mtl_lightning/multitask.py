@@ -124,6 +124,8 @@ class MultiTaskModule(TaskModel):
         x, y = batch
         if hasattr(self.weighting, "meta_step"):  # a bilevel weighting (Auto-Lambda) first updates its weights
             self.weighting.meta_step(self, batch)
+        if getattr(self.weighting, "samples", 1) > 1:  # MoDo: task gradients on disjoint parts of the batch
+            return self._sampled_step(x, y)
         losses, counts, z = self.batch_losses(x, y)
         self._check_finite(losses)
         if self.mixing == "sample":  # weights were spent on sampling: the loss is the plain mean over samples
@@ -137,10 +139,29 @@ class MultiTaskModule(TaskModel):
         else:
             loss, w = self.weighting(losses)
             shown = loss
-        shared = self.shared_parameters() if self.conflict.every else []
-        self.conflict.observe(losses, shared, self.global_step, self.loggers)
         if getattr(self.weighting, "needs_post_step_losses", False):
             self._stepped_batch = batch
+        return self._logged(loss, shown, losses, w)
+
+    def _sampled_step(self, x, y) -> Tensor:
+        """A gradient method fed S independent samples of the task gradients per step (`weighting.samples`): the
+        batch in S disjoint parts, each part's losses and representation, J of shape (S, K, N) in `surrogate`."""
+        S, name = self.weighting.samples, self.weighting.name
+        xs, ys = split_batch(x, S, name), split_batch(y, S, name)
+        parts = [self.batch_losses(a, b) for a, b in zip(xs, ys)]
+        losses = torch.stack([p[0] for p in parts])  # (S, K)
+        self._check_finite(losses)
+        # the heads train on their own task's loss, averaged over the parts (as LibMTL's MoDo)
+        heads = [self.batch_losses(a, b, detach=True, z=p[2])[0].sum() for a, b, p in zip(xs, ys, parts)]
+        loss, w = self.weighting.surrogate(
+            losses, torch.stack(heads).mean(), None, self.shared_parameters(), self.loss_scale()
+        )
+        losses = losses.mean(0)
+        return self._logged(loss, (w * losses).sum().detach(), losses, w)
+
+    def _logged(self, loss: Tensor, shown: Tensor, losses: Tensor, w: Tensor) -> Tensor:
+        shared = self.shared_parameters() if self.conflict.every else []
+        self.conflict.observe(losses, shared, self.global_step, self.loggers)
         self.log("train/loss", shown, prog_bar=True)
         if self.loggers and self.global_step % self.trainer.log_every_n_steps == 0:
             # Per-task values go straight to the loggers on logging steps: self.log costs ~0.1 ms a value every
@@ -223,6 +244,31 @@ class MultiTaskModule(TaskModel):
                 self.tasks[k].update(m, preds[k], targets[k])
         self.train(was)
         return compute_metrics([self.tasks[k] for k in tasks], metrics)
+
+
+def split_batch(v, n: int, method: str):
+    """`v` (a batch's inputs or targets: a tensor, a PyG batch of graphs, or lists/tuples/dicts of them) as n parts
+    of disjoint samples, in order."""
+    if isinstance(v, Tensor):
+        if len(v) < n:
+            raise MTLError(
+                f"weighting={method} splits every training batch into {n} disjoint parts, but a batch holds {len(v)} "
+                f"samples: use data.batch_size >= {n} and data.drop_last=true (a short last batch)."
+            )
+        return torch.tensor_split(v, n)
+    if isinstance(v, (list, tuple)):
+        return [type(v)(p) for p in zip(*(split_batch(e, n, method) for e in v))]
+    if isinstance(v, dict):
+        cols = {k: split_batch(e, n, method) for k, e in v.items()}
+        return [{k: c[i] for k, c in cols.items()} for i in range(n)]
+    if hasattr(v, "to_data_list") and hasattr(type(v), "from_data_list"):  # PyG's Batch
+        graphs = v.to_data_list()
+        idx = torch.tensor_split(torch.arange(len(graphs)), n)
+        return [type(v).from_data_list([graphs[i] for i in part.tolist()]) for part in idx]
+    raise MTLError(
+        f"weighting={method} splits every training batch into disjoint parts, which a batch of "
+        f"{type(v).__name__} does not allow: use another weighting with this data."
+    )
 
 
 def check_architecture(arch, weighting) -> None:

@@ -3,12 +3,14 @@ benchmark breaks a test (BENCHMARKS.md's figures must stay reproducible with the
 
 import os
 import re
+import runpy
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = ("search.py", "study.py")  # they start Ray: on the "ray" worker, in turn (conftest.py)
@@ -55,19 +57,31 @@ def test_the_gpu_check_runs_at_its_tiny_size_on_a_cpu(tmp_path):
     "command",
     [pytest.param(c, marks=pytest.mark.xdist_group("ray")) if c.split()[0] in RAY else c for c in bench_commands()],
 )
-def test_benchmark_runs_at_its_smoke_size(command, tmp_path):
+def test_benchmark_runs_at_its_smoke_size(command, tmp_path, monkeypatch, capsys, request):
+    """The script as `python benchmarks/<script> <args> --smoke` runs it, in this process: a new interpreter per
+    script cost ~5 s of imports each (and ~10 s for those that re-execute themselves for their allocator)."""
     script, *args = command.split()
-    # their temporary folders land in the test's; Ray's (socket paths of at most 107 bytes) stays where it was
-    env = {**os.environ, "TMPDIR": str(tmp_path), "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", tempfile.gettempdir())}
-    proc = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", *args, "--smoke"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if script in RAY:
+        request.getfixturevalue("shared_ray")  # the group's Ray: a benchmark uses a Ray that is up, and leaves it
+    # their temporary folders land in the test's; the glibc settings the memory benchmarks re-execute themselves
+    # for are only read at start-up, so they would change nothing here: said as set, the scripts run on
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "benchmarks" / script), *args, "--smoke"])
+    monkeypatch.setattr(sys, "path", [str(ROOT / "benchmarks"), *sys.path])
+    monkeypatch.chdir(ROOT)
+    own = set(sys.modules)
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(ROOT / "benchmarks" / script), run_name="__main__")
+    except SystemExit as e:
+        assert e.code in (None, 0), capsys.readouterr().err[-3000:]
+    finally:
+        torch.set_num_threads(threads)  # some compare thread counts
+        for name in set(sys.modules) - own:  # benchmarks import each other by file name (`from methods import`)
+            if (getattr(sys.modules[name], "__file__", None) or "").startswith(str(ROOT / "benchmarks")):
+                del sys.modules[name]
+    out = capsys.readouterr().out
     # it reported figures, not only a header: a table row with a number, or a figure with its unit
-    row = re.search(r"^\| [^-|][^|\n]*\|.*\d", proc.stdout, re.M)
-    assert row or re.search(r"\d ?(x|×|s|steps/s|rows/s)(?!\w)", proc.stdout), proc.stdout[-2000:]
+    row = re.search(r"^\| [^-|][^|\n]*\|.*\d", out, re.M)
+    assert row or re.search(r"\d ?(x|×|s|steps/s|rows/s)(?!\w)", out), out[-2000:]

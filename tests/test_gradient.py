@@ -27,7 +27,8 @@ def make(name, tasks=("a", "b", "c"), **kw):
 
 def combine(method, J):
     torch.manual_seed(0)  # GradDrop draws its signs from the default generator, reseeded each step in training
-    g, w = method.combine(J, J @ J.T)
+    Js = J.expand(method.samples, *J.shape) if method.samples > 1 else J  # MoDo: every sample's J (the same here)
+    g, w = method.combine(Js, Js @ Js.transpose(-1, -2))
     return (w @ J if g is None else g), w
 
 
@@ -215,6 +216,77 @@ def test_cr_mogm_smooths_its_base_weights_as_torchjd():
     assert torch.allclose(make("cr_mogm", alpha=0.0).combine(J, G)[1], make("mgda").combine(J, G)[1])
     with pytest.raises(MTLError, match="weighting.base='gradnorm'.*Valid choices: aligned_mtl, cagrad"):
         make("cr_mogm", base="gradnorm")
+
+
+def _simplex(v):
+    """Euclidean projection onto the simplex (sorting, as the authors' _projection2simplex)."""
+    u = torch.sort(v, descending=True)[0]
+    css = torch.cumsum(u, 0) - 1
+    rho = torch.nonzero(u - css / torch.arange(1, len(v) + 1) > 0).max()
+    return (v - css[rho] / (rho + 1)).clamp(min=0)
+
+
+@pytest.mark.parametrize("samples", [3, 2])
+def test_modo_steps_its_weights_on_two_samples_and_updates_along_the_third_as_the_reference(samples):
+    gen = torch.Generator().manual_seed(10)
+    m, lambd = make("modo", gamma=0.05, rho=0.1, samples=samples), torch.full((3,), 1 / 3)
+    for _ in range(5):  # LibMTL's MoDo.backward: lambda <- proj(lambda - gamma (J1 (J2^T lambda) + rho lambda))
+        J = torch.randn(samples, 3, 20, generator=gen)
+        lambd = _simplex(lambd - 0.05 * (J[0] @ (J[1].T @ lambd) + 0.1 * lambd))
+        g, w = m.combine(J, J @ J.transpose(-1, -2))
+        want = lambd @ J[2] if samples == 3 else lambd @ (J[0] + J[1]) / 2  # the third draw, or the paper's mean
+        assert torch.allclose(w, lambd, atol=1e-5) and torch.allclose(g, want, atol=1e-5)
+    with pytest.raises(MTLError, match="samples=4"):
+        make("modo", samples=4)
+    with pytest.raises(MTLError, match="weighting.mode=param"):
+        make("modo", mode="rep")
+
+
+def test_modo_samples_are_disjoint_parts_of_the_batch(make_cfg):
+    """The J_s MoDo is fed are each computed on their own third of the step's batch (independent draws of the task
+    gradients), not on the whole batch nor on overlapping samples."""
+    from lightning.pytorch.callbacks import Callback
+
+    from mtl_lightning.multitask import split_batch
+    from mtl_lightning.train import train
+    from mtl_lightning.weighting.modo import MoDo
+
+    seen = {}
+
+    class Batch(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.update(module=module, batch=batch)
+
+    def combine(self, J, G):
+        if "J" not in seen:
+            module, (x, y) = seen["module"], seen["batch"]
+            seen["J"], seen["want"] = J.clone(), []
+            for xs, ys in zip(split_batch(x, 3, "modo"), split_batch(y, 3, "modo")):
+                seen["want"].append(self.jacobian(module.batch_losses(xs, ys)[0], None, module.shared_parameters()))
+                seen.setdefault("sizes", []).append(len(xs))
+        return original(self, J, G)
+
+    original, MoDo.combine = MoDo.combine, combine
+    try:
+        args = [
+            "weighting=modo",
+            "weighting.samples=3",
+            "data.train_size=64",
+            "data.batch_size=30",
+            "trainer.max_steps=1",
+            "test=false",
+        ]
+        train(make_cfg("digits_mtl", *args, "model.width=16", "model.depth=1"), [Batch()], save_checkpoints=False)
+    finally:
+        MoDo.combine = original
+    assert seen["sizes"] == [10, 10, 10] and seen["J"].shape[0] == 3
+    for s in range(3):
+        assert torch.allclose(seen["J"][s], seen["want"][s], atol=1e-6)
+    assert not torch.allclose(seen["J"][0], seen["J"][1], atol=1e-3)  # different samples, different gradients
+    with pytest.raises(MTLError, match="splits every training batch into 3 disjoint parts, but a batch holds 2"):
+        split_batch(torch.zeros(2, 4), 3, "modo")
+    parts = split_batch(({"a": torch.arange(6)}, [torch.arange(6) * 2]), 2, "modo")
+    assert parts[1][0]["a"].tolist() == [3, 4, 5] and parts[1][1][0].tolist() == [6, 8, 10]
 
 
 def test_gcs_drops_auxiliaries_that_conflict_with_the_target():

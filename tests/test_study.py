@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from experiments.run import run
 from experiments.study import main
@@ -42,7 +43,7 @@ def write(tmp_path, text, name="tiny.yaml"):
 
 
 @RAY
-def test_a_tiny_study_killed_resumed_and_reported(tmp_path, capfd):
+def test_a_tiny_study_killed_resumed_and_reported(shared_ray, tmp_path, capfd):
     study = write(tmp_path, TINY)
     out = tmp_path / "st"
     args = [study, f"study.out_dir={out}", "logger=csv"]
@@ -252,6 +253,38 @@ def test_the_embedded_semi_supervised_study_runs_at_a_tiny_budget(shared_ray, tm
     assert all(0 <= c["metrics"]["test/acc/clean"] <= 1 for c in cells.values())
     assert "rotation" not in json.dumps(cells["single-task_clean__seed0"]["metrics"])  # supervised only
     assert "val/acc/rotation" in cells["forkmerge-10__seed0"]["metrics"] and (out / "report.md").exists()
+
+
+def _row(name: str) -> str:
+    """A study row of a registered weighting, with what it needs on two tasks (a target for the auxiliary methods)."""
+    from mtl_lightning.weighting import WEIGHTINGS
+
+    needs = {"forkmerge": "target: [task0]", "fixed": "weights: [0.7, 0.3]", "post_train": "joint_epochs: 1"}
+    if WEIGHTINGS.get(name).auxiliary:
+        needs[name] = ", ".join(filter(None, [needs.get(name), "target: task0"]))
+    return f"{{name: {name}, label: {name}{', ' + needs[name] if name in needs else ''}}}"
+
+
+@RAY
+def test_every_weighting_trains_as_a_study_row_in_ray_workers(shared_ray, tmp_path):
+    """Every registered weighting (a new one too, without editing this test) trains as a study's row, cell after
+    cell in live Ray workers, at the study's equal budget: 2 steps each on 64 samples."""
+    from mtl_lightning.weighting import WEIGHTINGS
+
+    names = [n for n, cls in WEIGHTINGS.items() if cls.__module__.startswith("mtl_lightning.")]
+    body = "exp: synthetic_mtl\nbaselines: false\nnum_cpus: 2\n"
+    body += "overrides: [data.num_tasks=2, data.train_size=64, data.val_size=64, data.test_size=32, "
+    body += "data.batch_size=32, trainer.max_epochs=1]\n"
+    body += f"axes: {{weighting: [{', '.join(_row(n) for n in names)}], seed: [0]}}\n"
+    out = run_study(*load_study(write(tmp_path, body), [f"study.out_dir={tmp_path / 'st'}", "logger=csv"]))
+    cells = {p.stem.removesuffix("__seed0"): json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    assert sorted(cells) == sorted(names)
+    assert {c["steps"] for c in cells.values()} == {2}
+    for name, cell in cells.items():
+        acc = [cell["metrics"][f"test/acc/task{k}"] for k in (0, 1)]
+        assert all(0 <= a <= 1 for a in acc), (name, acc)
+        trained = yaml.safe_load((out / cell["run_dir"] / "config.yaml").read_text())
+        assert trained["weighting"]["name"] == name
 
 
 # a population study (no Ray): two weightings of two tasks and a PBT row, searched in process

@@ -5,6 +5,7 @@ import torch
 
 from mtl_lightning.errors import MTLError
 from mtl_lightning.weighting import WEIGHTINGS, create_weighting
+from mtl_lightning.weighting.preference import PreferenceScalarization
 
 TASKS = ["a", "b", "c"]
 
@@ -34,12 +35,16 @@ def test_properties(name):
     losses = torch.tensor([0.5, 2.0, 1.0], requires_grad=True)
     loss, weights = w(losses)
     assert loss.ndim == 0 and torch.isfinite(loss) and weights.shape == (3,)
-    assert not weights.requires_grad and (weights >= 0).all()
+    assert not weights.requires_grad
     loss.backward()
-    assert torch.isfinite(losses.grad).all() and (losses.grad > 0).all()  # every task gets a learning signal
+    assert torch.isfinite(losses.grad).all()
+    if not w.signed:  # every task gets a learning signal (PBI's may be negative: it pulls losses onto a ray)
+        assert (weights >= 0).all() and (losses.grad > 0).all()
     if w.stochastic:  # a fresh random draw per call: only the simplex can be checked
         assert torch.allclose(weights.sum(), torch.tensor(1.0))
         return
+    # the weights are those of the loss's gradient
+    assert torch.allclose(losses.grad, weights) or not isinstance(w, PreferenceScalarization)
     # identical tasks are treated alike, and a permutation of the tasks permutes the weights
     same = w(torch.ones(3))[1]
     assert torch.allclose(same, same[0].expand(3))
@@ -85,11 +90,12 @@ def test_unknown_weighting_lists_choices():
 
 def test_registry_holds_every_method_of_the_papers():
     loss_level = {"uniform", "fixed", "uncertainty", "imtl_l", "dwa", "rlw", "gls", "famo", "post_train", "stch"}
+    loss_level |= {"cosmos", "pbi"}  # torchjd's preference scalarisations
     loss_level |= {"auto_lambda"}  # bilevel
     gradient = {"pcgrad", "cagrad", "graddrop", "mgda", "mgda_ub", "imtl_g", "nash_mtl", "upgrad", "gradnorm"}
     gradient |= {"aligned_mtl", "config", "dualproj", "fairgrad", "gradvac", "sdmgrad", "excess_mtl"}  # torchjd's
     gradient |= {"gcs", "ol_aux", "arml"}  # the auxiliary-task baselines of ForkMerge's tables (and post_train)
-    gradient |= {"db_mtl", "moco", "cr_mogm"}  # the 2023-24 baselines (and stch)
+    gradient |= {"db_mtl", "moco", "cr_mogm", "modo"}  # the 2023-24 baselines (and stch)
     builtin = {n for n, cls in WEIGHTINGS.items() if cls.__module__.startswith("mtl_lightning.")}  # not plugins'
     assert set(LOSS_LEVEL) == loss_level and builtin == loss_level | gradient | {"forkmerge"}
 
@@ -207,6 +213,62 @@ class TinyTwoTask(torch.nn.Module):
 
     def transfer_batch_to_device(self, batch, device, idx):
         return batch
+
+
+def _front(name, r, **kw):
+    """The point of the convex front L(t) = (t^2, (1 - t)^2), t in [0, 1], that the scalarisation picks."""
+    w = make(name, tasks=["a", "b"], preference=r, **kw)
+    t = torch.linspace(0, 1, 2001)
+    front = torch.stack([t**2, (1 - t) ** 2], 1)
+    values = torch.stack([w(loss)[0] for loss in front])
+    return front[values.argmin()]
+
+
+def _angle(loss, r):
+    return math.degrees(math.acos(torch.nn.functional.cosine_similarity(loss, torch.tensor(r), 0).item()))
+
+
+def test_cosmos_is_linear_at_lambda_0_and_turns_the_solution_toward_the_preference():
+    r = [0.8, 0.2]
+    losses = torch.tensor([0.5, 2.0])
+    loss, w = make("cosmos", tasks=["a", "b"], preference=r, lambda_=0.0)(losses)
+    assert torch.allclose(loss, torch.tensor(0.8 * 0.5 + 0.2 * 2.0)) and torch.allclose(w, torch.tensor(r))
+    # the linear scalarisation picks t = 0.2 (L = (0.04, 0.64), 58 degrees off r); a growing cosine reward turns the
+    # chosen loss vector toward r, monotonically
+    angles = [_angle(_front("cosmos", r, lambda_=lam), r) for lam in (0.0, 0.1, 0.3, 1.0)]
+    assert angles[0] == pytest.approx(_angle(torch.tensor([0.04, 0.64]), r), abs=0.2)
+    assert all(a > b for a, b in zip(angles, angles[1:])) and angles[-1] < angles[0] / 3
+
+
+def test_pbi_puts_the_solution_on_the_preference_ray():
+    r = [0.8, 0.2]
+    # theta = 0: d1 alone, the projection on r^: the linear scalarisation's t = 0.2 (up to |r|)
+    assert _front("pbi", r, theta=0.0).tolist() == pytest.approx([0.04, 0.64], abs=1e-3)
+    # theta = 5: on the ray L = c (0.8, 0.2), where t^2 / (1 - t)^2 = 4: t = 2/3
+    t = 2 / 3
+    assert _front("pbi", r, theta=5.0).tolist() == pytest.approx([t**2, (1 - t) ** 2], abs=2e-3)
+    # a reference point moves the ray's origin: the solution is on z + c r
+    z = [0.1, 0.0]
+    loss = _front("pbi", r, theta=5.0, reference=z)
+    assert _angle(loss - torch.tensor(z), r) < 0.5
+    # below the ray, with theta > 1, a task's weight is negative: its loss may rise toward the ray
+    w = make("pbi", tasks=["a", "b"], preference=[0.5, 0.5], theta=5.0)(torch.tensor([0.1, 1.0]))[1]
+    assert w[0] < 0 < w[1]
+
+
+@pytest.mark.parametrize("name", ["cosmos", "pbi"])
+def test_preference_scalarisations_draw_r_from_a_dirichlet_when_asked(name):
+    w = make(name, dirichlet=0.5)
+    assert w.stochastic and not make(name).stochastic
+    torch.manual_seed(0)
+    first = w(torch.tensor([0.5, 2.0, 1.0]))[1]
+    torch.manual_seed(0)
+    assert torch.equal(w(torch.tensor([0.5, 2.0, 1.0]))[1], first)  # torch's generator: reproducible from the seed
+    assert not torch.equal(w(torch.tensor([0.5, 2.0, 1.0]))[1], first)
+    with pytest.raises(MTLError, match="dirichlet"):
+        make(name, dirichlet=0.0)
+    with pytest.raises(MTLError, match="weighting.preference"):
+        make(name, preference=[1.0, -1.0, 1.0])
 
 
 def test_auto_lambda_meta_gradient_is_the_unrolled_steps_hypergradient():

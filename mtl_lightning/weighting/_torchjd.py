@@ -124,3 +124,8 @@ def graddrop(leak: list[float] | None):
 
 def weights(weighting, stat: Tensor) -> Tensor:
     return weighting(stat.double()).to(torch.float32)
+
+
+def modo(gamma: float, rho: float):
+    """MoDo's weighting: fed G = J_1 J_2^T of two independent samples, one projected gradient step on the weights."""
+    return _check(lambda: A.MoDoWeighting(gamma=gamma, rho=rho))

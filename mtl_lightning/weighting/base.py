@@ -35,14 +35,17 @@ class Weighting(nn.Module):
     weights are logged as `weights/<task>`. Being an `nn.Module`, its parameters (learned weights: trained by the
     model's optimiser) and persistent buffers are saved in every checkpoint and restored on resume; plain Python
     attributes are not (declare `stateful = True` when it carries state from step to step: the tests check that the
-    checkpoint holds it). Hooks: `on_train_epoch_start(epoch)` (also when a run resumes mid-epoch: make it idempotent),
-    `on_train_epoch_end()`, `check(precision, distributed)` to refuse at start-up what it cannot run, and
-    `mixture_probs()` for `data.mixing=sample` (only fixed scalarizations have them).
+    checkpoint holds it; `signed = True` when a weight may be negative, which the tests otherwise refuse). Hooks:
+    `on_train_epoch_start(epoch)` (also when a run resumes mid-epoch: make it idempotent), `on_train_epoch_end()`,
+    `check(precision, distributed)` to refuse at start-up what it cannot run, and `mixture_probs()` for
+    `data.mixing=sample` (only fixed scalarizations have them).
     """
 
     name: ClassVar[str]
     stochastic: ClassVar[bool] = False  # draws random weights each step (RLW)
     auxiliary: ClassVar[bool] = False  # serves one `target` task with the others (GCS, OL-AUX, ARML, Post-train)
+    # its gradient may raise a task's loss (a negative weight): PBI pulls the loss vector onto a preference ray
+    signed: ClassVar[bool] = False
     stateful: ClassVar[bool] = False  # carries state from step to step (learned weights, moving averages): checkpointed
 
     @dataclass

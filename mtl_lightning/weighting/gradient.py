@@ -69,6 +69,9 @@ class GradientWeighting(Weighting):
     # keeps per-coordinate state of J across steps (moving averages of the task gradients): the same coordinates every
     # step, which `mode=rep` (the batch's samples' features) does not have
     param_only: ClassVar[bool] = False
+    # independent samples of the task gradients per step (MoDo): the module splits the batch into this many disjoint
+    # parts, and `combine` gets J of shape (samples, K, N) (param mode) and must return g
+    samples: ClassVar[int] = 1
 
     @dataclass
     class Config(Weighting.Config):
@@ -102,7 +105,10 @@ class GradientWeighting(Weighting):
         return None
 
     def jacobian(self, losses: Tensor, z: Tensor, shared: list[Tensor], scale: Tensor | None = None) -> Tensor:
-        """J (K, N) float32; with fp16's loss `scale`, each backward is taken on the scaled loss and J unscaled."""
+        """J (K, N) float32; with fp16's loss `scale`, each backward is taken on the scaled loss and J unscaled.
+        Losses (S, K) of S parts of the batch (`samples`) give J (S, K, N)."""
+        if losses.ndim == 2:
+            return torch.stack([self.jacobian(part, z, shared, scale) for part in losses])
         if scale is not None:
             losses = losses * scale.to(losses.dtype)
         rows = []
@@ -127,13 +133,14 @@ class GradientWeighting(Weighting):
         if world > 1 and self.mode == "param":
             dist.all_reduce(J)
             J /= world
-        G = J @ J.T
+        G = J @ J.transpose(-1, -2)  # (K, K), or (S, K, K) for S samples
         if world > 1 and self.mode == "rep":
             dist.all_reduce(G)
             G /= world**2
         if scale is not None and not torch.isfinite(G).all():  # fp16 overflow: a host sync, in fp16 runs only
             # The solvers are not fed inf/NaN: the non-finite sum reaches the shared gradient, the scaler skips the step
-            g, w = J.sum(0), torch.full((len(losses),), 1.0 / len(losses), device=J.device)
+            K = J.shape[-2]
+            g, w = J.reshape(-1, J.shape[-1]).sum(0), torch.full((K,), 1.0 / K, device=J.device)
         else:
             g, w = self.combine(J, G)
         if g is None:
