@@ -45,11 +45,12 @@ def test_properties(name):
         return
     # the weights are those of the loss's gradient
     assert torch.allclose(losses.grad, weights) or not isinstance(w, PreferenceScalarization)
-    # identical tasks are treated alike, and a permutation of the tasks permutes the weights
-    same = w(torch.ones(3))[1]
+    # identical tasks are treated alike, and a permutation of the tasks permutes the weights (each from a fresh
+    # instance: a stateful method's next call differs)
+    same = make(name)(torch.ones(3))[1]
     assert torch.allclose(same, same[0].expand(3))
     perm = torch.tensor([2, 0, 1])
-    assert torch.allclose(w(losses.detach()[perm])[1], weights[perm])
+    assert torch.allclose(make(name)(losses.detach()[perm])[1], weights[perm])
     assert name in repr(w) or "tasks=" in repr(w)
 
 
@@ -91,6 +92,7 @@ def test_unknown_weighting_lists_choices():
 def test_registry_holds_every_method_of_the_papers():
     loss_level = {"uniform", "fixed", "uncertainty", "imtl_l", "dwa", "rlw", "gls", "famo", "post_train", "stch"}
     loss_level |= {"cosmos", "pbi"}  # torchjd's preference scalarisations
+    loss_level |= {"go4align"}  # the 2024-26 baselines from their authors' code
     loss_level |= {"auto_lambda"}  # bilevel
     gradient = {"pcgrad", "cagrad", "graddrop", "mgda", "mgda_ub", "imtl_g", "nash_mtl", "upgrad", "gradnorm"}
     gradient |= {"aligned_mtl", "config", "dualproj", "fairgrad", "gradvac", "sdmgrad", "excess_mtl"}  # torchjd's
@@ -269,6 +271,52 @@ def test_preference_scalarisations_draw_r_from_a_dirichlet_when_asked(name):
         make(name, dirichlet=0.0)
     with pytest.raises(MTLError, match="weighting.preference"):
         make(name, preference=[1.0, -1.0, 1.0])
+
+
+def test_go4align_weights_tasks_by_their_risk_indicator_shared_within_groups():
+    eta = 0.1
+    w = make("go4align", tasks=list("abcd"), num_groups=4, robust_step_size=eta)
+    p = torch.full((4,), 0.25)
+    for losses in ([0.5, 1.0, 2.0, 4.0], [0.4, 1.2, 1.5, 3.0]):  # the authors' GO4ALIGN.get_weighted_loss, written out
+        L = torch.tensor(losses)
+        p = p * torch.exp(-eta * L)
+        p = p / p.sum()
+        want = L.sum() / L * p
+        loss, got = w(L)
+        assert torch.allclose(got, want, atol=1e-6) and torch.allclose(loss, (want * L).sum(), atol=1e-5)
+    # one group (the reference's default): every task gets the mean indicator
+    one = make("go4align", tasks=list("abcd"), robust_step_size=eta)
+    L = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    got = one(L)[1]
+    assert torch.allclose(got, got.mean().expand(4)) and got.mean() == pytest.approx(want_first(L, eta).mean().item())
+    # two groups: the two small-loss tasks (large indicators) share one weight, the two large-loss tasks another
+    two = make("go4align", tasks=list("abcd"), num_groups=2, robust_step_size=0.0)
+    got = two(torch.tensor([1.0, 1.1, 5.0, 5.2]))[1]
+    assert got[0] == got[1] > got[2] == got[3]
+    with pytest.raises(MTLError, match="num_groups=5 must be 1 to the number of tasks"):
+        make("go4align", tasks=list("abcd"), num_groups=5)
+
+
+def want_first(L, eta):
+    p = torch.exp(-eta * L) / torch.exp(-eta * L).sum()
+    return L.sum() / L * p
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_go4align_groups_are_the_exact_k_means_optimum(seed):
+    """Against every assignment of 7 values to 3 groups: the dynamic programme's groups have the least within-group
+    sum of squares."""
+    import itertools
+
+    from mtl_lightning.weighting.go4align import group_means, kmeans_1d
+
+    x = torch.rand(7, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 10
+
+    def sse(labels):
+        return ((x - group_means(x, labels)) ** 2).sum().item()
+
+    best = min(sse(torch.tensor(a)) for a in itertools.product(range(3), repeat=7) if len(set(a)) == 3)
+    assert sse(kmeans_1d(x, 3)) == pytest.approx(best, abs=1e-9)
 
 
 def test_auto_lambda_meta_gradient_is_the_unrolled_steps_hypergradient():

@@ -22,6 +22,7 @@ from . import (  # noqa: F401  (registers the methods)
     forkmerge,
     gcs,
     gls,
+    go4align,
     graddrop,
     gradnorm,
     gradvac,
