@@ -34,7 +34,12 @@ def run(cfg: DictConfig, callbacks=(), show_config: bool = False) -> dict:
     """Train `cfg` and print every task's metrics on val and test; returns the metrics (and `run_dir`).
     `show_config` prints the resolved config once every check has passed (so an error is the only output)."""
     announce = (lambda c: print(OmegaConf.to_yaml(c))) if show_config and not rank_zero_only.rank else None
-    metrics = train(cfg, callbacks, announce=announce)
+    if cfg.merging.name:  # task models merged into one (mtl_lightning/merging/run.py)
+        from mtl_lightning.merging.run import merge_run
+
+        metrics = merge_run(cfg, fit=lambda c: train(c, callbacks))
+    else:
+        metrics = train(cfg, callbacks, announce=announce)
     if rank_zero_only.rank:  # a DDP worker: rank 0 prints the one report
         return metrics
     print_table(metrics)

@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from .errors import MTLError
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file beside the target, fsync, then rename it over the target.
@@ -94,3 +96,40 @@ def load_model(path: str | Path):
     model = MultiTaskModule(dm.tasks, dm.in_chans, dm.img_size, cfg.model, cfg.optim, weighting, cfg.data.mixing)
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
+
+
+def init_checkpoint(path: str | Path) -> Path:
+    """The checkpoint `model.init` names: a run folder's last.ckpt, or a .ckpt file."""
+    p = Path(path).expanduser()
+    ckpt = p / "checkpoints" / "last.ckpt" if p.is_dir() else p
+    if not ckpt.is_file():
+        raise MTLError(
+            f"model.init={path}: no checkpoint there ({ckpt} does not exist). Give a run folder (its "
+            "checkpoints/last.ckpt starts the model) or a .ckpt file."
+        )
+    return ckpt
+
+
+def init_weights(model, path: str | Path) -> dict:
+    """Start `model` from the checkpoint `model.init` names: its shared parameters by name, and each of this model's
+    heads from the checkpoint's head of the same task (by name: a single-task model takes its task's head from a
+    multi-task run). Anything else the model has keeps its initialisation; returns the loaded entries."""
+    ckpt = torch.load(init_checkpoint(path), map_location="cpu", weights_only=False)
+    src, theirs = ckpt["state_dict"], list(ckpt.get("tasks", []))
+    mine = model.state_dict()
+    out = {k: v for k, v in src.items() if not k.startswith(("heads.", "weighting.")) and k in mine}
+    for i, task in enumerate(t.name for t in model.tasks):
+        if task in theirs:
+            j = theirs.index(task)
+            out.update(
+                {f"heads.{i}.{k[len(f'heads.{j}.') :]}": v for k, v in src.items() if k.startswith(f"heads.{j}.")}
+            )
+    bad = [k for k, v in out.items() if k not in mine or mine[k].shape != v.shape]
+    if bad or not out:
+        said = f"entries of another shape or not in this model: {', '.join(bad[:3])}" if bad else "no entry in common"
+        raise MTLError(
+            f"model.init={path} cannot start this model ({said}). It must come from a run of the same backbone and "
+            "model.* settings."
+        )
+    model.load_state_dict(out, strict=False)
+    return out

@@ -32,6 +32,9 @@ class ModelConfig:
     patch_size: int | None = None  # "ViT-S/4" is patch_size=4
     mlp_ratio: float | None = None
     pretrained: bool = False
+    # a run folder (its last.ckpt) or a .ckpt whose weights start this model: every parameter of the same name and
+    # shape, each head from the head of the same task (merging's task models start from its warm-up this way)
+    init: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # anything else timm.create_model accepts
     # between the backbone and the heads (mtl_lightning/architectures): hps | mmoe | cgc | ple
     architecture: str = "hps"
@@ -143,6 +146,28 @@ class PopulationConfig:
 
 
 @dataclass
+class MergingConfig:
+    """A multi-task model made by merging task models (`mtl_lightning/merging`): off while `name` is null. A joint
+    warm-up (uniform weights) makes the start theta_0; one model per task fine-tunes from it; the method merges their
+    shared parameters, each task keeps its own model's head, and the method's coefficients are chosen on validation."""
+
+    name: str | None = None  # average | task_arithmetic | ties | dare
+    warmup_epochs: int = 1  # the joint training that makes theta_0 (merging from a random start fails)
+    task_epochs: int | None = None  # each task model's fine-tuning; null: trainer.max_epochs
+    # the runs to merge instead of training them: `start` (theta_0's run) and one single-task run per task, each
+    # started from it (model.init), such as the warm-up and task models of an earlier merging run
+    start: str | None = None
+    models: list[str] = field(default_factory=list)
+    lambdas: list[float] | None = (
+        None  # task_arithmetic, ties, dare: the scaling coefficients tried; null: the method's
+    )
+    keeps: list[float] | None = None  # ties (and dare over it): the fractions of each task vector kept; null: [0.2]
+    p: float = 0.9  # dare: the drop rate
+    base: str = "task_arithmetic"  # dare: the method that merges the sparse task vectors
+    dare_seed: int = 0  # dare: its draws
+
+
+@dataclass
 class Config:
     exp: str = "default"
     seed: int = 0
@@ -163,10 +188,11 @@ class Config:
     delta_m: DeltaMConfig = field(default_factory=DeltaMConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     population: PopulationConfig = field(default_factory=PopulationConfig)
+    merging: MergingConfig = field(default_factory=MergingConfig)
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
-SHORTHANDS = ("data", "weighting")  # `weighting=fixed` means `weighting.name=fixed`
+SHORTHANDS = ("data", "weighting", "merging")  # `weighting=fixed` means `weighting.name=fixed`
 
 
 def list_experiments(config_dir: Path = CONFIG_DIR) -> list[str]:

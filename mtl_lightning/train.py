@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import AtomicCheckpointIO, checkpoint_callbacks
+from .checkpoint import AtomicCheckpointIO, checkpoint_callbacks, init_weights
 from .checks import check_one_device, check_settings
 from .config import save_run_config, write_atomic
 from .console import progress_callbacks, quiet_lightning, say, summary
@@ -127,6 +127,8 @@ def train(
     b.dm.check_epoch(cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1)
     if ckpt and not worker:
         check_resumable(Path(ckpt), b.model, cfg, instead="start a new run without resume")
+    elif cfg.model.init:  # a new run started from another's weights (a resumed one has its own)
+        init_weights(b.model, cfg.model.init)
     if announce is not None:
         announce(cfg)
     say(summary(cfg, b.dm.tasks, b.model, run_dir))

@@ -1,6 +1,9 @@
 """Merging methods (issue 37) against their papers' definitions on hand-made task vectors, and task vectors of real
 state dicts."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -99,3 +102,99 @@ def test_task_vectors_of_state_dicts_round_trip_and_other_architectures_are_refu
     Net().load_state_dict(merged)  # a state dict the model loads
     with pytest.raises(MTLError, match="Cannot merge wide: .*of another shape: body.0.weight.*same weights"):
         task_vectors(start, [models[0], Net(width=8).state_dict()], names=["narrow", "wide"])
+
+
+# -- a merging run: warm-up, task models, merge, coefficients chosen on validation --------------------------------
+DIGITS = ["model.width=32", "model.depth=2", "optim.lr=5e-3", "data.train_size=3000", "data.batch_size=64"]
+DIGITS += ["data.val_size=300", "data.test_size=300", "trainer.max_epochs=2", "merging.warmup_epochs=2"]
+
+
+def _ckpt(run):
+    return torch.load(Path(run) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def test_a_merging_run_fine_tunes_each_task_from_the_warm_up_and_merges_them(make_cfg, tmp_path):
+    from experiments.evaluate import main as evaluate_main
+    from experiments.run import run
+
+    m = run(make_cfg("digits_mtl", *DIGITS, "merging=task_arithmetic", "run_name=ta"))
+    run_dir = Path(m["run_dir"])
+    record = json.loads((run_dir / "merging.json").read_text())
+    lam = record["chosen"]["lam"]
+    assert lam == max(record["tried"], key=lambda r: r["val/acc_mean"])["lam"]  # the best on validation
+    start, left, right = (_ckpt(p) for p in (record["start"], record["models"]["left"], record["models"]["right"]))
+    # each task model started from the warm-up (model.init) and trained alone: 2 epochs of 47 steps each, as it
+    assert start["global_step"] == left["global_step"] == right["global_step"] == 94
+    assert m["merging/steps"] == 3 * 94 and record["steps"] == {"warmup": 94, "left": 94, "right": 94}
+    merged = _ckpt(run_dir)["state_dict"]
+    for k, v in merged.items():
+        if k.startswith("backbone."):  # theta_0 + lambda (tau_left + tau_right)
+            want = start["state_dict"][k] + lam * (
+                left["state_dict"][k] + right["state_dict"][k] - 2 * start["state_dict"][k]
+            )
+            assert torch.allclose(v, want, atol=1e-5), k
+    for i, own in enumerate((left, right)):  # each task keeps its own model's head
+        assert torch.equal(merged[f"heads.{i}.weight"], own["state_dict"]["heads.0.weight"])
+    assert m["val/acc/left"] > 0.2 and m["val/acc/right"] > 0.2  # both tasks above chance (0.1)
+    out = tmp_path / "eval.json"
+    assert evaluate_main([str(run_dir), "--out", str(out)]) == 0  # the merged model evaluates to its numbers
+    assert json.loads(out.read_text())["test/acc_mean"] == pytest.approx(m["test/acc_mean"], abs=1e-6)
+
+    # the same task models merged again, by every method, without training (merging.models)
+    given = [
+        f"merging.start={record['start']}",
+        f"merging.models=[{record['models']['left']},{record['models']['right']}]",
+    ]
+    for name in MERGINGS.names():
+        over = [f"merging={name}", f"run_name=again-{name}", "merging.lambdas=[0.3]", *given]  # one setting each
+        again = run(make_cfg("digits_mtl", *DIGITS, *over))
+        assert again["merging/steps"] == 3 * 94 and 0 <= again["val/acc_mean"] <= 1
+    avg = _ckpt(Path(tmp_path / "runs" / "digits_mtl" / "again-average"))["state_dict"]
+    k = "backbone.blocks.0.mlp.fc1.weight"
+    assert torch.allclose(avg[k], (left["state_dict"][k] + right["state_dict"][k]) / 2, atol=1e-6)
+    # a model that did not start from merging.start is refused, in one paragraph
+    bad = [f"merging.start={record['models']['left']}", f"merging.models=[{record['models']['right']}]"]
+    with pytest.raises(MTLError, match="was not fine-tuned from merging.start"):
+        run(make_cfg("digits_mtl", *DIGITS, "merging=average", "run_name=bad", *bad))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["model.architecture=mmoe"], "needs the plain shared network"),
+        (["weighting=pcgrad"], "weighting=pcgrad and population.* do not apply"),
+        (["merging.warmup_epochs=0"], "merging from a random start fails"),
+        (["merging.start=somewhere"], "merging.start and merging.models go together"),
+        (["merging.keeps=[1.5]"], "merging.keeps=1.5 must be in"),
+        (["merging=dare", "merging.base=average"], "merging.base='average'"),
+    ],
+)
+def test_a_merging_run_refuses_what_it_cannot_merge_before_training(make_cfg, tmp_path, args, message):
+    from experiments.run import run
+
+    name = [] if any(a.startswith("merging=") for a in args) else ["merging=ties"]
+    with pytest.raises(MTLError, match=message):
+        run(make_cfg("digits_mtl", *name, *args))
+    assert not (tmp_path / "runs").exists()  # nothing trained, nothing written
+
+
+def test_model_init_starts_a_run_from_another_runs_weights_heads_by_task(make_cfg, tmp_path):
+    from mtl_lightning.checkpoint import init_weights
+    from mtl_lightning.config import compose
+    from mtl_lightning.train import build
+
+    small = ["model.width=16", "model.depth=1"]
+    joint = build(compose("digits_mtl", [*small, "seed=1"])).model
+    path = tmp_path / "joint.ckpt"
+    torch.save({"state_dict": joint.state_dict(), "tasks": ["left", "right"]}, path)
+    alone = build(compose("digits_mtl", [*small, "seed=2", "data.tasks=[right]"])).model
+    assert not torch.equal(alone.backbone.patch_embed.proj.weight, joint.backbone.patch_embed.proj.weight)
+    init_weights(alone, path)
+    for k, v in joint.backbone.state_dict().items():
+        assert torch.equal(alone.backbone.state_dict()[k], v), k
+    assert torch.equal(alone.heads[0].weight, joint.heads[1].weight)  # the head of its own task, "right"
+    wider = build(compose("digits_mtl", ["model.width=32", "model.depth=1"])).model
+    with pytest.raises(MTLError, match="model.init=.*cannot start this model.*same backbone"):
+        init_weights(wider, path)
+    with pytest.raises(MTLError, match="model.init=.*no checkpoint there"):
+        init_weights(alone, tmp_path / "nowhere")

@@ -1,0 +1,173 @@
+"""A merging run (`merging=NAME`): warm-up, one model per task, the merge, its coefficients chosen on validation.
+
+    <run_dir>/warmup/<exp>/start/        the joint warm-up: theta_0 (uniform weights, merging.warmup_epochs)
+    <run_dir>/tasks/<exp>/<task>/        each task alone, started from it (model.init), merging.task_epochs
+    <run_dir>/checkpoints/last.ckpt      the merged model (experiments.evaluate reads it), metrics.json, merging.json
+
+Task models that finished (their metrics.json is there) are not trained again when the same run folder is given
+again (`run_name=`), so an interrupted merging run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..checkpoint import init_checkpoint
+from ..config import save_run_config, with_weighting, write_atomic
+from ..console import say
+from ..errors import MTLError
+from . import MERGINGS, Merging, task_vectors, to_state_dict
+
+
+def create_from_config(m) -> Merging:
+    """The method `merging.name` with the options of `merging` that are its own (null: the method's default)."""
+    cls = MERGINGS.get(m.name)
+    mine = {f.name for f in fields(cls.Config)} - {"name"}
+    given = {"seed" if k == "dare_seed" else k: v for k, v in OmegaConf.to_container(m).items() if v is not None}
+    return cls(cls.Config(**{k: v for k, v in given.items() if k in mine}))
+
+
+def check_merging(cfg: DictConfig) -> Merging:
+    m = cfg.merging
+    method = create_from_config(m)
+    if cfg.model.architecture != "hps" or cfg.model.tower:
+        raise MTLError(
+            f"merging={m.name} merges the shared parameters and gives each task its own model's head, which needs the "
+            f"plain shared network (model.architecture=hps without model.tower); got model.architecture="
+            f"{cfg.model.architecture}, model.tower={list(cfg.model.tower)}."
+        )
+    if cfg.weighting.name != "uniform" or cfg.population.weights:
+        raise MTLError(
+            f"merging={m.name} trains its warm-up with uniform weights and each task model alone: weighting="
+            f"{cfg.weighting.name} and population.* do not apply. Leave them at their defaults."
+        )
+    if (m.start is None) != (not m.models):
+        raise MTLError("merging.start and merging.models go together: theta_0's run and the task models' runs.")
+    if m.start is None and m.warmup_epochs < 1:
+        raise MTLError(f"merging.warmup_epochs={m.warmup_epochs} must be >= 1 (merging from a random start fails).")
+    return method
+
+
+def sub_config(cfg: DictConfig, out_dir: Path, run_name: str, epochs: int, **changes) -> DictConfig:
+    """A warm-up or task run of this merging run: uniform weights, no merging, no test split."""
+    sub = with_weighting(cfg, {"name": "uniform"}, out_dir=str(out_dir), run_name=run_name, resume=None, test=False)
+    sub.merging.name = None
+    sub.trainer.max_epochs, sub.trainer.max_steps = epochs, -1
+    for key, value in changes.items():
+        OmegaConf.update(sub, key, value)
+    return sub
+
+
+def trained_run(cfg: DictConfig, fit) -> Path:
+    """The run `cfg` names, trained by `fit` unless it finished before (its metrics.json is there)."""
+    run_dir = Path(cfg.out_dir) / cfg.exp / cfg.run_name
+    if (run_dir / "metrics.json").exists():
+        say(f"merging: {run_dir} finished before, kept")
+        return run_dir
+    if run_dir.exists():  # interrupted: trained again from its start
+        import shutil
+
+        shutil.rmtree(run_dir)
+    return Path(fit(cfg)["run_dir"])
+
+
+def steps_of(run_dir: Path) -> int:
+    return int(torch.load(init_checkpoint(run_dir), map_location="cpu", weights_only=False)["global_step"])
+
+
+def merge_run(cfg: DictConfig, fit) -> dict:
+    """Train (or take) the start and the task models, merge them, choose the coefficients on validation, report the
+    merged model's metrics on val and test. `fit(cfg) -> metrics` trains one run (`train.train`)."""
+    from ..train import build, evaluate
+
+    method = check_merging(cfg)
+    m = cfg.merging
+    run_dir = Path(cfg.out_dir).expanduser().resolve() / cfg.exp / (cfg.run_name or _stamp())
+    if m.start is None:
+        start = trained_run(sub_config(cfg, run_dir / "warmup", "start", m.warmup_epochs), fit)
+        names = _task_names(cfg)
+        models = {}
+        for t in names:
+            epochs = m.task_epochs or cfg.trainer.max_epochs
+            sub = sub_config(cfg, run_dir / "tasks", t, epochs, **{"data.tasks": [t], "model.init": str(start)})
+            models[t] = trained_run(sub, fit)
+    else:
+        start, models = Path(m.start).expanduser().resolve(), {}
+        for path in m.models:
+            saved = OmegaConf.load(Path(path) / "config.yaml")
+            tasks = list(saved.data.get("tasks") or [])
+            if len(tasks) != 1:
+                raise MTLError(f"merging.models: {path} trained {len(tasks) or 'every'} task(s); a task model has one.")
+            if saved.model.get("init") is None or Path(saved.model.init).expanduser().resolve() != start:
+                raise MTLError(
+                    f"merging.models: {path} was not fine-tuned from merging.start={m.start} (its model.init is "
+                    f"{saved.model.get('init')}): task vectors are differences from one shared start theta_0."
+                )
+            models[tasks[0]] = Path(path)
+        names = list(models)
+    cfg = OmegaConf.merge(cfg, {"data": {"tasks": names}})
+    theta0_state = _state(start)
+    task_states = [_state(models[t]) for t in names]
+    shared = {k: v for k, v in theta0_state.items() if not k.startswith(("heads.", "weighting."))}
+    theta0, tau, keys = task_vectors(
+        shared, [{k: s[k] for k in s if k in shared} for s in task_states], [str(models[t]) for t in names]
+    )
+    b = build(cfg)
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, enable_model_summary=False, **quiet)
+    heads = {}
+    for i, s in enumerate(task_states):  # each task's own model's head (head 0 of a single-task model)
+        heads.update({f"heads.{i}.{k[len('heads.0.') :]}": v for k, v in s.items() if k.startswith("heads.0.")})
+
+    def load(coefficients: dict) -> None:
+        state = to_state_dict(method.merge(theta0, tau, **coefficients), shared, keys)
+        b.model.load_state_dict({**state, **heads}, strict=False)
+
+    tried = []
+    for coefficients in method.grid():
+        load(coefficients)
+        score = evaluate(trainer, b, ("val",))[b.monitor]
+        tried.append({**coefficients, b.monitor: score})
+        say(f"merging={m.name} {coefficients or ''}: {b.monitor} {score:.4f}")
+    pick = max if b.maximise else min
+    best = pick(tried, key=lambda r: r[b.monitor])
+    chosen = {k: v for k, v in best.items() if k != b.monitor}
+    load(chosen)
+    out = evaluate(trainer, b, ("val", "test") if cfg.test else ("val",))
+    steps = {"warmup": steps_of(start), **{t: steps_of(models[t]) for t in names}}
+    out["merging/steps"] = float(sum(steps.values()))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_run_config(cfg, run_dir, resumed=False)
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    record = {"method": repr(method), "chosen": chosen, "tried": tried, "steps": steps}
+    record["start"], record["models"] = str(start), {t: str(p) for t, p in models.items()}
+    write_atomic(run_dir / "merging.json", json.dumps(record, indent=1))
+    write_atomic(run_dir / "metrics.json", json.dumps(out, indent=1, sort_keys=True))
+    say(
+        f"merging={m.name}: chose {chosen or 'its only setting'} on validation; {int(out['merging/steps'])} training "
+        f"steps in all ({', '.join(f'{k} {v}' for k, v in steps.items())})"
+    )
+    out["run_dir"] = str(run_dir)
+    return out
+
+
+def _state(run: Path) -> dict:
+    return torch.load(init_checkpoint(run), map_location="cpu", weights_only=False)["state_dict"]
+
+
+def _task_names(cfg: DictConfig) -> list[str]:
+    from ..data import create_datamodule
+
+    return [t.name for t in create_datamodule(cfg.data, cfg.seed).tasks]
+
+
+def _stamp() -> str:
+    import time
+
+    return time.strftime("%Y%m%d-%H%M%S")
