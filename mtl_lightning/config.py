@@ -165,6 +165,10 @@ class MergingConfig:
     p: float = 0.9  # dare: the drop rate
     base: str = "task_arithmetic"  # dare: the method that merges the sparse task vectors
     dare_seed: int = 0  # dare: its draws
+    granularity: str = "layer"  # adamerging: a coefficient per task and parameter tensor (layer) or per task (task)
+    ada_init: float = 0.3  # adamerging: the coefficients' start
+    ada_lr: float = 1e-3  # adamerging: Adam's step on the coefficients
+    ada_steps: int = 500  # adamerging: Adam steps, one validation batch (inputs only) each
 
 
 @dataclass

@@ -146,12 +146,18 @@ def test_a_merging_run_fine_tunes_each_task_from_the_warm_up_and_merges_them(mak
         f"merging.models=[{record['models']['left']},{record['models']['right']}]",
     ]
     for name in MERGINGS.names():
-        over = [f"merging={name}", f"run_name=again-{name}", "merging.lambdas=[0.3]", *given]  # one setting each
+        over = [f"merging={name}", f"run_name=again-{name}", "merging.lambdas=[0.3]", "merging.ada_steps=20", *given]
         again = run(make_cfg("digits_mtl", *DIGITS, *over))
         assert again["merging/steps"] == 3 * 94 and 0 <= again["val/acc_mean"] <= 1
     avg = _ckpt(Path(tmp_path / "runs" / "digits_mtl" / "again-average"))["state_dict"]
     k = "backbone.blocks.0.mlp.fc1.weight"
     assert torch.allclose(avg[k], (left["state_dict"][k] + right["state_dict"][k]) / 2, atol=1e-6)
+    # AdaMerging: its entropy on the validation inputs fell, from task arithmetic's merge at lambda = 0.3 (its start)
+    ada = json.loads((tmp_path / "runs" / "digits_mtl" / "again-adamerging" / "merging.json").read_text())["learned"]
+    assert ada["entropy"][1] < ada["entropy"][0] and len(ada["lambdas"]) == 2 and len(ada["lambdas"][0]) > 2
+    zero = run(make_cfg("digits_mtl", *DIGITS, "merging=adamerging", "run_name=ada0", "merging.ada_steps=0", *given))
+    ta = json.loads((tmp_path / "runs" / "digits_mtl" / "again-task_arithmetic" / "metrics.json").read_text())
+    assert zero["val/acc_mean"] == pytest.approx(ta["val/acc_mean"], abs=1e-6)  # both theta_0 + 0.3 sum_t tau_t
     # a model that did not start from merging.start is refused, in one paragraph
     bad = [f"merging.start={record['models']['left']}", f"merging.models=[{record['models']['right']}]"]
     with pytest.raises(MTLError, match="was not fine-tuned from merging.start"):
@@ -167,6 +173,7 @@ def test_a_merging_run_fine_tunes_each_task_from_the_warm_up_and_merges_them(mak
         (["merging.start=somewhere"], "merging.start and merging.models go together"),
         (["merging.keeps=[1.5]"], "merging.keeps=1.5 must be in"),
         (["merging=dare", "merging.base=average"], "merging.base='average'"),
+        (["merging=adamerging", "merging.granularity=block"], "merging.granularity='block'"),
     ],
 )
 def test_a_merging_run_refuses_what_it_cannot_merge_before_training(make_cfg, tmp_path, args, message):

@@ -11,7 +11,7 @@ h5py and pytest at install time, for five functions of a few lines each.
 
 from __future__ import annotations
 
-from . import average, dare, task_arithmetic, ties  # noqa: F401  (registers the methods)
+from . import adamerging, average, dare, task_arithmetic, ties  # noqa: F401  (registers the methods)
 from .base import MERGINGS, Merging, task_vectors, to_state_dict
 
 

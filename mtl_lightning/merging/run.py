@@ -29,7 +29,8 @@ def create_from_config(m) -> Merging:
     """The method `merging.name` with the options of `merging` that are its own (null: the method's default)."""
     cls = MERGINGS.get(m.name)
     mine = {f.name for f in fields(cls.Config)} - {"name"}
-    given = {"seed" if k == "dare_seed" else k: v for k, v in OmegaConf.to_container(m).items() if v is not None}
+    given = {k.removeprefix("dare_").removeprefix("ada_"): v for k, v in OmegaConf.to_container(m).items()}
+    given = {k: v for k, v in given.items() if v is not None}
     return cls(cls.Config(**{k: v for k, v in given.items() if k in mine}))
 
 
@@ -129,23 +130,33 @@ def merge_run(cfg: DictConfig, fit) -> dict:
         state = to_state_dict(method.merge(theta0, tau, **coefficients), shared, keys)
         b.model.load_state_dict({**state, **heads}, strict=False)
 
+    sizes = [shared[k].numel() for k in keys]
+    grid, learned = method.grid(), None
+    if getattr(method, "learned", False):  # AdaMerging: its coefficients learned on the validation inputs
+        lambdas, trace = adapt(method, b, theta0, tau, keys, shared, heads, sizes, cfg.data.batch_size)
+        grid = [{"lambdas": lambdas, "sizes": sizes}]
+        learned = {"lambdas": lambdas.tolist(), "entropy": [trace[0], trace[-1]] if trace else []}
     tried = []
-    for coefficients in method.grid():
+    for coefficients in grid:
         load(coefficients)
         score = evaluate(trainer, b, ("val",))[b.monitor]
-        tried.append({**coefficients, b.monitor: score})
-        say(f"merging={m.name} {coefficients or ''}: {b.monitor} {score:.4f}")
+        shown = {k: v for k, v in coefficients.items() if k not in ("lambdas", "sizes")}
+        tried.append({**shown, b.monitor: score, "_coefficients": coefficients})
+        say(f"merging={m.name} {shown or ''}: {b.monitor} {score:.4f}")
     pick = max if b.maximise else min
     best = pick(tried, key=lambda r: r[b.monitor])
-    chosen = {k: v for k, v in best.items() if k != b.monitor}
-    load(chosen)
+    load(best["_coefficients"])
+    chosen = {k: v for k, v in best.items() if k not in (b.monitor, "_coefficients")}
+    tried = [{k: v for k, v in r.items() if k != "_coefficients"} for r in tried]
     out = evaluate(trainer, b, ("val", "test") if cfg.test else ("val",))
     steps = {"warmup": steps_of(start), **{t: steps_of(models[t]) for t in names}}
     out["merging/steps"] = float(sum(steps.values()))
     run_dir.mkdir(parents=True, exist_ok=True)
     save_run_config(cfg, run_dir, resumed=False)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     record = {"method": repr(method), "chosen": chosen, "tried": tried, "steps": steps}
+    if learned is not None:
+        record["learned"] = learned
     record["start"], record["models"] = str(start), {t: str(p) for t, p in models.items()}
     write_atomic(run_dir / "merging.json", json.dumps(record, indent=1))
     write_atomic(run_dir / "metrics.json", json.dumps(out, indent=1, sort_keys=True))
@@ -155,6 +166,30 @@ def merge_run(cfg: DictConfig, fit) -> dict:
     )
     out["run_dir"] = str(run_dir)
     return out
+
+
+def adapt(method, b, theta0, tau, keys, shared, heads, sizes, batch_size: int):
+    """AdaMerging's lambdas, learned on the validation split's inputs (labels unused) in training-sized batches."""
+    import itertools
+
+    from .adamerging import prediction_entropy
+
+    kinds = [(i, t.kind) for i, t in enumerate(b.dm.tasks) if t.kind in ("classification", "segmentation", "binary")]
+    if not kinds:
+        raise MTLError(
+            f"merging=adamerging learns its coefficients by minimising the entropy of predicted class probabilities, "
+            f"and none of the tasks {[t.name for t in b.dm.tasks]} predicts classes: use task_arithmetic or ties."
+        )
+    b.dm.setup("validate")
+    inputs = [x for x, _ in b.dm.val_dataloader(batch_size)]
+    model = b.model.eval()
+
+    def entropy(theta, x):
+        state = {**to_state_dict(theta, shared, keys), **heads}
+        outs = torch.func.functional_call(model, state, (x,))
+        return sum(prediction_entropy(kind, outs[i]) for i, kind in kinds)
+
+    return method.learn(theta0, tau, sizes, itertools.cycle(inputs), entropy)
 
 
 def _state(run: Path) -> dict:
