@@ -109,6 +109,10 @@ DIGITS = ["model.width=32", "model.depth=2", "optim.lr=5e-3", "data.train_size=3
 DIGITS += ["data.val_size=300", "data.test_size=300", "trainer.max_epochs=2", "merging.warmup_epochs=2"]
 
 
+def _ckpt_file(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def _ckpt(run):
     return torch.load(Path(run) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
@@ -158,6 +162,14 @@ def test_a_merging_run_fine_tunes_each_task_from_the_warm_up_and_merges_them(mak
     zero = run(make_cfg("digits_mtl", *DIGITS, "merging=adamerging", "run_name=ada0", "merging.ada_steps=0", *given))
     ta = json.loads((tmp_path / "runs" / "digits_mtl" / "again-task_arithmetic" / "metrics.json").read_text())
     assert zero["val/acc_mean"] == pytest.approx(ta["val/acc_mean"], abs=1e-6)  # both theta_0 + 0.3 sum_t tau_t
+    # pretrained weights as theta_0, without a warm-up (model.init here, as a checkpoint on disk would be)
+    over = ["merging=average", "run_name=pre", "merging.warmup_epochs=0", "merging.task_epochs=1"]
+    pre = run(make_cfg("digits_mtl", *DIGITS, *over, f"model.init={record['start']}"))
+    pre_record = json.loads((Path(pre["run_dir"]) / "merging.json").read_text())
+    assert pre_record["steps"] == {"warmup": 0, "left": 47, "right": 47}
+    assert torch.equal(
+        _ckpt_file(pre_record["start"])["state_dict"]["backbone.cls_token"], start["state_dict"]["backbone.cls_token"]
+    )
     # a model that did not start from merging.start is refused, in one paragraph
     bad = [f"merging.start={record['models']['left']}", f"merging.models=[{record['models']['right']}]"]
     with pytest.raises(MTLError, match="was not fine-tuned from merging.start"):
@@ -169,7 +181,7 @@ def test_a_merging_run_fine_tunes_each_task_from_the_warm_up_and_merges_them(mak
     [
         (["model.architecture=mmoe"], "needs the plain shared network"),
         (["weighting=pcgrad"], "weighting=pcgrad and population.* do not apply"),
-        (["merging.warmup_epochs=0"], "merging from a random start fails"),
+        (["merging.warmup_epochs=0"], "a random start, from which merging fails"),
         (["merging.start=somewhere"], "merging.start and merging.models go together"),
         (["merging.keeps=[1.5]"], "merging.keeps=1.5 must be in"),
         (["merging=dare", "merging.base=average"], "merging.base='average'"),

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..checkpoint import init_checkpoint
+from ..checkpoint import init_checkpoint, init_weights
 from ..config import save_run_config, with_weighting, write_atomic
 from ..console import say
 from ..errors import MTLError
@@ -50,8 +50,11 @@ def check_merging(cfg: DictConfig) -> Merging:
         )
     if (m.start is None) != (not m.models):
         raise MTLError("merging.start and merging.models go together: theta_0's run and the task models' runs.")
-    if m.start is None and m.warmup_epochs < 1:
-        raise MTLError(f"merging.warmup_epochs={m.warmup_epochs} must be >= 1 (merging from a random start fails).")
+    if m.start is None and m.warmup_epochs < 1 and not (cfg.model.pretrained or cfg.model.init):
+        raise MTLError(
+            f"merging.warmup_epochs={m.warmup_epochs} with neither model.pretrained=true nor model.init: theta_0 "
+            "would be a random start, from which merging fails. Give a warm-up (>= 1 epoch) or pretrained weights."
+        )
     return method
 
 
@@ -91,12 +94,24 @@ def merge_run(cfg: DictConfig, fit) -> dict:
     m = cfg.merging
     run_dir = Path(cfg.out_dir).expanduser().resolve() / cfg.exp / (cfg.run_name or _stamp())
     if m.start is None:
-        start = trained_run(sub_config(cfg, run_dir / "warmup", "start", m.warmup_epochs), fit)
+        if m.warmup_epochs > 0:
+            start = trained_run(sub_config(cfg, run_dir / "warmup", "start", m.warmup_epochs), fit)
+        else:  # theta_0 is the pretrained (or model.init's) weights themselves
+            start = run_dir / "warmup" / "start.ckpt"
+            if not start.exists():
+                start.parent.mkdir(parents=True, exist_ok=True)
+                b = build(cfg)
+                if cfg.model.init:
+                    init_weights(b.model, cfg.model.init)
+                state = {"state_dict": b.model.state_dict(), "tasks": [t.name for t in b.dm.tasks], "global_step": 0}
+                torch.save(state, start)
         names = _task_names(cfg)
         models = {}
         for t in names:
             epochs = m.task_epochs or cfg.trainer.max_epochs
-            sub = sub_config(cfg, run_dir / "tasks", t, epochs, **{"data.tasks": [t], "model.init": str(start)})
+            # started from theta_0 (model.init), not from the hub's weights again (model.pretrained)
+            over = {"data.tasks": [t], "model.init": str(start), "model.pretrained": False}
+            sub = sub_config(cfg, run_dir / "tasks", t, epochs, **over)
             models[t] = trained_run(sub, fit)
     else:
         start, models = Path(m.start).expanduser().resolve(), {}
