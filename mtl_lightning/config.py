@@ -154,6 +154,9 @@ class MergingConfig:
     name: str | None = None  # average | task_arithmetic | ties | dare
     warmup_epochs: int = 1  # the joint training that makes theta_0 (merging from a random start fails)
     task_epochs: int | None = None  # each task model's fine-tuning; null: trainer.max_epochs
+    # with trainer.max_steps (a study's equal budget): the warm-up's share of those steps; the task models share the
+    # rest equally, so the run trains exactly trainer.max_steps steps in all, as a joint run of that budget
+    warmup_fraction: float = 0.25
     # the runs to merge instead of training them: `start` (theta_0's run) and one single-task run per task, each
     # started from it (model.init), such as the warm-up and task models of an earlier merging run
     start: str | None = None

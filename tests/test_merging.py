@@ -170,6 +170,14 @@ def test_a_merging_run_fine_tunes_each_task_from_the_warm_up_and_merges_them(mak
     assert torch.equal(
         _ckpt_file(pre_record["start"])["state_dict"]["backbone.cls_token"], start["state_dict"]["backbone.cls_token"]
     )
+    # a budget in steps (a study's): the warm-up takes a quarter, the task models share the rest, 100 steps in all
+    steps = run(make_cfg("digits_mtl", *DIGITS, "merging=average", "run_name=budget", "trainer.max_steps=100"))
+    assert json.loads((Path(steps["run_dir"]) / "merging.json").read_text())["steps"] == {
+        "warmup": 25,
+        "left": 38,
+        "right": 37,
+    }
+    assert steps["merging/steps"] == 100
     # a model that did not start from merging.start is refused, in one paragraph
     bad = [f"merging.start={record['models']['left']}", f"merging.models=[{record['models']['right']}]"]
     with pytest.raises(MTLError, match="was not fine-tuned from merging.start"):
@@ -186,6 +194,7 @@ def test_a_merging_run_fine_tunes_each_task_from_the_warm_up_and_merges_them(mak
         (["merging.keeps=[1.5]"], "merging.keeps=1.5 must be in"),
         (["merging=dare", "merging.base=average"], "merging.base='average'"),
         (["merging=adamerging", "merging.granularity=block"], "merging.granularity='block'"),
+        (["merging.warmup_fraction=1.0"], "merging.warmup_fraction=1.0 must be in"),
     ],
 )
 def test_a_merging_run_refuses_what_it_cannot_merge_before_training(make_cfg, tmp_path, args, message):

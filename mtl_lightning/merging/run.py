@@ -50,6 +50,8 @@ def check_merging(cfg: DictConfig) -> Merging:
         )
     if (m.start is None) != (not m.models):
         raise MTLError("merging.start and merging.models go together: theta_0's run and the task models' runs.")
+    if not 0 < m.warmup_fraction < 1:
+        raise MTLError(f"merging.warmup_fraction={m.warmup_fraction} must be in (0, 1).")
     if m.start is None and m.warmup_epochs < 1 and not (cfg.model.pretrained or cfg.model.init):
         raise MTLError(
             f"merging.warmup_epochs={m.warmup_epochs} with neither model.pretrained=true nor model.init: theta_0 "
@@ -58,14 +60,31 @@ def check_merging(cfg: DictConfig) -> Merging:
     return method
 
 
-def sub_config(cfg: DictConfig, out_dir: Path, run_name: str, epochs: int, **changes) -> DictConfig:
-    """A warm-up or task run of this merging run: uniform weights, no merging, no test split."""
+def sub_config(cfg: DictConfig, out_dir: Path, run_name: str, epochs: int, steps: int, **changes) -> DictConfig:
+    """A warm-up or task run of this merging run: uniform weights, no merging, no test split; `steps` optimiser steps
+    (> 0: a share of trainer.max_steps), else `epochs` epochs."""
     sub = with_weighting(cfg, {"name": "uniform"}, out_dir=str(out_dir), run_name=run_name, resume=None, test=False)
     sub.merging.name = None
-    sub.trainer.max_epochs, sub.trainer.max_steps = epochs, -1
+    sub.trainer.max_epochs, sub.trainer.max_steps = (-1, steps) if steps > 0 else (epochs, -1)
     for key, value in changes.items():
         OmegaConf.update(sub, key, value)
     return sub
+
+
+def budget(cfg: DictConfig, tasks: int) -> tuple[int, list[int]]:
+    """The warm-up's steps and each task model's, with trainer.max_steps S: warmup_fraction of S (none without a
+    warm-up), the rest split as evenly as steps allow, summing to S. (0, [0, ...]) without S: epochs count instead."""
+    S, m = int(cfg.trainer.max_steps), cfg.merging
+    if S <= 0:
+        return 0, [0] * tasks
+    warm = round(S * m.warmup_fraction) if m.warmup_epochs > 0 else 0
+    share, extra = divmod(S - warm, tasks)
+    if share < 1 or (m.warmup_epochs > 0 and warm < 1):
+        raise MTLError(
+            f"trainer.max_steps={S} leaves a part of merging={m.name} without a step (warm-up {warm}, each of the "
+            f"{tasks} task models {share}): raise trainer.max_steps or change merging.warmup_fraction."
+        )
+    return warm, [share + (i < extra) for i in range(tasks)]
 
 
 def trained_run(cfg: DictConfig, fit) -> Path:
@@ -94,8 +113,10 @@ def merge_run(cfg: DictConfig, fit) -> dict:
     m = cfg.merging
     run_dir = Path(cfg.out_dir).expanduser().resolve() / cfg.exp / (cfg.run_name or _stamp())
     if m.start is None:
+        names = _task_names(cfg)
+        warm, per_task = budget(cfg, len(names))
         if m.warmup_epochs > 0:
-            start = trained_run(sub_config(cfg, run_dir / "warmup", "start", m.warmup_epochs), fit)
+            start = trained_run(sub_config(cfg, run_dir / "warmup", "start", m.warmup_epochs, warm), fit)
         else:  # theta_0 is the pretrained (or model.init's) weights themselves
             start = run_dir / "warmup" / "start.ckpt"
             if not start.exists():
@@ -105,13 +126,12 @@ def merge_run(cfg: DictConfig, fit) -> dict:
                     init_weights(b.model, cfg.model.init)
                 state = {"state_dict": b.model.state_dict(), "tasks": [t.name for t in b.dm.tasks], "global_step": 0}
                 torch.save(state, start)
-        names = _task_names(cfg)
         models = {}
-        for t in names:
+        for t, steps in zip(names, per_task):
             epochs = m.task_epochs or cfg.trainer.max_epochs
             # started from theta_0 (model.init), not from the hub's weights again (model.pretrained)
             over = {"data.tasks": [t], "model.init": str(start), "model.pretrained": False}
-            sub = sub_config(cfg, run_dir / "tasks", t, epochs, **over)
+            sub = sub_config(cfg, run_dir / "tasks", t, epochs, steps, **over)
             models[t] = trained_run(sub, fit)
     else:
         start, models = Path(m.start).expanduser().resolve(), {}
