@@ -188,6 +188,10 @@ def one_step(make_cfg, name, arch, mode=None):
     if mode:
         over.append(f"weighting.mode={mode}")
     cfg = make_cfg("synthetic_recsys", *over)
+    # the model's initialisation seeded, not whatever the tests before left in the generator: in one test order
+    # (TEST_WORKERS=1) CAGrad's step on the shared parameters was zero here once (torchjd returns zero weights when
+    # the task gradients' combination is ~0); seeds 0-39 do not reproduce it
+    torch.manual_seed(0)
     dm = create_datamodule(cfg.data, 0)
     dm.setup()
     weighting = create_weighting(["ctr", "ctcvr"], cfg.weighting)

@@ -176,6 +176,10 @@ def _trial(config: dict) -> None:
             shutil.copy(Path(d) / "trial.ckpt", local)
         over.append(f"resume={local}")
     cfg = compose(config["exp"], over)
+    if cfg.merging.name:  # a merging row: its warm-up and task models are runs of their own; one report, at the end
+        from ..merging.run import merge_run
+
+        return _final_report(config, cfg, merge_run(cfg, fit=lambda c: train(c, save_checkpoints=True)))
     callbacks = [WeightSchedule(), _report_callback(config["metric"], config["sign"])]
     if lr is not None:
         callbacks.insert(0, ApplyLearningRate(lr))
@@ -183,6 +187,12 @@ def _trial(config: dict) -> None:
     # and Ray's sync of the trial folder can catch an atomic write's temporary file as it is renamed
     metrics = train(cfg, callbacks, save_checkpoints=False)
     if final:  # one more report: the final model's val and test metrics, and its gradient conflict if logged
-        keep = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/", "grad_cos/"))}
-        score = config["sign"] * keep.get(config["metric"], float("nan"))
-        tune.report({**keep, "score": score, "step": cfg.trainer.max_steps})
+        _final_report(config, cfg, metrics)
+
+
+def _final_report(config: dict, cfg, metrics: dict) -> None:
+    from ray import tune
+
+    keep = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/", "grad_cos/", "merging/"))}
+    score = config["sign"] * keep.get(config["metric"], float("nan"))
+    tune.report({**keep, "score": score, "step": cfg.trainer.max_steps})
