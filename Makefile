@@ -32,6 +32,7 @@ bench:  ## benchmarks; results go to BENCHMARKS.md by hand, with the command
 	$(PY) benchmarks/recsys.py
 	$(PY) benchmarks/semi_supervised.py
 	$(PY) benchmarks/graphs.py
+	$(PY) benchmarks/merging.py
 
 gpu-check:  ## every GPU claim in one run, about 8 minutes on one GPU (benchmarks/gpu.py; README says how)
 	$(PY) benchmarks/gpu.py --out gpu-check.md

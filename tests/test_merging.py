@@ -189,7 +189,7 @@ def test_a_merging_run_fine_tunes_each_task_from_the_warm_up_and_merges_them(mak
     [
         (["model.architecture=mmoe"], "needs the plain shared network"),
         (["weighting=pcgrad"], "weighting=pcgrad and population.* do not apply"),
-        (["merging.warmup_epochs=0"], "a random start, from which merging fails"),
+        (["merging.warmup_epochs=-1"], "merging.warmup_epochs=-1 must be >= 0"),
         (["merging.start=somewhere"], "merging.start and merging.models go together"),
         (["merging.keeps=[1.5]"], "merging.keeps=1.5 must be in"),
         (["merging=dare", "merging.base=average"], "merging.base='average'"),

@@ -52,11 +52,8 @@ def check_merging(cfg: DictConfig) -> Merging:
         raise MTLError("merging.start and merging.models go together: theta_0's run and the task models' runs.")
     if not 0 < m.warmup_fraction < 1:
         raise MTLError(f"merging.warmup_fraction={m.warmup_fraction} must be in (0, 1).")
-    if m.start is None and m.warmup_epochs < 1 and not (cfg.model.pretrained or cfg.model.init):
-        raise MTLError(
-            f"merging.warmup_epochs={m.warmup_epochs} with neither model.pretrained=true nor model.init: theta_0 "
-            "would be a random start, from which merging fails. Give a warm-up (>= 1 epoch) or pretrained weights."
-        )
+    if m.start is None and m.warmup_epochs < 0:
+        raise MTLError(f"merging.warmup_epochs={m.warmup_epochs} must be >= 0 (0: no warm-up).")
     return method
 
 
@@ -117,10 +114,16 @@ def merge_run(cfg: DictConfig, fit) -> dict:
         warm, per_task = budget(cfg, len(names))
         if m.warmup_epochs > 0:
             start = trained_run(sub_config(cfg, run_dir / "warmup", "start", m.warmup_epochs, warm), fit)
-        else:  # theta_0 is the pretrained (or model.init's) weights themselves
+        else:  # theta_0 is the pretrained (or model.init's) weights themselves, or the seeded random initialisation
+            if not (cfg.model.pretrained or cfg.model.init):
+                say(
+                    f"merging={m.name} from a random start (merging.warmup_epochs=0): the task models share no "
+                    "training, and their merge is expected to fail (what a warm-up or pretrained weights avoid)"
+                )
             start = run_dir / "warmup" / "start.ckpt"
             if not start.exists():
                 start.parent.mkdir(parents=True, exist_ok=True)
+                L.seed_everything(cfg.seed, workers=True, verbose=False)  # the run's seed: its initialisation
                 b = build(cfg)
                 if cfg.model.init:
                     init_weights(b.model, cfg.model.init)
