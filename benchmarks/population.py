@@ -26,6 +26,7 @@ import tempfile
 import time
 
 BACKENDS = ("population", "ray")  # --grid and --pbt: the same search through each
+IN_PROCESS = False  # --smoke: every measurement in this process (no figure is kept, the paths are what is checked)
 MODELS = {  # name: (depth, width, patch, image size, in_chans)
     "digits ViT 3x64": (3, 64, 4, 16, 1),
     "ViT-S/4 6x48": (6, 48, 4, 32, 3),
@@ -117,6 +118,9 @@ def steps_table(members: list[int], steps: int, batch: int, fused: bool, chunk: 
         for n in members:
             r = {}
             for mode in ("population", "separate"):
+                if IN_PROCESS:
+                    r[mode] = one(model, n, mode, steps, batch, fused, chunk)
+                    continue
                 cmd = [sys.executable, __file__, "--one", model, str(n), mode, str(steps), str(batch), str(int(fused))]
                 cmd.append(str(chunk))
                 r[mode] = json.loads(
@@ -133,6 +137,18 @@ def steps_table(members: list[int], steps: int, batch: int, fused: bool, chunk: 
 
 def timed(cmd: list[str]) -> tuple[float, str]:
     t0 = time.perf_counter()
+    if IN_PROCESS:  # the search command's own entry point, its printed lines captured
+        import contextlib
+        import io
+
+        from experiments.search import main as search_main
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            code = search_main(cmd[3:])
+        if code:
+            raise RuntimeError(f"{' '.join(cmd)} exited with {code}")
+        return time.perf_counter() - t0, buf.getvalue()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return time.perf_counter() - t0, out
 
@@ -186,8 +202,8 @@ def main() -> None:
     over = []
     if a.smoke:  # one member, the smallest model, one step; the population backend's searches on little data (the
         # Ray backend runs the same search command, which tests/test_search.py covers)
-        global BACKENDS
-        BACKENDS = ("population",)
+        global BACKENDS, IN_PROCESS
+        BACKENDS, IN_PROCESS = ("population",), True
         a.members, a.models, a.timed_steps, a.batch, a.epochs, a.population = [1], [next(iter(MODELS))], 1, 4, 1, 2
         over = ["data.train_size=64", "data.val_size=32", "data.test_size=32", "search.grid=[0.5]", "search.num_cpus=2"]
     if a.steps:

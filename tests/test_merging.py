@@ -109,6 +109,14 @@ DIGITS = ["model.width=32", "model.depth=2", "optim.lr=5e-3", "data.train_size=3
 DIGITS += ["data.val_size=300", "data.test_size=300", "trainer.max_epochs=2", "merging.warmup_epochs=2"]
 
 
+def merging_budget(steps: int, warmup: bool):
+    from mtl_lightning.config import compose
+    from mtl_lightning.merging.run import budget
+
+    cfg = compose("digits_mtl", [f"trainer.max_steps={steps}", f"merging.warmup_epochs={int(warmup)}", "merging=ties"])
+    return budget(cfg, 2)
+
+
 def _ckpt_file(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -162,22 +170,16 @@ def test_a_merging_run_fine_tunes_each_task_from_the_warm_up_and_merges_them(mak
     zero = run(make_cfg("digits_mtl", *DIGITS, "merging=adamerging", "run_name=ada0", "merging.ada_steps=0", *given))
     ta = json.loads((tmp_path / "runs" / "digits_mtl" / "again-task_arithmetic" / "metrics.json").read_text())
     assert zero["val/acc_mean"] == pytest.approx(ta["val/acc_mean"], abs=1e-6)  # both theta_0 + 0.3 sum_t tau_t
-    # pretrained weights as theta_0, without a warm-up (model.init here, as a checkpoint on disk would be)
-    over = ["merging=average", "run_name=pre", "merging.warmup_epochs=0", "merging.task_epochs=1"]
+    # pretrained weights as theta_0 without a warm-up (model.init here, as a checkpoint on disk would be), on a budget
+    # in steps (a study's): the task models share all of it, as there is no warm-up
+    over = ["merging=average", "run_name=pre", "merging.warmup_epochs=0", "trainer.max_steps=41"]
     pre = run(make_cfg("digits_mtl", *DIGITS, *over, f"model.init={record['start']}"))
     pre_record = json.loads((Path(pre["run_dir"]) / "merging.json").read_text())
-    assert pre_record["steps"] == {"warmup": 0, "left": 47, "right": 47}
-    assert torch.equal(
-        _ckpt_file(pre_record["start"])["state_dict"]["backbone.cls_token"], start["state_dict"]["backbone.cls_token"]
-    )
-    # a budget in steps (a study's): the warm-up takes a quarter, the task models share the rest, 100 steps in all
-    steps = run(make_cfg("digits_mtl", *DIGITS, "merging=average", "run_name=budget", "trainer.max_steps=100"))
-    assert json.loads((Path(steps["run_dir"]) / "merging.json").read_text())["steps"] == {
-        "warmup": 25,
-        "left": 38,
-        "right": 37,
-    }
-    assert steps["merging/steps"] == 100
+    assert pre_record["steps"] == {"warmup": 0, "left": 21, "right": 20} and pre["merging/steps"] == 41
+    theta0 = _ckpt_file(pre_record["start"])["state_dict"]["backbone.cls_token"]
+    assert torch.equal(theta0, start["state_dict"]["backbone.cls_token"])
+    # with a warm-up, a quarter of the budget goes to it
+    assert merging_budget(40, warmup=True) == (10, [15, 15]) and merging_budget(41, warmup=True) == (10, [16, 15])
     # a model that did not start from merging.start is refused, in one paragraph
     bad = [f"merging.start={record['models']['left']}", f"merging.models=[{record['models']['right']}]"]
     with pytest.raises(MTLError, match="was not fine-tuned from merging.start"):
