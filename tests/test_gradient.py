@@ -287,6 +287,14 @@ def test_modo_samples_are_disjoint_parts_of_the_batch(make_cfg):
         split_batch(torch.zeros(2, 4), 3, "modo")
     parts = split_batch(({"a": torch.arange(6)}, [torch.arange(6) * 2]), 2, "modo")
     assert parts[1][0]["a"].tolist() == [3, 4, 5] and parts[1][1][0].tolist() == [6, 8, 10]
+    pyg = pytest.importorskip("torch_geometric.data")  # a batch of graphs splits into batches of whole graphs
+    graphs = [
+        pyg.Data(x=torch.full((n, 1), float(n)), edge_index=torch.zeros(2, 0, dtype=torch.long)) for n in range(1, 7)
+    ]
+    thirds = split_batch(pyg.Batch.from_data_list(graphs), 3, "modo")
+    assert [b.num_graphs for b in thirds] == [2, 2, 2] and thirds[2].x.flatten().tolist() == [5.0] * 5 + [6.0] * 6
+    with pytest.raises(MTLError, match="which a batch of str does not allow"):
+        split_batch("text", 2, "modo")
 
 
 def test_gcs_drops_auxiliaries_that_conflict_with_the_target():
