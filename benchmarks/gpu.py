@@ -261,40 +261,14 @@ def main() -> None:
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:  # sections, each its time and rows, as JSON on the last line
-        out = {}
-        for name in a.child.split(","):
-            t = time.perf_counter()
-            rows = SECTIONS[name](a)
-            out[name] = [time.perf_counter() - t, rows]
-        print(json.dumps(out))
+        print(json.dumps(run_sections(a.child.split(","), a)))
         return
     text = [header()]
     # each section in a process of its own with its own cap; at --tiny sizes (the tests' CPU check) this process runs
     # them all, uncapped: no second import of torch and Lightning
     groups = [list(a.sections)] if a.tiny else [[name] for name in a.sections]
     for group in groups:
-        if a.tiny:
-            for name in group:
-                t = time.perf_counter()
-                rows = SECTIONS[name](a)
-                text.append(f"## {name} ({time.perf_counter() - t:.0f} s)\n\n" + "\n".join(rows) + "\n")
-                print(text[-1], flush=True)
-            continue
-        cap = a.cap or sum(CAPS[name] for name in group)
-        argv = [sys.executable, os.path.abspath(__file__), "--child", ",".join(group), f"--batch={a.batch}"]
-        argv += ["--tiny"] * a.tiny + ["--no-compile"] * a.no_compile
-        t = time.perf_counter()
-        # its own session: at the cap the whole section goes, the searches and Ray workers it started included
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=cap)
-            last = err.strip().splitlines()[-1] if err.strip() else "no output"
-            failed = {name: [time.perf_counter() - t, [f"skipped: failed ({last})"]] for name in group}
-            done = json.loads(out.strip().splitlines()[-1]) if proc.returncode == 0 else failed
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            done = {name: [cap, [f"skipped: over its {cap} s cap"]] for name in group}
+        done = run_sections(group, a) if a.tiny else run_child(group, a)
         for name in group:
             secs, rows = done[name]
             text.append(f"## {name} ({secs:.0f} s)\n\n" + "\n".join(rows) + "\n")
@@ -302,6 +276,36 @@ def main() -> None:
     if a.out:
         with open(a.out, "w") as f:
             f.write("\n".join(text))
+
+
+def run_sections(names: list[str], a) -> dict:
+    """The sections run in this process: {name: [its seconds, its rows]}."""
+    out = {}
+    for name in names:
+        t = time.perf_counter()
+        rows = SECTIONS[name](a)
+        out[name] = [time.perf_counter() - t, rows]
+    return out
+
+
+def run_child(group: list[str], a) -> dict:
+    """`run_sections` in a child process under the group's cap; a section that fails or runs over it is skipped."""
+    cap = a.cap or sum(CAPS[name] for name in group)
+    argv = [sys.executable, os.path.abspath(__file__), "--child", ",".join(group), f"--batch={a.batch}"]
+    argv += ["--no-compile"] * a.no_compile
+    t = time.perf_counter()
+    # its own session: at the cap the whole section goes, the searches and Ray workers it started included
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=cap)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {name: [cap, [f"skipped: over its {cap} s cap"]] for name in group}
+    if proc.returncode == 0:
+        return json.loads(out.strip().splitlines()[-1])
+    last = err.strip().splitlines()[-1] if err.strip() else "no output"
+    return {name: [time.perf_counter() - t, [f"skipped: failed ({last})"]] for name in group}
 
 
 if __name__ == "__main__":
