@@ -161,9 +161,8 @@ class MergingConfig:
     # started from it (model.init), such as the warm-up and task models of an earlier merging run
     start: str | None = None
     models: list[str] = field(default_factory=list)
-    lambdas: list[float] | None = (
-        None  # task_arithmetic, ties, dare: the scaling coefficients tried; null: the method's
-    )
+    # task_arithmetic, ties, dare: the scaling coefficients tried; null: the method's
+    lambdas: list[float] | None = None
     keeps: list[float] | None = None  # ties (and dare over it): the fractions of each task vector kept; null: [0.2]
     p: float = 0.9  # dare: the drop rate
     base: str = "task_arithmetic"  # dare: the method that merges the sparse task vectors

@@ -30,15 +30,13 @@ class DARE(Merging):
         base: str = "task_arithmetic"
         seed: int = 0
 
-    def __init__(self, cfg: Config, base: Merging | None = None):
+    def __init__(self, cfg: Config):
         super().__init__(cfg)
         check_fraction(cfg.p, "p")
         if cfg.base not in ("task_arithmetic", "ties"):
             raise MTLError(f"Unknown merging.base={cfg.base!r} for merging=dare. Valid choices: task_arithmetic, ties.")
-        if base is None:
-            cls = MERGINGS.get(cfg.base)
-            base = cls(cls.Config())
-        self.base = base
+        cls = MERGINGS.get(cfg.base)
+        self.base = cls(cls.Config())
 
     def merge(self, theta0: Tensor, tau: Tensor, **coefficients) -> Tensor:
         sparse = drop_and_rescale(tau, self.cfg.p, torch.Generator(tau.device).manual_seed(self.cfg.seed))

@@ -11,6 +11,7 @@ again (`run_name=`), so an interrupted merging run continues where it stopped.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import fields
 from pathlib import Path
 
@@ -91,14 +92,8 @@ def trained_run(cfg: DictConfig, fit) -> Path:
         say(f"merging: {run_dir} finished before, kept")
         return run_dir
     if run_dir.exists():  # interrupted: trained again from its start
-        import shutil
-
         shutil.rmtree(run_dir)
     return Path(fit(cfg)["run_dir"])
-
-
-def steps_of(run_dir: Path) -> int:
-    return int(torch.load(init_checkpoint(run_dir), map_location="cpu", weights_only=False)["global_step"])
 
 
 def merge_run(cfg: DictConfig, fit) -> dict:
@@ -151,8 +146,8 @@ def merge_run(cfg: DictConfig, fit) -> dict:
             models[tasks[0]] = Path(path)
         names = list(models)
     cfg = OmegaConf.merge(cfg, {"data": {"tasks": names}})
-    theta0_state = _state(start)
-    task_states = [_state(models[t]) for t in names]
+    start_ckpt, task_ckpts = _load(start), [_load(models[t]) for t in names]  # each read once
+    theta0_state, task_states = start_ckpt["state_dict"], [c["state_dict"] for c in task_ckpts]
     shared = {k: v for k, v in theta0_state.items() if not k.startswith(("heads.", "weighting."))}
     theta0, tau, keys = task_vectors(
         shared, [{k: s[k] for k in s if k in shared} for s in task_states], [str(models[t]) for t in names]
@@ -187,7 +182,8 @@ def merge_run(cfg: DictConfig, fit) -> dict:
     chosen = {k: v for k, v in best.items() if k not in (b.monitor, "_coefficients")}
     tried = [{k: v for k, v in r.items() if k != "_coefficients"} for r in tried]
     out = evaluate(trainer, b, ("val", "test") if cfg.test else ("val",))
-    steps = {"warmup": steps_of(start), **{t: steps_of(models[t]) for t in names}}
+    steps = {"warmup": int(start_ckpt["global_step"])}
+    steps.update({t: int(c["global_step"]) for t, c in zip(names, task_ckpts)})
     out["merging/steps"] = float(sum(steps.values()))
     run_dir.mkdir(parents=True, exist_ok=True)
     save_run_config(cfg, run_dir, resumed=False)
@@ -230,8 +226,9 @@ def adapt(method, b, theta0, tau, keys, shared, heads, sizes, batch_size: int):
     return method.learn(theta0, tau, sizes, itertools.cycle(inputs), entropy)
 
 
-def _state(run: Path) -> dict:
-    return torch.load(init_checkpoint(run), map_location="cpu", weights_only=False)["state_dict"]
+def _load(run: Path) -> dict:
+    """A run's (or a .ckpt's) checkpoint: its state dict and global step."""
+    return torch.load(init_checkpoint(run), map_location="cpu", weights_only=False)
 
 
 def _task_names(cfg: DictConfig) -> list[str]:
