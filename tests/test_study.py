@@ -255,14 +255,11 @@ def test_the_embedded_semi_supervised_study_runs_at_a_tiny_budget(shared_ray, tm
     assert "val/acc/rotation" in cells["forkmerge-10__seed0"]["metrics"] and (out / "report.md").exists()
 
 
-def _row(name: str) -> str:
+def _row(name: str) -> dict:
     """A study row of a registered weighting, with what it needs on two tasks (a target for the auxiliary methods)."""
-    from mtl_lightning.weighting import WEIGHTINGS
+    from test_weighting import required_options
 
-    needs = {"forkmerge": "target: [task0]", "fixed": "weights: [0.7, 0.3]", "post_train": "joint_epochs: 1"}
-    if WEIGHTINGS.get(name).auxiliary:
-        needs[name] = ", ".join(filter(None, [needs.get(name), "target: task0"]))
-    return f"{{name: {name}, label: {name}{', ' + needs[name] if name in needs else ''}}}"
+    return {"name": name, "label": name, **required_options(name, ["task0", "task1"])}
 
 
 @RAY
@@ -276,8 +273,9 @@ def test_every_weighting_trains_as_a_study_row_in_ray_workers(shared_ray, tmp_pa
     body += "overrides: [data.num_tasks=2, data.train_size=96, data.val_size=64, data.test_size=32, "
     body += "data.batch_size=32, trainer.max_epochs=1]\n"
     # and a merging row, on the same budget: a warm-up of 1 step, then the task models 1 each (issue 37)
-    merging = "{name: uniform, label: merging-ties, overrides: [merging=ties, 'merging.lambdas=[1.0]']}"
-    body += f"axes: {{weighting: [{', '.join(_row(n) for n in names)}, {merging}], seed: [0]}}\n"
+    merging = {"name": "uniform", "label": "merging-ties", "overrides": ["merging=ties", "merging.lambdas=[1.0]"]}
+    axes = {"weighting": [*(_row(n) for n in names), merging], "seed": [0]}
+    body += yaml.safe_dump({"axes": axes})
     out = run_study(*load_study(write(tmp_path, body), [f"study.out_dir={tmp_path / 'st'}", "logger=csv"]))
     cells = {p.stem.removesuffix("__seed0"): json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
     assert sorted(cells) == sorted([*names, "merging-ties"])

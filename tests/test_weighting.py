@@ -10,17 +10,23 @@ from mtl_lightning.weighting.preference import PreferenceScalarization
 TASKS = ["a", "b", "c"]
 
 
+def required_options(name, tasks):
+    """The options a registered weighting cannot do without on `tasks` (the others keep their defaults)."""
+    cls, out = WEIGHTINGS.get(name), {}
+    if name == "fixed":
+        out["weights"] = [1.0] * len(tasks)
+    if name == "forkmerge":
+        out["target"] = [tasks[0]]
+    if cls.auxiliary:
+        out["target"] = tasks[0]
+    if name == "post_train":
+        out["joint_epochs"] = 1
+    return out
+
+
 def make(name, tasks=TASKS, **kw):
     cls = WEIGHTINGS.get(name)
-    if name == "fixed":
-        kw.setdefault("weights", [1.0] * len(tasks))
-    if name == "forkmerge":
-        kw.setdefault("target", [tasks[0]])
-    if cls.auxiliary:
-        kw.setdefault("target", tasks[0])
-    if name == "post_train":
-        kw.setdefault("joint_epochs", 1)
-    return cls(tasks, cls.Config(**kw))
+    return cls(tasks, cls.Config(**{**required_options(name, tasks), **kw}))
 
 
 # loss weightings (ForkMerge's weighting only names its branches' weights: tests/test_forkmerge.py)
