@@ -40,6 +40,8 @@ class MultiTaskModule(TaskModel):
         super().__init__(tasks, model_cfg, optim_cfg, seed, hparams, delta_base, delta_convention)
         self.backbone, self.arch, self.heads = build_network(self.tasks, in_chans, img_size, model_cfg)
         self.weighting, self.mixing = weighting, mixing
+        if getattr(weighting, "reads_features", False):  # LDC-MTL's router reads every task's representation
+            weighting.bind(len(self.tasks) * self.arch.out_dim)
         self.fork = None  # ForkMerge's callback when weighting=forkmerge: then the steps are manual
         self.clip_val = None  # gradient clipping done by the module itself under manual optimisation
         self.metrics = nn.ModuleDict({stage: self.make_stage_metrics() for stage in ("val", "test")})
@@ -73,6 +75,11 @@ class MultiTaskModule(TaskModel):
         """(each task's loss, its labelled count, z) on a batch."""
         preds, targets, z = self.predictions(x, y, detach, z)
         return (*self.task_losses(preds, targets), z)
+
+    def task_summary(self, z: Tensor) -> Tensor:
+        """Every task's representation (the heads' inputs) pooled over space and the batch, concatenated: (K x D,)."""
+        reps = self.arch.specific(z)
+        return torch.cat([r.flatten(2).mean(-1) if r.ndim > 2 else r for r in reps], 1).mean(0)
 
     def heads_forward(self, z: Tensor, size) -> list[Tensor]:
         return [head(rep, size) for head, rep in zip(self.heads, self.arch.specific(z))]
@@ -124,6 +131,10 @@ class MultiTaskModule(TaskModel):
         x, y = batch
         if hasattr(self.weighting, "meta_step"):  # a bilevel weighting (Auto-Lambda) first updates its weights
             self.weighting.meta_step(self, batch)
+        if hasattr(self.weighting, "step_loss"):  # FORUM: the step's whole direction from its bilevel program
+            loss, losses = self.weighting.step_loss(self, batch)
+            w = self.weighting(losses)[1]
+            return self._logged(loss, (w * losses).sum(), losses, w)
         if getattr(self.weighting, "samples", 1) > 1:  # MoDo: task gradients on disjoint parts of the batch
             return self._sampled_step(x, y)
         losses, counts, z = self.batch_losses(x, y)
@@ -136,6 +147,9 @@ class MultiTaskModule(TaskModel):
             heads_loss = self.batch_losses(x, y, detach=True, z=z)[0].sum()  # the batch's z again, not a new forward
             loss, w = self.weighting.surrogate(losses, heads_loss, z, self.shared_parameters(), self.loss_scale())
             shown = (w * losses).sum().detach()
+        elif getattr(self.weighting, "reads_features", False):
+            loss, w = self.weighting(losses, self.task_summary(z))
+            shown = loss
         else:
             loss, w = self.weighting(losses)
             shown = loss

@@ -331,6 +331,7 @@ def method_args(name):
     extra["db_mtl"], extra["moco"] = ["weighting.beta=0.5"], ["weighting.beta_sigma=0"]
     extra["nash_mtl"] = ["weighting.update_weights_every=4"]  # its cvxpy solve (the reference's option) every 4th step
     extra["auto_lambda"] = ["weighting.every=4"]  # its meta-step (4 passes more) every 4th step: a quarter of the cost
+    extra["forum"] = ["weighting.every=4"]  # likewise (8 passes and K backward passes more)
     return [f"weighting={name}", *target, *extra.get(name, [])]
 
 
@@ -361,6 +362,18 @@ LOSS_LEVEL = [
 @pytest.mark.parametrize("name", LOSS_LEVEL)
 def test_loss_level_method_learns_and_resumes_exactly(name, make_cfg, tmp_path):
     method_learns_and_resumes(name, make_cfg, tmp_path)  # DWA leaves uniform from its third epoch
+
+
+def test_ldc_mtl_router_learns_and_resumes_exactly(make_cfg, tmp_path):
+    """LDC-MTL's other form: its router reads the tasks' representations, trains with the model and is checkpointed.
+    At this test's step size it starves one task (the weighted mean's gradient in w favours the task whose loss falls
+    first, to the clamp: left 0.13, right 0.71), as the reference's single loop does; the free logits learn both."""
+    m, a, b = learn_and_resume(make_cfg, tmp_path, "weighting=ldc_mtl", "weighting.router=true")
+    assert max(m["val/acc/left"], m["val/acc/right"]) > CHANCE + 0.4
+    router = a["weighting.router.weight"]
+    assert router.shape[0] == 2 and router.shape[1] % 2 == 0  # K outputs from the K tasks' representations
+    for k in (k for k in a if k.startswith("weighting.")):
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
 
 
 class SaveAtValidationEnd(Callback):

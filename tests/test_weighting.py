@@ -99,7 +99,7 @@ def test_registry_holds_every_method_of_the_papers():
     loss_level = {"uniform", "fixed", "uncertainty", "imtl_l", "dwa", "rlw", "gls", "famo", "post_train", "stch"}
     loss_level |= {"cosmos", "pbi"}  # torchjd's preference scalarisations
     loss_level |= {"go4align"}  # the 2024-26 baselines from their authors' code
-    loss_level |= {"auto_lambda"}  # bilevel
+    loss_level |= {"auto_lambda", "forum", "ldc_mtl"}  # bilevel
     gradient = {"pcgrad", "cagrad", "graddrop", "mgda", "mgda_ub", "imtl_g", "nash_mtl", "upgrad", "gradnorm"}
     gradient |= {"aligned_mtl", "config", "dualproj", "fairgrad", "gradvac", "sdmgrad", "excess_mtl"}  # torchjd's
     gradient |= {"gcs", "ol_aux", "arml"}  # the auxiliary-task baselines of ForkMerge's tables (and post_train)
@@ -388,6 +388,99 @@ def test_auto_lambda_refuses_to_learn_from_the_test_split(make_cfg, tmp_path):
     over = [f"data.root={tmp_path / 'data'}", "data.train_fraction=1", "data.batch_size=8", "trainer.max_steps=1"]
     with pytest.raises(MTLError, match="learn from the test set.*data.train_fraction below 1"):
         run(make_cfg("cifar10", *over, "weighting=auto_lambda", "model.pretrained=false"))
+
+
+class TinyForum(TinyTwoTask):
+    """TinyTwoTask with what FORUM's step also reads of a module: the epoch, and the finite-loss check."""
+
+    current_epoch = 0
+
+    def _check_finite(self, losses):
+        pass
+
+
+def test_forum_step_is_the_direction_libmtl_computes():
+    """FORUM's update, written out as LibMTL's bacth_forward_FORUM computes it (a deep copy for the inner loop, cvxpy
+    on the square root of A A^T for the program) and compared: the model's gradient, lambda, the logits' Adam step."""
+    import copy
+
+    import cvxpy as cp
+    import numpy as np
+
+    g = torch.Generator().manual_seed(2)
+    train, val = [(torch.randn(16, 3, generator=g), torch.randn(16, 2, generator=g)) for _ in range(2)]
+    model, phi = TinyForum(), 0.1
+    w = make("forum", tasks=["a", "b"], inner_steps=3, phi=phi)
+    logits = torch.tensor([0.3, -0.2])  # not uniform, so that the logits' own gradient is not symmetric
+    w.logits.copy_(logits)
+    w.batches = type("B", (), {"next": lambda self, drawn: val})()
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    loss, _ = w.step_loss(model, train)
+    got = torch.cat([gr.flatten() for gr in torch.autograd.grad(loss, params)])
+    assert all(torch.equal(p, b) for p, b in zip(params, before))  # the inner loop undone
+
+    def flat(grads):
+        return torch.cat([gr.flatten() for gr in grads])
+
+    a = logits.clone().requires_grad_()
+    g_f = torch.autograd.grad((torch.softmax(a, 0) * model.batch_losses(*train)[0]).sum(), [a, *params])
+    inner = copy.deepcopy(model)
+    opt = torch.optim.SGD(inner.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        (torch.softmax(a, 0).detach() * inner.batch_losses(*train)[0]).sum().backward()
+        opt.step()
+    g_hat = torch.autograd.grad((torch.softmax(a, 0) * inner.batch_losses(*train)[0]).sum(), a)[0]
+    g_q = torch.cat([g_f[0] - g_hat, flat(g_f[1:])])
+    val_losses = model.batch_losses(*val)[0]
+    F = torch.stack([flat(torch.autograd.grad(val_losses[k], params, retain_graph=True)) for k in range(2)])
+    F = torch.cat([torch.zeros(2, 2), F / F.norm(dim=1, keepdim=True)], 1)
+    qq = g_q.pow(2).sum().item() + 1e-8
+    pi = [phi - (g_q @ F[k]).item() / qq for k in range(2)]
+    A = torch.cat([F, g_q[None]]).double()
+    c, v = np.linalg.eig((A @ A.T).numpy())
+    root = np.real(v @ np.diag(np.sqrt(np.maximum(c, 0))) @ np.linalg.inv(v))
+    x = cp.Variable(3, nonneg=True)
+    cons = [cp.sum(x[:-1]) == 1, x[-1] >= pi[0] * x[0] + pi[1] * x[1]]
+    cp.Problem(cp.Minimize(cp.quad_over_lin(root @ x, 1) - x[-1] * phi * qq), cons).solve()
+    lam = torch.tensor(x.value[:2], dtype=torch.float32)  # epoch 0: the moving average's first step is 1
+    nu = max(float(lam @ torch.tensor(pi)), 0.0)
+    expected = lam @ F + nu * g_q
+    assert torch.allclose(w.lam, lam, atol=1e-4)
+    assert torch.allclose(got, expected[2:], rtol=1e-3, atol=1e-5)
+    assert torch.allclose(w.logits, logits - 1e-3 * torch.sign(expected[:2]), atol=1e-7)  # Adam's first step
+    assert int(w.drawn) == 1
+
+
+def test_ldc_mtl_loss_by_hand_and_its_discrepancy_term_equalises_the_weighted_losses():
+    w = make("ldc_mtl", lamb=0.5)
+    w(torch.tensor([0.5, 2.0, 1.0]))  # the first step fixes the ratios to the smallest loss
+    assert torch.allclose(w.ratios, torch.tensor([1.0, 4.0, 2.0]))
+    losses = torch.ones(3, requires_grad=True)
+    loss, coef = w(losses)
+    s, n = torch.sigmoid(torch.tensor(1.0)), torch.tensor([1.0, 0.25, 0.5])
+    assert loss.item() == pytest.approx((s * n).sum() / (3 * s) + 0.5 * s * (0.75 + 0.25), rel=1e-6)
+    loss.backward()
+    assert torch.allclose(losses.grad, coef)  # the logged weights are the loss's coefficients
+    # the router's form on fixed losses (h = 0: its bias alone is the softmax's input): the weighted mean alone puts
+    # every weight on the easiest task; a large lamb makes the weighted losses w_k L_k equal (w proportional to 1/L)
+    L, ends = torch.tensor([1.0, 0.25, 0.5]), {}
+    for lamb in (0.0, 5.0):
+        torch.manual_seed(0)
+        w = make("ldc_mtl", lamb=lamb, normalize=False, router=True, low=0.0, high=1.0)
+        w.bind(6)
+        opt = torch.optim.Adam(w.parameters(), lr=0.05)
+        for _ in range(500):
+            opt.zero_grad()
+            w(L, torch.zeros(6))[0].backward()
+            opt.step()
+        ends[lamb] = torch.softmax(w.router(torch.zeros(6)), 0).detach()
+    assert ends[0.0][1] > 0.99
+    wl = ends[5.0] * L
+    assert wl.max() / wl.min() < 1.05, ends[5.0]
+    with pytest.raises(MTLError, match="router=true reads the tasks' representations"):
+        make("ldc_mtl", router=True)(L)
 
 
 def test_rlw_is_reproducible_from_the_seed():

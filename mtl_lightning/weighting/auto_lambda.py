@@ -6,15 +6,13 @@ import torch
 from torch import Tensor
 
 from ..errors import MTLError
-from ..validation import CycledBatches
 from ._adam import adam_step
-from .auxiliary import target_indices
-from .base import Weighting
+from .bilevel import Bilevel
 from .registry import WEIGHTINGS
 
 
 @WEIGHTINGS.register("auto_lambda")
-class AutoLambda(Weighting):
+class AutoLambda(Bilevel):
     """Auto-Lambda (Liu et al., TMLR 2022, arXiv:2202.03091), as the authors' code (lorenmt/auto-lambda) runs it.
 
     The loss is sum_k w_k L_k with weights w learned by a meta-step before every `every`-th training step: a virtual
@@ -32,38 +30,17 @@ class AutoLambda(Weighting):
     moments, as the reference. One device, fp32 or bf16 (the meta-gradient is not loss-scaled).
     """
 
-    stateful = True
-
     @dataclass
-    class Config(Weighting.Config):
+    class Config(Bilevel.Config):
         name: str = "auto_lambda"
-        target: list[str] | None = None  # primary tasks (None: every task, multi-task learning)
         weight_init: float = 0.1  # the reference's autol_init
         lr: float = 1e-4  # Adam's step on the weights (autol_lr)
-        every: int = 1  # a meta-step before every `every`-th training step (the reference: every step)
 
     def __init__(self, tasks, cfg: Config):
         super().__init__(tasks, cfg)
-        targets = range(len(self.tasks)) if cfg.target is None else target_indices(self.tasks, cfg.target)
-        if not cfg.lr > 0 or cfg.every < 1:
-            raise MTLError(f"weighting.lr={cfg.lr} must be > 0 and weighting.every={cfg.every} >= 1.")
-        K = len(self.tasks)
-        self.register_buffer("w", torch.full((K,), float(cfg.weight_init)))
-        for name in ("exp_avg", "exp_avg_sq"):
-            self.register_buffer(name, torch.zeros(K))
-        self.register_buffer("t", torch.zeros((), dtype=torch.long))
-        self.register_buffer("drawn", torch.zeros((), dtype=torch.long))  # validation batches used so far
-        primary = torch.tensor([float(k in targets) for k in range(K)])
-        self.register_buffer("primary", primary, persistent=False)
-        self.batches: CycledBatches | None = None
-
-    def check(self, precision: str, distributed: bool) -> None:
-        if distributed or precision.startswith("16"):
-            raise MTLError(
-                "weighting=auto_lambda takes its meta-step on one device in fp32 or bf16 (its meta-gradient is "
-                "neither averaged over ranks nor loss-scaled): use trainer.devices=1 and trainer.precision=32 or "
-                "bf16-mixed."
-            )
+        if not cfg.lr > 0:
+            raise MTLError(f"weighting.lr={cfg.lr} must be > 0.")
+        self.register_buffer("w", torch.full((len(self.tasks),), float(cfg.weight_init)))
 
     def forward(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         w = self.w.to(losses)
@@ -71,12 +48,9 @@ class AutoLambda(Weighting):
 
     def meta_step(self, module, batch) -> None:
         """Move w by the validation loss's hypergradient; called by the module before the training step's loss."""
-        if module.global_step % self.cfg.every or getattr(module, "_trainer", True) is None:
-            return  # not this step; or outside a Trainer (no optimiser, no validation batches): the weights as they are
-        if self.batches is None:
-            self.batches = CycledBatches(module.trainer, "weighting=auto_lambda")
-        vx, vy = module.transfer_batch_to_device(self.batches.next(int(self.drawn)), module.device, 0)
-        self.drawn += 1
+        if not self.due(module):
+            return
+        vx, vy = self.validation_batch(module)
         x, y = batch
         opt = module.trainer.optimizers[0]
         group = opt.param_groups[0]
@@ -106,5 +80,4 @@ class AutoLambda(Weighting):
         adam_step(self.w, -lr * hessian.to(self.w), self.exp_avg, self.exp_avg_sq, self.t, self.cfg.lr)
 
     def extra_repr(self) -> str:
-        target = self.cfg.target if self.cfg.target is not None else "all"
-        return f"tasks={self.tasks}, target={target}, weight_init={self.cfg.weight_init}, lr={self.cfg.lr}"
+        return f"{super().extra_repr()}, weight_init={self.cfg.weight_init}, lr={self.cfg.lr}"
