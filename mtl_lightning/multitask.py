@@ -40,8 +40,7 @@ class MultiTaskModule(TaskModel):
         super().__init__(tasks, model_cfg, optim_cfg, seed, hparams, delta_base, delta_convention)
         self.backbone, self.arch, self.heads = build_network(self.tasks, in_chans, img_size, model_cfg)
         self.weighting, self.mixing = weighting, mixing
-        if getattr(weighting, "reads_features", False):  # LDC-MTL's router reads every task's representation
-            weighting.bind(len(self.tasks) * self.arch.out_dim)
+        weighting.attach(self)
         self.fork = None  # ForkMerge's callback when weighting=forkmerge: then the steps are manual
         self.clip_val = None  # gradient clipping done by the module itself under manual optimisation
         self.metrics = nn.ModuleDict({stage: self.make_stage_metrics() for stage in ("val", "test")})
@@ -131,9 +130,8 @@ class MultiTaskModule(TaskModel):
         x, y = batch
         if hasattr(self.weighting, "meta_step"):  # a bilevel weighting (Auto-Lambda) first updates its weights
             self.weighting.meta_step(self, batch)
-        if hasattr(self.weighting, "step_loss"):  # FORUM: the step's whole direction from its bilevel program
-            loss, losses = self.weighting.step_loss(self, batch)
-            w = self.weighting(losses)[1]
+        if hasattr(self.weighting, "step_loss"):  # FORUM, BayesAgg-MTL: the whole step's gradient is the method's
+            loss, losses, w = self.weighting.step_loss(self, batch)
             return self._logged(loss, (w * losses).sum(), losses, w)
         if getattr(self.weighting, "samples", 1) > 1:  # MoDo: task gradients on disjoint parts of the batch
             return self._sampled_step(x, y)

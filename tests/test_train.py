@@ -332,6 +332,8 @@ def method_args(name):
     extra["nash_mtl"] = ["weighting.update_weights_every=4"]  # its cvxpy solve (the reference's option) every 4th step
     extra["auto_lambda"] = ["weighting.every=4"]  # its meta-step (4 passes more) every 4th step: a quarter of the cost
     extra["forum"] = ["weighting.every=4"]  # likewise (8 passes and K backward passes more)
+    # its own steps from epoch 3 (from 2 its precision-weighting starves the slower task at this step size: 0.17)
+    extra["bayesagg_mtl"] = ["weighting.warmup_epochs=2", "weighting.mc_samples=64"]
     return [f"weighting={name}", *target, *extra.get(name, [])]
 
 

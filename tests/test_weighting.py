@@ -100,6 +100,7 @@ def test_registry_holds_every_method_of_the_papers():
     loss_level |= {"cosmos", "pbi"}  # torchjd's preference scalarisations
     loss_level |= {"go4align"}  # the 2024-26 baselines from their authors' code
     loss_level |= {"auto_lambda", "forum", "ldc_mtl"}  # bilevel
+    loss_level |= {"bayesagg_mtl"}  # its own step, on the heads' posteriors
     gradient = {"pcgrad", "cagrad", "graddrop", "mgda", "mgda_ub", "imtl_g", "nash_mtl", "upgrad", "gradnorm"}
     gradient |= {"aligned_mtl", "config", "dualproj", "fairgrad", "gradvac", "sdmgrad", "excess_mtl"}  # torchjd's
     gradient |= {"gcs", "ol_aux", "arml"}  # the auxiliary-task baselines of ForkMerge's tables (and post_train)
@@ -416,7 +417,7 @@ def test_forum_step_is_the_direction_libmtl_computes():
     w.batches = type("B", (), {"next": lambda self, drawn: val})()
     params = list(model.parameters())
     before = [p.detach().clone() for p in params]
-    loss, _ = w.step_loss(model, train)
+    loss = w.step_loss(model, train)[0]
     got = torch.cat([gr.flatten() for gr in torch.autograd.grad(loss, params)])
     assert all(torch.equal(p, b) for p, b in zip(params, before))  # the inner loop undone
 
@@ -481,6 +482,59 @@ def test_ldc_mtl_loss_by_hand_and_its_discrepancy_term_equalises_the_weighted_lo
     assert wl.max() / wl.min() < 1.05, ends[5.0]
     with pytest.raises(MTLError, match="router=true reads the tasks' representations"):
         make("ldc_mtl", router=True)(L)
+
+
+def test_bayesagg_regression_moments_are_exact():
+    from mtl_lightning.weighting.bayesagg_mtl import regression_moments
+
+    g = torch.Generator().manual_seed(0)
+    h, r, mu = torch.randn(3, 4, generator=g), torch.randn(3, generator=g), torch.randn(4, generator=g)
+    A = torch.randn(4, 4, generator=g)
+    cov = A @ A.T / 4 + 0.1 * torch.eye(4)
+    E, V = regression_moments(h.double(), r.double(), mu.double(), cov.double())
+    w = torch.distributions.MultivariateNormal(mu.double(), cov.double()).sample((400_000,))  # (S, D)
+    grads = 2 * w[:, None, :] * (w @ h.double().T - r.double())[:, :, None]  # (S, B, D)
+    assert torch.allclose(E, grads.mean(0), rtol=0.02, atol=0.02)
+    assert torch.allclose(V, grads.var(0), rtol=0.03, atol=0.03)
+
+
+@pytest.mark.parametrize("kind", ["classification", "binary"])
+def test_bayesagg_laplace_posterior_is_a_newton_step_on_the_map_objective(kind):
+    """Precision: the Hessian of the summed loss plus the prior's quadratic at the head's weights (for a linear
+    softmax or sigmoid layer the Gauss-Newton matrix is the Hessian); mean: one Newton step from them."""
+    from mtl_lightning.weighting.bayesagg_mtl import laplace
+
+    g = torch.Generator().manual_seed(1)
+    C = 3 if kind == "classification" else 1
+    h, W = torch.randn(20, 4, generator=g).double(), torch.randn(C, 5, generator=g).double()
+    y = torch.randint(0, 3 if C == 3 else 2, (20,), generator=g).double()
+    m0, P0 = torch.randn(C * 5, generator=g).double(), 2 * torch.eye(C * 5).double()
+
+    def objective(wf):
+        logits = torch.cat([h, torch.ones(20, 1).double()], 1) @ wf.view(C, 5).T
+        if C == 1:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y, reduction="sum")
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, y.long(), reduction="sum")
+        return loss + 0.5 * (wf - m0) @ P0 @ (wf - m0)
+
+    mean, prec = laplace(h, y, W, m0, P0, kind)
+    H = torch.autograd.functional.hessian(objective, W.flatten())
+    grad = torch.autograd.functional.jacobian(objective, W.flatten())
+    assert torch.allclose(prec, H, atol=1e-9)
+    assert torch.allclose(mean, W.flatten() - torch.linalg.solve(H, grad), atol=1e-9)
+
+
+def test_bayesagg_aggregates_by_inverse_variance_over_the_labelled_tasks():
+    from mtl_lightning.weighting.bayesagg_mtl import inverse_variance
+
+    E = torch.tensor([[[1.0, 2.0]], [[3.0, -2.0]]])  # (K=2, B=1, D=2)
+    V = torch.tensor([[[1.0, 1e6]], [[3.0, 1.0]]])
+    g, share = inverse_variance(E, V, torch.ones(2, 1, dtype=torch.bool))
+    assert torch.allclose(g, torch.tensor([[(1 / 1 + 3 / 3) / (1 + 1 / 3), (2e-6 - 2) / (1e-6 + 1)]]))
+    assert share.sum().item() == pytest.approx(1.0)  # the second feature is all task 2's: an uncertain task yields
+    g, share = inverse_variance(E, V, torch.tensor([[False], [True]]))  # task 1 unlabelled: task 2's gradient alone
+    assert torch.allclose(g, E[1]) and share.tolist() == [0.0, 1.0]
 
 
 def test_rlw_is_reproducible_from_the_seed():

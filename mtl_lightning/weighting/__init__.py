@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (registers the methods)
     aligned_mtl,
     arml,
     auto_lambda,
+    bayesagg_mtl,
     cagrad,
     config_agg,
     cosmos,

@@ -37,8 +37,8 @@ class Weighting(nn.Module):
     attributes are not (declare `stateful = True` when it carries state from step to step: the tests check that the
     checkpoint holds it; `signed = True` when a weight may be negative, which the tests otherwise refuse). Hooks:
     `on_train_epoch_start(epoch)` (also when a run resumes mid-epoch: make it idempotent), `on_train_epoch_end()`,
-    `check(precision, distributed)` to refuse at start-up what it cannot run, and `mixture_probs()` for
-    `data.mixing=sample` (only fixed scalarizations have them).
+    `check(precision, distributed)` and `attach(module)` to refuse at start-up what it cannot run, and
+    `mixture_probs()` for `data.mixing=sample` (only fixed scalarizations have them).
     """
 
     name: ClassVar[str]
@@ -79,6 +79,10 @@ class Weighting(nn.Module):
 
     def check(self, precision: str, distributed: bool) -> None:
         """Called at start-up with the Trainer's precision and whether it runs on several processes."""
+
+    def attach(self, module) -> None:
+        """Called once by the module that trains it, its network built: to size parameters by the network (LDC-MTL's
+        router) or refuse a network it cannot work on (BayesAgg-MTL's linear heads), before any run folder exists."""
 
     def on_train_epoch_start(self, epoch: int) -> None:
         """Called by the LightningModule at the start of every training epoch, with its index (Post-train), and when

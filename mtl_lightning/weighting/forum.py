@@ -53,14 +53,15 @@ class FORUM(Bilevel):
         w = torch.softmax(self.logits, 0).to(losses)
         return (w * losses).sum(), w.clone()
 
-    def step_loss(self, module, batch) -> tuple[Tensor, Tensor]:
-        """The training step: (a loss whose gradient is FORUM's direction, the batch's task losses). Off the meta-steps
-        (`every`) and outside a Trainer, the lower level's weighted loss."""
+    def step_loss(self, module, batch) -> tuple[Tensor, Tensor, Tensor]:
+        """The training step: (a loss whose gradient is FORUM's direction, the batch's task losses, the weights
+        logged). Off the meta-steps (`every`) and outside a Trainer, the lower level's weighted loss."""
         x, y = batch
         losses = module.batch_losses(x, y)[0]
         module._check_finite(losses)
         if not self.due(module):
-            return self(losses)[0], losses
+            loss, w = self(losses)
+            return loss, losses.detach(), w
         params = [p for p in module.parameters() if p.requires_grad]
         a = self.logits.detach().clone().requires_grad_()
         g_f = torch.autograd.grad((torch.softmax(a, 0).to(losses) * losses).sum(), [a, *params], allow_unused=True)
@@ -89,7 +90,7 @@ class FORUM(Bilevel):
             n = p.numel()
             surrogate = surrogate + (direction[i : i + n].view_as(p) * p).sum()
             i += n
-        return surrogate, losses.detach()
+        return surrogate, losses.detach(), self(losses.detach())[1]
 
     def _inner_grad(self, module, x, y, params) -> Tensor:
         """d/da f(a, theta_T): theta_T from `inner_steps` SGD steps on f at fixed a, taken on the parameters in place

@@ -33,7 +33,7 @@ class LDCMTL(Weighting):
 
     stateful = True
     signed = True  # with many tasks lamb's term can outweigh 1 / sum w: a task's coefficient may be negative
-    reads_features = True  # the router's input: `bind(width)` at build, `forward(losses, h)` per step
+    reads_features = True  # the router's input: `forward(losses, h)` per step
 
     @dataclass
     class Config(Weighting.Config):
@@ -54,8 +54,11 @@ class LDCMTL(Weighting):
         self.logits = None if cfg.router else nn.Parameter(torch.ones(K))
         self.router: nn.Linear | None = None
 
+    def attach(self, module) -> None:
+        self.bind(len(module.tasks) * module.arch.out_dim)
+
     def bind(self, width: int) -> None:
-        """Called by the module with the width of the router's input (K x a task representation's channels)."""
+        """The router on inputs of `width` (K x a task representation's channels)."""
         if self.cfg.router:
             self.router = nn.Linear(width, len(self.tasks))
 
