@@ -102,6 +102,8 @@ def measure(name: str, mode: str | None, K: int, a, overrides: list[str]) -> tup
         mode_arg.append("weighting.target=task0")
     if name == "post_train":
         mode_arg.append("weighting.joint_epochs=1")
+    if name == "bayesagg_mtl":  # its own steps from the first, not its warm-up's summed losses
+        mode_arg.append("weighting.warmup_epochs=0")
     return timed_run(
         "synthetic_mtl", [f"weighting={name}", f"data.num_tasks={K}", *mode_arg, *overrides], a.warmup, a.steps
     )

@@ -378,6 +378,19 @@ def test_ldc_mtl_router_learns_and_resumes_exactly(make_cfg, tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-5), k
 
 
+def test_bayesagg_without_a_warm_up_starts_from_its_prior(make_cfg):
+    over = ["data.train_size=128", "data.batch_size=32", "trainer.max_steps=2", "test=false"]
+    m = run(
+        make_cfg("digits_mtl", *over, "weighting=bayesagg_mtl", "weighting.warmup_epochs=0", "weighting.mc_samples=8")
+    )
+    state = torch.load(f"{m['run_dir']}/checkpoints/last.ckpt", weights_only=False)["state_dict"][
+        "weighting._extra_state"
+    ]
+    n = state["mean/0"].numel()  # the left head's weights and biases: N(0, gamma I) before any epoch of features
+    assert torch.equal(state["mean/0"], torch.zeros(n)) and torch.allclose(state["precision/0"], torch.eye(n) / 0.005)
+    assert len(state["feats"]) == 64  # the epoch's features so far, kept for the next epoch's posterior
+
+
 class SaveAtValidationEnd(Callback):
     """Saves the run as a search trial's report does: at the first epoch's validation end, before its epoch ends."""
 

@@ -24,7 +24,8 @@ class BayesAggMTL(Weighting):
     the last epoch's training features (the prior N(0, `gamma` I)), updated by the batch: exactly for regression
     (squared error, a Gaussian likelihood; moments in closed form, `power`), by a second-order expansion around the
     head's weights for classification (softmax) and binary tasks (sigmoid) (moments from `mc_samples` posterior
-    draws, `power_cls`). The first `warmup_epochs` epochs minimise the sum of the losses, as the reference. The
+    draws, `power_cls`). The first `warmup_epochs` epochs minimise the sum of the losses, as the reference (with none,
+    the first epoch's posteriors start from the prior itself). The
     weights logged are each task's share of the precisions, averaged over the batch and the features.
 
     Needs a model whose heads are linear layers on one shared vector representation (model.architecture=hps without
@@ -96,8 +97,13 @@ class BayesAggMTL(Weighting):
             self.epoch, self.feats, self.labels = epoch, [], []
         self.feats.append(z.detach().float())
         self.labels.append(torch.stack([t.float() for t in targets], 1))
-        if epoch < self.cfg.warmup_epochs or not self.prior:
+        if epoch < self.cfg.warmup_epochs:
             return self(losses)[0], losses.detach(), torch.ones_like(losses)
+        if not self.prior:  # no epoch of features yet (warmup_epochs=0): the prior N(0, gamma I) itself
+            for k, kind in enumerate(self.kinds):
+                n = z.shape[1] if kind == "regression" else self._head(module, k).numel()
+                self.prior[f"mean/{k}"] = torch.zeros(n, device=z.device)
+                self.prior[f"precision/{k}"] = torch.eye(n, device=z.device) / self.cfg.gamma
         with torch.autocast(z.device.type, enabled=False):
             g, share = self._aggregate(module, z.detach().float(), targets)
         heads = module.batch_losses(x, y, detach=True, z=z)[0].sum()  # each head: its own task's gradient

@@ -1,5 +1,6 @@
-"""What the bilevel weightings (Auto-Lambda, FORUM) share: task weights moved by the validation loss of the model
-they would give, on validation batches drawn as training goes (the batches ForkMerge merges on), on one device."""
+"""What the bilevel weightings (Auto-Lambda, FORUM) share: task weights moved by an upper-level loss of the model they
+would give, the `target` tasks', on one device. Auto-Lambda's upper level is validation batches drawn as training goes
+(the batches ForkMerge merges on: it learns only the weights from them); FORUM's is half of each training batch."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from .base import Weighting
 
 
 class Bilevel(Weighting):
-    """A weighting whose weights w (a buffer, with Adam's moments) follow a hypergradient of the `target` tasks'
-    validation loss (every task when unset; some: auxiliary learning, the others serve them). `every`: how often."""
+    """A weighting whose weights (a buffer, with Adam's moments) follow a hypergradient of the `target` tasks'
+    upper-level loss (every task when unset; some: auxiliary learning, the others serve them). `every`: how often."""
 
     stateful = True
 
