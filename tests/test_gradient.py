@@ -247,7 +247,7 @@ def test_modo_samples_are_disjoint_parts_of_the_batch(make_cfg):
     gradients), not on the whole batch nor on overlapping samples."""
     from lightning.pytorch.callbacks import Callback
 
-    from mtl_lightning.multitask import split_batch
+    from mtl_lightning.batches import split_batch
     from mtl_lightning.train import train
     from mtl_lightning.weighting.modo import MoDo
 

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..batches import split_batch
 from ..errors import MTLError
 from ._adam import adam_step
 from .bilevel import Bilevel
@@ -59,8 +60,6 @@ class FORUM(Bilevel):
     def step_loss(self, module, batch) -> tuple[Tensor, Tensor, Tensor]:
         """The training step: (a loss whose gradient is FORUM's direction, the batch's task losses, the weights
         logged). Off the meta-steps (`every`) and outside a Trainer, the lower level's weighted loss."""
-        from ..multitask import split_batch
-
         x, y = batch
         if not self.due(module):
             losses = module.batch_losses(x, y)[0]
