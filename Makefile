@@ -4,7 +4,7 @@ TEST_WORKERS ?= 2
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 install:  ## install the package and dev tools (editable)
 	$(PY) -m pip install -e ".[dev]"
@@ -14,6 +14,12 @@ run:  ## the main job: a short real training run on the embedded digits
 
 test: .installed  ## run the test suite (installs first on a fresh clone) on TEST_WORKERS processes
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
+
+docs:  ## build the documentation site into site/ (offline; reference pages generated from the code)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+docs-serve:  ## serve the documentation site at http://127.0.0.1:8000 while editing it
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 lint:  ## ruff check and format check
 	$(PY) -m ruff check .
@@ -42,4 +48,4 @@ gpu-check:  ## every GPU claim in one run, about 8 minutes on one GPU (benchmark
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch .installed
 
-.PHONY: help install run test lint bench gpu-check
+.PHONY: help install run test docs docs-serve lint bench gpu-check
