@@ -137,6 +137,26 @@ def mixtures_page() -> str:
     return "\n".join(out) + "\n"
 
 
+def datasets_page() -> str:
+    from mtl_lightning.data import DATASETS
+
+    out = [
+        "# Datasets\n",
+        "Where each dataset comes from, the exact files and arrays it reads under `data.root`, and its splits: each "
+        "loader module's own description. A missing dataset stops a run with one paragraph saying what to download "
+        "and where to put it. The options of each are under [Mixtures](mixtures.md).\n",
+    ]
+    modules: dict = {}
+    for name, cls in builtin(DATASETS):
+        modules.setdefault(inspect.getmodule(cls), []).append((name, cls))
+    for module, entries in modules.items():
+        out += [f"\n## {', '.join(f'`{n}`' for n, _ in entries)}\n", inspect.cleandoc(module.__doc__ or "") + "\n"]
+        for name, cls in entries:
+            if isinstance(getattr(cls, "source", None), str) and cls.source:
+                out.append(f"- **`{name}`**, where to get it: {cls.source}")
+    return "\n".join(out) + "\n"
+
+
 def runs_page() -> str:
     from mtl_lightning.config import CONFIG_DIR, list_experiments
     from mtl_lightning.search.study import study_files
@@ -158,6 +178,7 @@ PAGES = {
     "reference/config.md": config_page,
     "reference/weightings.md": weightings_page,
     "reference/mixtures.md": mixtures_page,
+    "reference/datasets.md": datasets_page,
     "reference/runs.md": runs_page,
 }
 

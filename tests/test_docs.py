@@ -34,5 +34,6 @@ def test_the_site_builds_strictly_and_its_reference_lists_every_registered_name(
     # a key's meaning is the comment beside it in the dataclass: the generated reference carries it
     assert "search.grace_period" in page["config"] and "before it can be stopped" in page["config"]
     assert "weighting.inner_steps" in page["weightings"] and "LibMTL" in page["weightings"]
+    assert "cityscapes/train/image/0.npy" in page["datasets"]  # where a dataset's files go, from its loader
     assert "LabelledTensors" in page["api"] and "Weighting" in page["api"]
     assert "fonts.googleapis" not in (tmp_path / "site" / "index.html").read_text()  # offline: no web fonts
