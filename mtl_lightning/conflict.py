@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .weighting.gradient import flat_grads
+
 
 class GradConflict:
     def __init__(self, names: list[str], every: int):
@@ -24,7 +26,7 @@ class GradConflict:
                 rows.append(None)
                 continue
             gs = torch.autograd.grad(losses[k], shared, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(shared, gs)]))
+            rows.append(flat_grads(gs, shared))
         row = {}
         for a in range(len(rows)):
             for b in range(a + 1, len(rows)):

@@ -10,6 +10,7 @@ from ..batches import split_batch
 from ..errors import MTLError
 from ._adam import adam_step
 from .bilevel import Bilevel
+from .gradient import along, flat_grads
 from .registry import WEIGHTINGS
 
 
@@ -72,14 +73,14 @@ class FORUM(Bilevel):
         params = [p for p in module.parameters() if p.requires_grad]
         a = self.logits.detach().clone().requires_grad_()
         g_f = torch.autograd.grad((torch.softmax(a, 0).to(losses) * losses).sum(), [a, *params], allow_unused=True)
-        g_fa, g_fw = g_f[0], flat(g_f[1:], params)
+        g_fa, g_fw = g_f[0], flat_grads(g_f[1:], params)
         g_q = torch.cat([g_fa - self._inner_grad(module, x, y, params), g_fw])  # grad q over (a, theta)
         val = module.batch_losses(x_up, y_up)[0]
         module._check_finite(val)
         K = len(self.tasks)
         F = torch.zeros(K, len(g_fw), device=g_fw.device, dtype=g_fw.dtype)
         for k in self.primary.nonzero().flatten().tolist():
-            F[k] = flat(torch.autograd.grad(val[k], params, retain_graph=True, allow_unused=True), params)
+            F[k] = flat_grads(torch.autograd.grad(val[k], params, retain_graph=True, allow_unused=True), params)
             F[k] /= F[k].norm().clamp(min=1e-12)
         qq = g_q.pow(2).sum() + 1e-8
         pi = self.cfg.phi - F @ g_q[K:] / qq  # zero rows (auxiliary tasks) are not in the program
@@ -92,13 +93,8 @@ class FORUM(Bilevel):
         nu = (lam * pi * rows).sum().clamp(min=0)
         direction = lam @ F + nu * g_q[K:]
         adam_step(self.logits, (nu * g_q[:K]).to(self.logits), self.exp_avg, self.exp_avg_sq, self.t, self.cfg.lr)
-        surrogate, i = 0.0, 0
-        for p in params:
-            n = p.numel()
-            surrogate = surrogate + (direction[i : i + n].view_as(p) * p).sum()
-            i += n
         shown = (losses.detach() + val.detach()) / 2  # the whole batch's losses, by halves
-        return surrogate, shown, self(shown)[1]
+        return along(params, direction), shown, self(shown)[1]
 
     def _inner_grad(self, module, x, y, params) -> Tensor:
         """d/da f(a, theta_T): theta_T from `inner_steps` SGD steps on f at fixed a, taken on the parameters in place
@@ -127,10 +123,6 @@ class FORUM(Bilevel):
     def extra_repr(self) -> str:
         c = self.cfg
         return f"{super().extra_repr()}, phi={c.phi}, inner_steps={c.inner_steps}, inner_lr={c.inner_lr}, lr={c.lr}"
-
-
-def flat(grads, params) -> Tensor:
-    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
 
 
 def forum_weights(F: Tensor, q_theta: Tensor, q_a: Tensor, pi: Tensor, phi: float) -> Tensor:

@@ -41,6 +41,18 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def flat_grads(grads, params) -> Tensor:
+    """Gradients w.r.t. `params` (None where a parameter got none) as one flat vector, zeros for the None."""
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+
+
+def along(params, g: Tensor) -> Tensor:
+    """A scalar whose gradient w.r.t. `params` is the flat vector g: how a combined update reaches the optimiser
+    through an ordinary backward."""
+    chunks = torch.split(g, [p.numel() for p in params])
+    return sum((p * c.view_as(p).to(p.dtype)).sum() for p, c in zip(params, chunks))
+
+
 def psd_sqrt(gramian: Tensor) -> Tensor:
     """A K x K matrix M with M M^T = G: a stand-in for J in methods that only see J through its Gramian."""
     vals, vecs = torch.linalg.eigh(gramian.double())
@@ -118,8 +130,7 @@ class GradientWeighting(Weighting):
                 rows.append(torch.zeros_like(z).flatten() if gz is None else gz.flatten())
             else:
                 gs = torch.autograd.grad(losses[k], shared, retain_graph=True, allow_unused=True)
-                gs = [torch.zeros_like(p) if g is None else g for p, g in zip(shared, gs)]
-                rows.append(torch.cat([g.flatten() for g in gs]))
+                rows.append(flat_grads(gs, shared))
         J = torch.stack(rows).float()
         return J if scale is None else J / scale.float()
 
@@ -148,8 +159,7 @@ class GradientWeighting(Weighting):
         if self.mode == "rep":
             lin = (z * g.view_as(z).to(z.dtype)).sum()
         else:
-            chunks = torch.split(g, [p.numel() for p in shared])
-            lin = sum((p * c.view_as(p).to(p.dtype)).sum() for p, c in zip(shared, chunks))
+            lin = along(shared, g)
         out = heads_loss + lin
         extra = self.extra_loss(losses, J)
         return (out if extra is None else out + extra), w.detach().to(losses)
