@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MTLError
+from ..validation import CycledBatches
 from ._adam import adam_step
 from .bilevel import Bilevel
 from .registry import WEIGHTINGS
@@ -41,10 +42,20 @@ class AutoLambda(Bilevel):
         if not cfg.lr > 0:
             raise MTLError(f"weighting.lr={cfg.lr} must be > 0.")
         self.register_buffer("w", torch.full((len(self.tasks),), float(cfg.weight_init)))
+        self.register_buffer("drawn", torch.zeros((), dtype=torch.long))  # validation batches used so far
+        self.batches: CycledBatches | None = None
 
     def forward(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         w = self.w.to(losses)
         return (w * losses).sum(), w.clone()
+
+    def validation_batch(self, module):
+        """The next validation batch on the module's device; where it is in the cycle is checkpointed (`drawn`)."""
+        if self.batches is None:
+            self.batches = CycledBatches(module.trainer, "weighting=auto_lambda")
+        batch = module.transfer_batch_to_device(self.batches.next(int(self.drawn)), module.device, 0)
+        self.drawn += 1
+        return batch
 
     def meta_step(self, module, batch) -> None:
         """Move w by the validation loss's hypergradient; called by the module before the training step's loss."""

@@ -1,6 +1,6 @@
 """What the bilevel weightings (Auto-Lambda, FORUM) share: task weights moved by an upper-level loss of the model they
-would give, the `target` tasks', on one device. Auto-Lambda's upper level is validation batches drawn as training goes
-(the batches ForkMerge merges on: it learns only the weights from them); FORUM's is half of each training batch."""
+would give, the `target` tasks', every `every`-th step, on one device. Where the upper level's batches come from is
+each method's own (Auto-Lambda: validation batches; FORUM: half of each training batch)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MTLError
-from ..validation import CycledBatches
 from .auxiliary import target_indices
 from .base import Weighting
 
@@ -34,10 +33,8 @@ class Bilevel(Weighting):
         for name in ("exp_avg", "exp_avg_sq"):
             self.register_buffer(name, torch.zeros(K))
         self.register_buffer("t", torch.zeros((), dtype=torch.long))
-        self.register_buffer("drawn", torch.zeros((), dtype=torch.long))  # validation batches used so far
         primary = torch.tensor([float(k in targets) for k in range(K)])
         self.register_buffer("primary", primary, persistent=False)
-        self.batches: CycledBatches | None = None
 
     def check(self, precision: str, distributed: bool) -> None:
         if distributed or precision.startswith("16"):
@@ -48,17 +45,9 @@ class Bilevel(Weighting):
             )
 
     def due(self, module) -> bool:
-        """Whether this training step takes a meta-step: not outside a Trainer (no optimiser, no validation batches),
-        and every `every`-th step."""
+        """Whether this training step takes a meta-step: not outside a Trainer (no optimiser), and every `every`-th
+        step."""
         return getattr(module, "_trainer", True) is not None and module.global_step % self.cfg.every == 0
-
-    def validation_batch(self, module):
-        """The next validation batch on the module's device; where it is in the cycle is checkpointed (`drawn`)."""
-        if self.batches is None:
-            self.batches = CycledBatches(module.trainer, f"weighting={self.cfg.name}")
-        batch = module.transfer_batch_to_device(self.batches.next(int(self.drawn)), module.device, 0)
-        self.drawn += 1
-        return batch
 
     def extra_repr(self) -> str:
         target = self.cfg.target if self.cfg.target is not None else "all"
