@@ -101,9 +101,8 @@ class BayesAggMTL(Weighting):
             return self(losses)[0], losses.detach(), torch.ones_like(losses)
         if not self.prior:  # no epoch of features yet (warmup_epochs=0): the prior N(0, gamma I) itself
             for k, kind in enumerate(self.kinds):
-                n = z.shape[1] if kind == "regression" else self._head(module, k).numel()
-                self.prior[f"mean/{k}"] = torch.zeros(n, device=z.device)
-                self.prior[f"precision/{k}"] = torch.eye(n, device=z.device) / self.cfg.gamma
+                prior = plain_prior(kind, self._head(module, k), self.cfg.gamma)
+                self.prior[f"mean/{k}"], self.prior[f"precision/{k}"] = prior
         with torch.autocast(z.device.type, enabled=False):
             g, share = self._aggregate(module, z.detach().float(), targets)
         heads = module.batch_losses(x, y, detach=True, z=z)[0].sum()  # each head: its own task's gradient
@@ -116,35 +115,23 @@ class BayesAggMTL(Weighting):
         return torch.cat([head.weight, head.bias[:, None]], 1).detach().float()
 
     def _full_posterior(self, module, h: Tensor, labels: Tensor) -> None:
-        D = h.shape[1]
+        """The last epoch's features and labels, from the plain prior: the prior of every batch of this epoch."""
         for k, kind in enumerate(self.kinds):
-            hk, yk = labelled(h, labels[:, k], kind)
-            if kind == "regression":
-                W = self._head(module, k)
-                prec = torch.eye(D, device=h.device) / self.cfg.gamma + hk.T @ hk
-                mean = torch.linalg.solve(prec, hk.T @ (yk - W[0, D]))
-            else:
-                W = self._head(module, k)
-                prec0 = torch.eye(W.numel(), device=h.device) / self.cfg.gamma
-                mean, prec = laplace(hk, yk, W, torch.zeros(W.numel(), device=h.device), prec0, kind)
-            self.prior[f"mean/{k}"], self.prior[f"precision/{k}"] = mean, prec
+            W, mask = self._head(module, k), labelled(labels[:, k], kind)
+            post = posterior(kind, W, h[mask], labels[mask, k], *plain_prior(kind, W, self.cfg.gamma))
+            self.prior[f"mean/{k}"], self.prior[f"precision/{k}"] = post
 
     def _aggregate(self, module, h: Tensor, targets: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Each task's moments of d loss_b / d h_b under its batch posterior, aggregated (`inverse_variance`)."""
-        D = h.shape[1]
         Es, Vs, masks = [], [], []
         for k, kind in enumerate(self.kinds):
-            y = targets[k].float()
-            mask = ~torch.isnan(y) if kind == "regression" else y >= 0
-            W, mean0, prec0 = self._head(module, k), self.prior[f"mean/{k}"], self.prior[f"precision/{k}"]
-            hk, yk = h[mask], y[mask]
+            W, y = self._head(module, k), targets[k].float()
+            mask = labelled(y, kind)
+            mean, prec = posterior(kind, W, h[mask], y[mask], self.prior[f"mean/{k}"], self.prior[f"precision/{k}"])
             if kind == "regression":
-                prec = prec0 + hk.T @ hk
-                mean = torch.linalg.solve(prec, prec0 @ mean0 + hk.T @ (yk - W[0, D]))
-                E, V = regression_moments(h, y.nan_to_num() - W[0, D], mean, torch.linalg.inv(prec))
+                E, V = regression_moments(h, y.nan_to_num() - W[0, -1], mean, torch.linalg.inv(prec))
                 V = V**self.cfg.power
             else:
-                mean, prec = laplace(hk, yk, W, mean0, prec0, kind)
                 E, V = sampled_moments(h, y.clamp(min=0), mean, prec, W.shape, kind, self.cfg.mc_samples)
                 V = V**self.cfg.power_cls
             Es.append(E), Vs.append(V), masks.append(mask)
@@ -178,9 +165,26 @@ def inverse_variance(E: Tensor, V: Tensor, masks: Tensor) -> tuple[Tensor, Tenso
     return (lam * E).sum(0) / den / E.shape[1], (lam / den).mean((1, 2))
 
 
-def labelled(h: Tensor, y: Tensor, kind: str) -> tuple[Tensor, Tensor]:
-    mask = ~torch.isnan(y) if kind == "regression" else y >= 0
-    return h[mask], y[mask]
+def plain_prior(kind: str, W: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """N(0, gamma I) over a head's weights W (C, D + 1): a regression head's D feature weights (its bias is held as it
+    is), a classification head's weights and biases."""
+    n = W.shape[1] - 1 if kind == "regression" else W.numel()
+    return torch.zeros(n, device=W.device), torch.eye(n, device=W.device) / gamma
+
+
+def posterior(kind: str, W: Tensor, h: Tensor, y: Tensor, mean0: Tensor, prec0: Tensor) -> tuple[Tensor, Tensor]:
+    """A head's posterior (mean, precision) from the prior N(mean0, prec0^-1) and the labelled samples (h, y): exact
+    for regression (a Gaussian likelihood, the bias held), by `laplace` for the other kinds. The full-data posterior
+    and each batch's are this, from the plain prior and from the full-data posterior."""
+    if kind != "regression":
+        return laplace(h, y, W, mean0, prec0, kind)
+    prec = prec0 + h.T @ h
+    return torch.linalg.solve(prec, prec0 @ mean0 + h.T @ (y - W[0, -1])), prec
+
+
+def labelled(y: Tensor, kind: str) -> Tensor:
+    """The samples labelled for a task: a number (NaN = none) for regression, a class id (-1 = none) otherwise."""
+    return ~torch.isnan(y) if kind == "regression" else y >= 0
 
 
 def laplace(h: Tensor, y: Tensor, W: Tensor, prior_mean: Tensor, prior_prec: Tensor, kind: str):
