@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback
+from torch import Tensor
 
 from .errors import MTLError
 
@@ -55,7 +57,8 @@ class BestWeights(Callback):
         value = self.sign * float(trainer.callback_metrics[self.monitor])
         if self.best is None or value > self.best:
             self.best = value
-            self.state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+            # tensors, and a method's extra state (BayesAgg-MTL's features and posteriors: a dict of tensors)
+            self.state = apply_to_collection(pl_module.state_dict(), Tensor, lambda t: t.detach().to("cpu", copy=True))
 
     def state_dict(self) -> dict:
         return {"best": self.best, "state": self.state}

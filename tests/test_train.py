@@ -391,6 +391,15 @@ def test_bayesagg_without_a_warm_up_starts_from_its_prior(make_cfg):
     assert len(state["feats"]) == 64  # the epoch's features so far, kept for the next epoch's posterior
 
 
+def test_the_best_epoch_report_keeps_a_methods_extra_state(make_cfg):
+    """evaluation.report=best (QM9's and CelebA's protocol) copies the module's state at its best epoch: BayesAgg-MTL's
+    extra state (a dict of features and posteriors, not a tensor) is copied and restored with it."""
+    over = ["data.train_size=64", "data.batch_size=32", "trainer.max_epochs=2", "evaluation.report=best"]
+    over += ["weighting=bayesagg_mtl", "weighting.warmup_epochs=0", "weighting.mc_samples=8"]
+    m = run(make_cfg("digits_mtl", *over))
+    assert all(math.isfinite(m[f"test/acc/{t}"]) for t in ("left", "right"))
+
+
 class SaveAtValidationEnd(Callback):
     """Saves the run as a search trial's report does: at the first epoch's validation end, before its epoch ends."""
 
