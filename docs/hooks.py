@@ -23,11 +23,10 @@ def field_comments(cls) -> dict[str, str]:
     """Each field's comment in the class source: on its line, or the comment lines just above it."""
     out, above = {}, []
     for line in textwrap.dedent(inspect.getsource(cls)).splitlines()[1:]:
-        indented = "    " + line.lstrip() if line.startswith("    ") and not line.startswith("     ") else line
-        if indented.strip().startswith("#") and line.startswith("    ") and not line.startswith("     "):
-            above.append(indented.strip().lstrip("# ").strip())
+        if line.startswith("    #"):  # a comment line at the fields' indentation
+            above.append(line.strip().lstrip("# ").strip())
             continue
-        m = FIELD.match(indented)
+        m = FIELD.match(line)
         if m:
             out[m.group(1)] = (m.group("comment") or " ".join(above)).strip()
         above = []

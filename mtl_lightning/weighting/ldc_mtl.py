@@ -86,7 +86,7 @@ class LDCMTL(Weighting):
             d[:-1] += s
             d[1:] -= s
             coef = w / r * (1 / total.to(losses) + self.cfg.lamb * d)
-        return loss, coef.detach()
+        return loss, coef
 
     def extra_repr(self) -> str:
         c = self.cfg
