@@ -31,6 +31,11 @@ class BayesAggMTL(Weighting):
     Needs a model whose heads are linear layers on one shared vector representation (model.architecture=hps without
     towers, image-level tasks) and tasks of the kinds above; one device (the full-data posterior is one process's).
     The epoch's features, kept for the next posterior, are checkpointed, so a resumed run continues exactly.
+
+    Differences: the reference groups all binary tasks in one posterior with a block-diagonal Hessian; here each has
+    its own, which is the same posterior. Its training scripts clip the heads' gradients at norm 50; here the run's
+    `trainer.gradient_clip_val` applies as to any method. With `warmup_epochs=0` the first epoch starts from the
+    prior itself (the reference needs a warm-up epoch's features).
     """
 
     stateful = True

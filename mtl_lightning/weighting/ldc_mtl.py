@@ -25,6 +25,9 @@ class LDCMTL(Weighting):
     - `router=true` (its NYUv2 and Cityscapes networks): w = clamp(softmax(W h), low, high), a linear router on h,
       the batch mean of every task's pooled representation (the heads' inputs) concatenated; gradients reach the
       representation through the router too, as there.
+    Differences: the reference's QM9 network draws its free weights' logits from U(0.2, 1) and passes them through a
+    ReLU before the sigmoid; here they start at 1, as its CelebA network. Its CelebA script sets lamb 0.01 and no
+    ratios (`weighting.lamb=0.01 weighting.normalize=false`, as the famo_celeba study runs it).
     The weights logged are each loss's coefficient in the step's loss, d loss / d L_k. The weighted mean's gradient in
     w favours the task whose loss falls first, which the discrepancy term (lamb) counters: the router at a large step
     size runs to its clamp and starves the slower task (digits, lr 5e-3: 0.13 and 0.71 accuracy; free logits: 0.59
