@@ -40,7 +40,7 @@ bench:  ## benchmarks; results go to BENCHMARKS.md by hand, with the command
 	$(PY) benchmarks/graphs.py
 	$(PY) benchmarks/merging.py
 
-gpu-check:  ## every GPU claim in one run, about 8 minutes on one GPU (benchmarks/gpu.py; README says how)
+gpu-check:  ## every GPU claim in one run, about 8 minutes on one GPU (benchmarks/gpu.py; docs/guide/gpu.md says how)
 	$(PY) benchmarks/gpu.py --out gpu-check.md
 
 # A fresh clone has no stamp: install once (pip is quick when the packages are already there).

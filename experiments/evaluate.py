@@ -8,7 +8,8 @@
 
 Prints the same table as a training run and writes the metrics as JSON (`<run>/eval/<ckpt>-<splits>.json`, or
 `--out FILE`). `split` is val, test or both (the default); `--predict` writes the predictions of `split` (test by
-default).
+default). `--check` loads the checkpoint and builds what the evaluation would (its config with the changes, its data,
+its model) and stops before evaluating or writing anything.
 """
 
 from __future__ import annotations
@@ -36,9 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     try:
+        check = "--check" in argv
+        argv = [a for a in argv if a != "--check"]
         unknown = [a for a in argv if a.startswith("--") and a not in ("--predict", "--out")]
         if unknown:
-            raise MTLError(f"unknown option {unknown[0]}. Options: --predict FILE (.npz or .csv), --out FILE (.json).")
+            raise MTLError(
+                f"unknown option {unknown[0]}. Options: --predict FILE (.npz or .csv), --out FILE (.json), --check."
+            )
         if argv[-1] in ("--predict", "--out"):
             raise MTLError(f"{argv[-1]} needs a file name after it. See --help.")
         flags = {a: argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--predict", "--out")}
@@ -54,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         member = int(own["member"]) if "member" in own else None
         ckpt = find_checkpoint(path, own.get("ckpt", "last"))
         cfg, built, ckpt = load_for_evaluation(ckpt, overrides, member)
+        if check:
+            print(f"check passed: {ckpt} loads for evaluation on {split}; nothing evaluated or written")
+            return 0
         metrics = run_evaluation(cfg, built, stages)
         print_table(metrics)
         out = save_metrics(metrics, Path(flags["--out"]) if "--out" in flags else default_output(ckpt, stages, member))

@@ -2,7 +2,9 @@
 
 `python -m experiments.run --list [plugins=[...]]` lists the experiments and what can be chosen by name (weightings,
 datasets, architectures; plugins' entries marked with where they come from); `--help` prints this text;
-`--print-config` prints the resolved configuration before training (it is always written to the run's config.yaml).
+`--print-config` prints the resolved configuration before training (it is always written to the run's config.yaml);
+`--check` runs every check a run makes before it starts (the config's keys and values, the data, the weighting, the
+network, the checkpoint to resume or start from) and stops there: nothing is written, nothing trains.
 """
 
 from __future__ import annotations
@@ -30,10 +32,19 @@ def print_table(metrics: dict) -> None:
         print(f"{n:<{width}}{cells}")
 
 
-def run(cfg: DictConfig, callbacks=(), show_config: bool = False) -> dict:
+def run(cfg: DictConfig, callbacks=(), show_config: bool = False, check: bool = False) -> dict:
     """Train `cfg` and print every task's metrics on val and test; returns the metrics (and `run_dir`).
-    `show_config` prints the resolved config once every check has passed (so an error is the only output)."""
+    `show_config` prints the resolved config once every check has passed (so an error is the only output); `check`
+    stops there (`--check`) and returns the run's one-line summary."""
     announce = (lambda c: print(OmegaConf.to_yaml(c))) if show_config and not rank_zero_only.rank else None
+    if check:
+        if cfg.merging.name:
+            from mtl_lightning.merging.run import check_merging
+
+            check_merging(cfg)
+        out = train(cfg, callbacks, announce=announce, check_only=True)
+        print(f"{out['summary']}\ncheck passed: nothing written, nothing trained")
+        return out
     if cfg.merging.name:  # task models merged into one (mtl_lightning/merging/run.py)
         from mtl_lightning.merging.run import merge_run
 
@@ -90,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         if len(exps) != 1:
             raise MTLError(f"give exactly one exp=NAME. Experiments: {', '.join(list_experiments())}.")
         cfg = compose(exps[0], [a for a in argv if not a.startswith(("exp=", "--"))])
-        run(cfg, show_config="--print-config" in argv)
+        unknown = [a for a in argv if a.startswith("--") and a not in ("--print-config", "--check")]
+        if unknown:
+            raise MTLError(f"unknown option {unknown[0]}. Options: --list, --print-config, --check, --help.")
+        run(cfg, show_config="--print-config" in argv, check="--check" in argv)
     except MTLError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,8 @@
 
 `search.*` keys are in mtl_lightning/search/config.py (SearchConfig); every other key=value configures the trials as in
 `experiments.run`. With RAY_ADDRESS set, the trials run on that Ray cluster (search.storage_path must then be on
-storage every node shares). Prints a summary; outputs go to <out_dir>/search/<exp>-<search>/.
+storage every node shares). Prints a summary; outputs go to <out_dir>/search/<exp>-<search>/. `--check` checks the
+search and a trial's config (keys, data, weighting, network, the search space) and stops before Ray starts.
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if len(exps) != 1:
             raise MTLError("give exactly one exp=NAME (python -m experiments.run --list lists them).")
-        scfg, overrides = compose_search(exps[0], [a for a in argv if not a.startswith("exp=")])
+        unknown = [a for a in argv if a.startswith("--") and a != "--check"]
+        if unknown:
+            raise MTLError(f"unknown option {unknown[0]}. Options: --check, --help.")
+        scfg, overrides = compose_search(exps[0], [a for a in argv if not a.startswith(("exp=", "--"))])
+        if "--check" in argv:
+            out = run_search(exps[0], overrides, scfg, check_only=True)
+            print(f"check passed: search {scfg.name} of {exps[0]}, nothing started ({out['search_dir']})")
+            return 0
         out = run_search(exps[0], overrides, scfg)
     except MTLError as e:
         print(f"\nerror: {e}", file=sys.stderr)

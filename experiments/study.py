@@ -9,6 +9,7 @@
 Studies are YAML files in experiments/studies/ (keys: mtl_lightning/search/study.py, StudyConfig); `study.*`
 overrides change them, every other key=value configures the cells' training as in `experiments.run`. With
 RAY_ADDRESS set the cells run on that cluster. Outputs: <out_dir>/studies/<name>/ (report.md, results.csv, PNGs).
+`--check` composes and checks every cell, metric and reference, prints the plan's size and stops before Ray starts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from mtl_lightning.errors import MTLError
 from mtl_lightning.search.report import write_report
-from mtl_lightning.search.study import list_studies, load_study, run_study
+from mtl_lightning.search.study import list_studies, load_study, plan_study, run_study
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +40,17 @@ def main(argv: list[str] | None = None) -> int:
                     "folder of reproduction/)."
                 )
             print(f"report: {write_report(Path(argv[1]))}")
+            return 0
+        unknown = [a for a in argv[1:] if a.startswith("--") and a != "--check"]
+        if unknown:
+            raise MTLError(f"unknown option {unknown[0]}. Options: --list, --report FOLDER, --check, --help.")
+        if "--check" in argv:
+            argv = [a for a in argv if a != "--check"]
+            if not argv:
+                raise MTLError("--check checks a study: give its name (python -m experiments.study --list lists them).")
+            cfg, overrides = load_study(argv[0], argv[1:])
+            plan = plan_study(cfg, overrides)
+            print(f"check passed: study {cfg.name}, {len(plan.cells)} cells; nothing started")
             return 0
         cfg, overrides = load_study(argv[0], argv[1:])
         # the report's command reproduces the study: every override, less the resume flag (it changes no result)

@@ -1,6 +1,6 @@
 """mtl_lightning: multi-task and multi-domain learning research on PyTorch Lightning.
 
-What a plugin subclasses and registers (README, "Extending"; examples/ has one complete plugin of each kind):
+What a plugin subclasses and registers (docs/guide/extending.md; examples/ has one complete plugin of each kind):
 - a loss weighting: `Weighting`, registered in `WEIGHTINGS`; a gradient aggregator: `GradientWeighting`, too;
 - a dataset: `MixtureDataModule` with its `DataConfig`, registered in `DATASETS` (splits as `LabelledTensors`);
 - a task: `Task` (a head, a loss, metrics), declared by a dataset's `describe()`;

@@ -85,7 +85,7 @@ class TrainerConfig:
     enable_progress_bar: bool = True  # a bar in a terminal; else (or with false) a line per epoch
     enable_model_summary: bool = False  # Lightning's table of modules (the run's summary line counts parameters)
     deterministic: bool = False  # deterministic CUDA kernels: a resumed GPU run then matches bit for bit
-    compile: bool = False  # torch.compile the network (the population's vectorised call): for GPUs, see README
+    compile: bool = False  # torch.compile the network (a population: its vectorised call); for GPUs (guide/gpu.md)
     early_stopping_patience: int = 0  # stop after this many validations without a better checkpoint.monitor (0: off)
 
 

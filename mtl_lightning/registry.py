@@ -13,6 +13,18 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
+    """Classes by name: `WEIGHTINGS`, `DATASETS`, `ARCHITECTURES` and `MERGINGS` are registries.
+
+    Args:
+        kind: what the entries are, for messages ("weighting").
+        key: the config key that selects an entry ("weighting"), for messages.
+
+    Example:
+        `@WEIGHTINGS.register("my_method")` on a `Weighting` subclass makes `weighting=my_method` build it;
+        `WEIGHTINGS.get("pcgrad")` returns the class, and an unknown name raises `MTLError` with the closest
+        name and every valid one.
+    """
+
     def __init__(self, kind: str, key: str):
         self.kind, self.key, self._items = kind, key, {}  # key: the config key that selects an entry
 
@@ -33,12 +45,19 @@ class Registry(Generic[T]):
         return deco
 
     def items(self) -> list[tuple[str, type[T]]]:
+        """Every (name, class), sorted by name."""
         return sorted(self._items.items())
 
     def names(self) -> list[str]:
+        """Every registered name, sorted."""
         return sorted(self._items)
 
     def get(self, name: str) -> type[T]:
+        """The class registered as `name`.
+
+        Raises:
+            MTLError: `name` is not registered; the message names the closest name and every valid one.
+        """
         if name not in self._items:
             close = difflib.get_close_matches(str(name), self.names(), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""

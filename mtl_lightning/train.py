@@ -105,13 +105,15 @@ def train(
     callbacks: Sequence[Callback] = (),
     save_checkpoints: bool = True,
     announce: Callable[[DictConfig], None] | None = None,
+    check_only: bool = False,
 ) -> dict:
     """Fit, then evaluate the final model on val (and test). Returns the metrics and `run_dir`.
 
     Every check (settings, data, weighting, model, the checkpoint to resume) runs before the run directory is made;
     `announce(cfg)` is then called (the command line can print the config). A new run that fails before its first
     step leaves no folder behind. `save_checkpoints=False` writes no best/last.ckpt: a search trial's checkpoints
-    are the ones it reports to Tune.
+    are the ones it reports to Tune. `check_only` (the command line's `--check`) stops once every check has passed,
+    before anything is written or trained.
     """
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -131,6 +133,8 @@ def train(
         init_weights(b.model, cfg.model.init)
     if announce is not None:
         announce(cfg)
+    if check_only:
+        return {"run_dir": str(run_dir), "summary": summary(cfg, b.dm.tasks, b.model, run_dir)}
     say(summary(cfg, b.dm.tasks, b.model, run_dir))
     fresh, trainer = not run_dir.exists(), None
     made = [p for p in (run_dir.parent.parent, run_dir.parent) if not p.exists()]  # out_dir, its <exp>/

@@ -166,22 +166,3 @@ def test_the_metric_table_keeps_large_values_apart(capsys):
     rows = {r.split()[0]: r.split() for r in capsys.readouterr().out.splitlines() if r.strip()}
     assert rows["mu/mae"] == ["mu/mae", "12345.6789", "123456.7000"]  # issue 35: QM9's meV MAEs ran together
     assert rows["acc/x"] == ["acc/x", "0.5000", "0.2500"]
-
-
-def test_the_readme_lists_every_search_key_with_its_default():
-    import dataclasses
-    from pathlib import Path
-
-    from mtl_lightning.search.config import SearchConfig
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for f in dataclasses.fields(SearchConfig):
-        d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = d
-        if d is None or isinstance(d, bool):
-            shown = {None: "null", True: "true", False: "false"}[d]
-        elif isinstance(d, list):
-            shown = "[" + ",".join(map(str, d)) + "]"
-        elif isinstance(d, dict):
-            shown = "{}"
-        assert re.search(rf"^\| `search\.{f.name}`[^|]*\| `{re.escape(str(shown))}` \|", readme, re.M), f.name

@@ -10,35 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import DENSE_WRITERS, GRAPH_WRITERS, TABULAR_WRITERS, WRITERS
+from fixtures import DENSE_WRITERS, GRAPH_WRITERS, LIGHTER, TABULAR_WRITERS, WRITERS
 from lightning.pytorch.callbacks import Callback
 
 from experiments.evaluate import main as evaluate_main
 from experiments.run import run
 from mtl_lightning.config import compose, list_experiments
 from mtl_lightning.data import create_datamodule
-
-# The same family, smaller, where the paper's backbone would dominate the suite's CPU time (a dilated ResNet-50 at
-# NYUv2's 288x384: ~30 s a step here); the config's other keys (output stride, optimiser, schedule) still apply.
-LIGHTER = {exp: ["model.backbone=resnet10t"] for exp in ("nyuv2_mtl", "nyuv2_forkmerge")}
-LIGHTER["nyuv2_forkmerge"] += ["weighting.pruning_epochs=1", "weighting.topk=[0,1]"]  # pruning runs, 1 epoch each
-LIGHTER.update({exp: ["model.backbone=resnet10t"] for exp in ("nyuv2_deeplab", "cityscapes_deeplab")})
-# undilated (stride 32: ~5x fewer FLOPs at NYUv2's size) where the dilated ResNet would dominate; nyuv2_mtl and
-# cityscapes_deeplab keep the configs' output stride 8
-LIGHTER["nyuv2_forkmerge"] += ["model.kwargs={output_stride: 32}"]
-LIGHTER["nyuv2_deeplab"] += ["model.kwargs={output_stride: 32}"]
-LIGHTER.update({exp: ["model.widths=[4,8,8,8,8]"] for exp in ("nyuv2_mtan", "cityscapes_mtan")})  # MTAN, narrow
-LIGHTER["qm9_mtl"] = ["data.test_size=10", "data.val_size=10", "model.width=16"]  # the fixture's 59 molecules
-LIGHTER["synthetic_graphs"] = ["data.size=64", "data.test_size=16", "data.val_size=16"]
-# the fixtures hold tens of images: a validation hold-out and labels per class that fit them
-LIGHTER["cifar10_ssl"] = ["data.val_count=20", "data.labels_per_class=2", "data.epoch_size=64"]
-LIGHTER["svhn_ssl"] = ["data.val_count=2", "data.labels_per_class=1", "data.epoch_size=64"]
-# a ViT-S of 2 blocks at width 64 for the ViT-S configs (the step, the checkpoints: ~10x smaller); embedded shapes
-# at a few scenes (drawing 2,800 of them and testing on 400 cost more than the two steps)
-LIGHTER.update({exp: ["model.depth=2", "model.width=64"] for exp in ("celeba_mtl", "taskonomy_mtl")})
-LIGHTER["shapes_dense"] = ["data.train_size=64", "data.val_size=16", "data.test_size=16"]
-# ForkMerge's checkpoints hold every branch and its optimiser state: writing them was most of these runs' time
-LIGHTER["domainnet_forkmerge"] = ["weighting.val_batches=1", "model.backbone=resnet10t"]
 
 
 class Snapshot(Callback):

@@ -25,8 +25,11 @@ from .trial import trial
 from .trials import write_trials
 
 
-def run_search(exp: str, overrides: list[str], scfg: SearchConfig, quiet: bool = False) -> dict:
-    """Run the search; `quiet` (a study's search row) sends each trial's output to its run directory's console.log."""
+def run_search(
+    exp: str, overrides: list[str], scfg: SearchConfig, quiet: bool = False, check_only: bool = False
+) -> dict:
+    """Run the search; `quiet` (a study's search row) sends each trial's output to its run directory's console.log.
+    `check_only` (`--check`) stops once the search and a trial's config have been checked: nothing starts."""
     from ray import tune
 
     quiet_tune()
@@ -52,6 +55,14 @@ def run_search(exp: str, overrides: list[str], scfg: SearchConfig, quiet: bool =
         "quiet": quiet,
     }
     path = storage / name
+    if check_only:  # a trial's data, weighting and network, as a trial builds them
+        from ..train import build
+
+        fixed = ["weighting=fixed", f"weighting.weights=[{','.join(['1'] * K)}]"] if scfg.weights else []
+        build(compose(exp, [*base["overrides"], *fixed]))
+        if scfg.backend != "population":
+            check_space(scfg.space, exp, [*overrides, *fixed])
+        return {"search_dir": str(path)}
     if scfg.backend == "population":
         return _population_search(exp, base["overrides"], scfg, cfg, tasks, path, base["sign"])
     gpus = scfg.gpus_per_trial if scfg.gpus_per_trial >= 0 else float(torch.cuda.is_available())
