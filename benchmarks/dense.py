@@ -55,7 +55,8 @@ def loaders(a, root: Path) -> None:
 def steps(a) -> None:
     common = ["data.batch_size=32", "data.train_size=512", "model.pretrained=false"]
     if a.smoke:
-        common = ["data.batch_size=2", "data.train_size=8", "model.pretrained=false"]
+        common = ["data.batch_size=2", "data.train_size=8", "data.val_size=8", "data.test_size=8"]
+        common += ["model.pretrained=false"]
     rows = [
         ("ViT depth 4, width 128, /4", VIT),
         ("ResNet-18 (features_only, /32)", ["model.backbone=resnet18", *NOT_VIT]),

@@ -171,6 +171,11 @@ class MergingConfig:
     ada_init: float = 0.3  # adamerging: the coefficients' start
     ada_lr: float = 1e-3  # adamerging: Adam's step on the coefficients
     ada_steps: int = 500  # adamerging: Adam steps, one validation batch (inputs only) each
+    # train the task models at once, one Ray task each (a local Ray, or the cluster at RAY_ADDRESS, whose nodes must
+    # share out_dir's storage); a run's own callbacks do not reach them
+    parallel: bool = False
+    cpus_per_model: float = 1.0  # merging.parallel: CPUs Ray reserves for each task model
+    gpus_per_model: float = -1.0  # merging.parallel: GPUs for each (fractions share one); -1: 1 with CUDA, else 0
 
 
 @dataclass

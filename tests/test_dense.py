@@ -265,9 +265,9 @@ def test_shapes_labels_are_exact_geometry():
 
 def test_shapes_dense_learns_every_task_above_trivial(make_cfg):
     # the bars below are computed on the run's own 200 validation scenes
-    over = ["data.train_size=1200", "data.val_size=200", "data.batch_size=16", "trainer.max_epochs=5", "test=false"]
-    m = run(make_cfg("shapes_dense", *over))
-    dm = create_datamodule(compose("shapes_dense", ["data.train_size=1200", "data.val_size=200"]).data)
+    sizes = ["data.train_size=1200", "data.val_size=200", "data.test_size=16"]  # no test scenes to render: test=false
+    m = run(make_cfg("shapes_dense", *sizes, "data.batch_size=16", "trainer.max_epochs=5", "test=false"))
+    dm = create_datamodule(compose("shapes_dense", sizes).data)
     dm.setup()
     _, (seg, depth, normal, edge) = dm.splits["val"][:]
     _, (_, train_depth, _, _) = dm.splits["train"][:]
@@ -372,10 +372,10 @@ def test_segnet_and_mtan_are_the_reference_networks():
 
 
 def test_mtan_learns_the_shapes_scenes_above_trivial(make_cfg):
-    over = [*MTAN[:3], "model.widths=[8,16,16,16,16]", *MTAN[4:], "data.train_size=320", "data.batch_size=16"]
-    over += ["data.val_size=200", "test=false"]
+    sizes = ["data.train_size=320", "data.val_size=200", "data.test_size=16"]  # the bars from the run's own splits
+    over = [*MTAN[:3], "model.widths=[8,16,16,16,16]", *MTAN[4:], *sizes, "data.batch_size=16", "test=false"]
     m = run(make_cfg("shapes_dense", *over, "optim.lr=3e-3", "trainer.max_epochs=3"))
-    dm = create_datamodule(compose("shapes_dense", ["data.val_size=200"]).data)
+    dm = create_datamodule(compose("shapes_dense", [*sizes, "data.img_size=32"]).data)
     dm.setup()
     _, (seg, depth, _, _) = dm.splits["val"][:]
     _, (_, train_depth, _, _) = dm.splits["train"][:]

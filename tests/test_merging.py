@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from mtl_lightning.errors import MTLError
@@ -228,3 +229,73 @@ def test_model_init_starts_a_run_from_another_runs_weights_heads_by_task(make_cf
         init_weights(wider, path)
     with pytest.raises(MTLError, match="model.init=.*no checkpoint there"):
         init_weights(alone, tmp_path / "nowhere")
+
+
+# --- task models resumed one by one, and trained in parallel on Ray (issue 37) ------------------------------------
+
+SMALL = ["model.width=32", "model.depth=2", "optim.lr=5e-3", "data.train_size=600", "data.batch_size=64"]
+SMALL += ["data.val_size=128", "data.test_size=128", "trainer.max_epochs=1", "merging.warmup_epochs=1"]
+SMALL += ["merging=task_arithmetic", "merging.lambdas=[0.5,1.0]", "checkpoint.every_n_steps=1"]
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashIn(Callback):
+    """A crash in the task model `task` at its step `step`, after that step's checkpoint (every_n_steps=1)."""
+
+    def __init__(self, task: str, step: int):
+        self.task, self.step = task, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if Path(trainer.default_root_dir).name == self.task and trainer.global_step == self.step:
+            raise Crash(f"{self.task} at step {self.step}")
+
+
+def _task_states(run_dir: Path) -> dict:
+    record = json.loads((run_dir / "merging.json").read_text())
+    return {t: _ckpt(p)["state_dict"] for t, p in record["models"].items()}
+
+
+def _same_states(a: dict, b: dict) -> None:
+    for t in a:
+        assert a[t].keys() == b[t].keys()
+        for k in a[t]:
+            assert torch.allclose(a[t][k].float(), b[t][k].float(), atol=1e-6), (t, k)
+
+
+def test_an_interrupted_task_model_continues_from_its_checkpoint_to_the_uninterrupted_result(make_cfg):
+    """A merging run that crashes in its second task model, run again: the finished task model is kept, the
+    interrupted one continues from its last.ckpt (not from its start), and the merge equals the uninterrupted run's."""
+    from experiments.run import run
+
+    whole = run(make_cfg("digits_mtl", *SMALL, "run_name=whole"))
+    with pytest.raises(Crash):
+        run(make_cfg("digits_mtl", *SMALL, "run_name=cut"), callbacks=[CrashIn("right", 4)])
+    cut = Path(whole["run_dir"]).parent / "cut"
+    left_done = (cut / "tasks" / "digits_mtl" / "left" / "metrics.json").stat().st_mtime
+    assert not (cut / "tasks" / "digits_mtl" / "right" / "metrics.json").exists()
+    assert _ckpt(cut / "tasks" / "digits_mtl" / "right")["global_step"] == 4  # its checkpoint at the crash
+    again = run(make_cfg("digits_mtl", *SMALL, "run_name=cut"))
+    assert (cut / "tasks" / "digits_mtl" / "left" / "metrics.json").stat().st_mtime == left_done  # kept
+    assert (cut / "tasks" / "digits_mtl" / "right" / "config.resume-1.yaml").exists()  # continued, not restarted
+    _same_states(_task_states(cut), _task_states(Path(whole["run_dir"])))
+    assert again["test/acc_mean"] == pytest.approx(whole["test/acc_mean"], abs=1e-6)
+
+
+@pytest.mark.xdist_group("ray")  # conftest.py says why
+def test_task_models_trained_in_parallel_on_ray_equal_the_sequential_ones(make_cfg, shared_ray):
+    """merging.parallel=true trains each task model as a Ray task; each equals the one trained in-process."""
+    from experiments.run import run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a Ray worker (OMP_NUM_THREADS=1): every sum in the same order
+    try:
+        seq = run(make_cfg("digits_mtl", *SMALL, "run_name=seq"))
+        par = run(make_cfg("digits_mtl", *SMALL, "run_name=par", "merging.parallel=true", "merging.cpus_per_model=1"))
+    finally:
+        torch.set_num_threads(threads)
+    _same_states(_task_states(Path(par["run_dir"])), _task_states(Path(seq["run_dir"])))
+    assert par["test/acc_mean"] == pytest.approx(seq["test/acc_mean"], abs=1e-6)
+    assert par["merging/steps"] == seq["merging/steps"]

@@ -269,8 +269,8 @@ def test_a_search_starts_its_own_ray_beside_another_process_ray(no_ray):
 
 
 def test_pb2_ranks_by_a_lower_is_better_dense_metric(local_ray, tmp_path, capsys):
-    over = ["data.train_size=64", "data.val_size=32", "data.batch_size=16", "data.img_size=16", "model.depth=1"]
-    over += ["model.width=32", "trainer.max_epochs=2", f"out_dir={tmp_path}", "logger=csv"]
+    over = ["data.train_size=64", "data.val_size=32", "data.test_size=16", "data.batch_size=16", "data.img_size=16"]
+    over += ["model.depth=1", "model.width=32", "trainer.max_epochs=2", f"out_dir={tmp_path}", "logger=csv"]
     argv = ["exp=shapes_dense", "search=pb2", "search.population=2", "search.metric=val/depth/abs_err", *over]
     assert main(argv) == 0
     printed = capsys.readouterr()

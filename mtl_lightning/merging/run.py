@@ -5,7 +5,9 @@
     <run_dir>/checkpoints/last.ckpt      the merged model (experiments.evaluate reads it), metrics.json, merging.json
 
 Task models that finished (their metrics.json is there) are not trained again when the same run folder is given
-again (`run_name=`), so an interrupted merging run continues where it stopped.
+again (`run_name=`), and one interrupted after a checkpoint continues from its last.ckpt, so an interrupted merging
+run continues where it stopped. With `merging.parallel=true` the task models train at once, one Ray task each (a
+local Ray, or the cluster at RAY_ADDRESS), each resumable alike.
 """
 
 from __future__ import annotations
@@ -86,14 +88,56 @@ def budget(cfg: DictConfig, tasks: int) -> tuple[int, list[int]]:
 
 
 def trained_run(cfg: DictConfig, fit) -> Path:
-    """The run `cfg` names, trained by `fit` unless it finished before (its metrics.json is there)."""
+    """The run `cfg` names, trained by `fit` unless it finished before (its metrics.json is there); one interrupted
+    after a checkpoint continues from its last.ckpt, exactly as `resume=last` continues any run."""
     run_dir = Path(cfg.out_dir) / cfg.exp / cfg.run_name
     if (run_dir / "metrics.json").exists():
         say(f"merging: {run_dir} finished before, kept")
         return run_dir
-    if run_dir.exists():  # interrupted: trained again from its start
+    if (run_dir / "checkpoints" / "last.ckpt").exists():
+        say(f"merging: {run_dir} was interrupted, continued from its last.ckpt")
+        cfg = OmegaConf.merge(cfg, {"resume": "last"})
+    elif run_dir.exists():  # interrupted before its first checkpoint: trained again from its start
         shutil.rmtree(run_dir)
     return Path(fit(cfg)["run_dir"])
+
+
+def _train_in_worker(sub: dict) -> str:
+    """A task model trained in a Ray worker (merging.parallel): its config typed again, its plugins imported."""
+    from ..config import config_from_dict
+    from ..train import train
+
+    return str(trained_run(config_from_dict(sub, "merging.parallel"), train))
+
+
+def task_models(cfg: DictConfig, subs: dict[str, DictConfig], fit) -> dict[str, Path]:
+    """Each task model trained (or kept, or continued): one after another, or with merging.parallel at once, one
+    Ray task each with `merging.cpus_per_model` CPUs and `merging.gpus_per_model` GPUs."""
+    m = cfg.merging
+    if not m.parallel or len(subs) < 2:
+        return {t: trained_run(sub, fit) for t, sub in subs.items()}
+    import ray
+
+    from ..search.ray_session import ray_session
+
+    gpus = m.gpus_per_model if m.gpus_per_model >= 0 else float(torch.cuda.is_available())
+    say(f"merging: {len(subs)} task models in parallel on Ray ({m.cpus_per_model} CPU, {gpus} GPU each)")
+    with ray_session(None, plugins=list(cfg.plugins)):
+        remote = ray.remote(num_cpus=m.cpus_per_model, num_gpus=gpus, max_retries=0)(_train_in_worker)
+        refs = {}
+        for t, sub in subs.items():
+            sub = OmegaConf.to_container(sub, resolve=True)
+            if "root" in sub["data"]:  # a worker's working directory is not this one
+                sub["data"]["root"] = str(Path(sub["data"]["root"]).expanduser().resolve())
+            refs[t] = remote.remote(sub)
+        try:
+            return {t: Path(ray.get(ref)) for t, ref in refs.items()}
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(e.cause, MTLError) else str(e).strip().splitlines()[-1]
+            raise MTLError(
+                f"merging.parallel: a task model failed in its Ray worker: {cause}. The task models that finished "
+                "are kept; run the same command again (same run_name) to continue."
+            ) from None
 
 
 def merge_run(cfg: DictConfig, fit) -> dict:
@@ -124,13 +168,13 @@ def merge_run(cfg: DictConfig, fit) -> dict:
                     init_weights(b.model, cfg.model.init)
                 state = {"state_dict": b.model.state_dict(), "tasks": [t.name for t in b.dm.tasks], "global_step": 0}
                 torch.save(state, start)
-        models = {}
+        subs = {}
         for t, steps in zip(names, per_task):
             epochs = m.task_epochs or cfg.trainer.max_epochs
             # started from theta_0 (model.init), not from the hub's weights again (model.pretrained)
             over = {"data.tasks": [t], "model.init": str(start), "model.pretrained": False}
-            sub = sub_config(cfg, run_dir / "tasks", t, epochs, steps, **over)
-            models[t] = trained_run(sub, fit)
+            subs[t] = sub_config(cfg, run_dir / "tasks", t, epochs, steps, **over)
+        models = task_models(cfg, subs, fit)
     else:
         start, models = Path(m.start).expanduser().resolve(), {}
         for path in m.models:
