@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from .adapters import base_name
 from .errors import MTLError
 
 
@@ -117,6 +118,9 @@ def init_weights(model, path: str | Path) -> dict:
     ckpt = torch.load(init_checkpoint(path), map_location="cpu", weights_only=False)
     src, theirs = ckpt["state_dict"], list(ckpt.get("tasks", []))
     mine = model.state_dict()
+    # a backbone with adapters holds each adapted layer's weights as <layer>.base_layer: the plain run's names map there
+    plain = {base_name(k): k for k in mine if ".base_layer." in k}
+    src = {plain.get(k, k): v for k, v in src.items()}
     out = {k: v for k, v in src.items() if not k.startswith(("heads.", "weighting.")) and k in mine}
     for i, task in enumerate(t.name for t in model.tasks):
         if task in theirs:

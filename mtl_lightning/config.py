@@ -24,6 +24,17 @@ from .weighting import WEIGHTINGS
 
 
 @dataclass
+class LoraOptions:
+    """Low-rank adapters (`model.adapter=lora`), injected by PEFT into the backbone's layers that `targets` names."""
+
+    rank: int = 8  # r: each adapted layer W (out x in) gains B (out x r) A (r x in), r (in + out) parameters
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input
+    # layer names matched by their last parts: a timm ViT's attention projections and MLP (ResNets: conv1, conv2 ...)
+    targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"])
+
+
+@dataclass
 class ModelConfig:
     backbone: str = "vit_small_patch16_224"  # any timm model name; ViT-shape keys below apply to ViTs only
     depth: int | None = None  # ViT blocks (the paper varies 3, 6, 9); None keeps the timm model's own; mpnn: steps (3)
@@ -50,6 +61,11 @@ class ModelConfig:
     # mean and deviation, what ImageNet weights expect: LibMTL's Office)
     input_norm: str = "symmetric"
     head: str = "light"  # dense tasks' heads: light (ours) | conv (MTAN's) | deeplab (LibMTL's ASPP); tasks/heads.py
+    # train the backbone in part (mtl_lightning/adapters.py): frozen whole (linear probing: the architecture and the
+    # heads train), or lora: low-rank adapters (PEFT) in the layers model.lora.targets names, the rest frozen
+    freeze_backbone: bool = False
+    adapter: str | None = None  # null | lora
+    lora: LoraOptions = field(default_factory=LoraOptions)
 
 
 @dataclass

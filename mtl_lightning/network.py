@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import famo_cnn, wrn  # noqa: F401  (register wrn28_2 and famo_cnn in timm)
+from .adapters import adapt_backbone
 from .architectures import create_architecture
 from .errors import MTLError
 from .graph import MPNN, GraphFeatures
@@ -124,7 +125,7 @@ def create_backbone(cfg, in_chans, img_size: int, spatial: bool = False) -> nn.M
 def build_network(tasks: Sequence, in_chans, img_size: int, model_cfg):
     """The backbone, the architecture between it and the heads (`model.architecture`), one head per task."""
     spatial = any(t.dense for t in tasks)
-    backbone = create_backbone(model_cfg, in_chans, img_size, spatial)
+    backbone = adapt_backbone(create_backbone(model_cfg, in_chans, img_size, spatial), model_cfg)
     if isinstance(backbone, NoBackbone):
         channels, reduction = in_chans, 1
     elif spatial and not is_vit(model_cfg.backbone):  # a timm features_only model: its last stage

@@ -79,6 +79,12 @@ def build(cfg: DictConfig) -> Built:
         model = PopulationModule(*net, W, seeds, cfg.data.mixing, cfg.seed, **shared, **extra)
     else:
         model = MultiTaskModule(*net, weighting, cfg.data.mixing, cfg.seed, **shared, grad_cos_every=cfg.grad_cos_every)
+        if getattr(weighting, "gradient_based", False) and not model.shared_parameters():
+            raise MTLError(
+                f"weighting={cfg.weighting.name} combines the tasks' gradients on the shared parameters, and this "
+                "model trains none (model.freeze_backbone=true with no shared architecture part: each head trains on "
+                "its own task alone). Use a loss weighting, model.adapter=lora, or a shared model.bottom."
+            )
     model.monitor, model.maximise = monitor, maximise
     if cfg.trainer.compile:
         compile_network(cfg, model)
