@@ -17,7 +17,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: two workers on two cor
     # Ray clusters at once would share the two cores three ways, and the cluster test's `ray stop` ends every one.
     # Ray starts its workers at niceness 15, for a machine doing other work; here the other xdist worker's tests are
     # that work, so a trial got almost no CPU beside them (the semi-supervised study test: 10 s alone, 75-133 s in
-    # the suite) and the Ray group, one long chain on one worker, set the suite's wall time. Same priority for both.
+    # the suite) and the Ray group, one chain on one worker, could end long after the other. Same priority for both.
     os.environ.setdefault("RAY_worker_niceness", "0")
 
 QUIET = ["trainer.enable_progress_bar=false", "logger=csv"]

@@ -313,9 +313,10 @@ GRAPH_WRITERS = {"qm9": [write_qm9]}
 LIGHTER = {exp: ["model.backbone=resnet10t"] for exp in ("nyuv2_mtl", "nyuv2_forkmerge")}
 LIGHTER["nyuv2_forkmerge"] += ["weighting.pruning_epochs=1", "weighting.topk=[0,1]"]  # pruning runs, 1 epoch each
 LIGHTER.update({exp: ["model.backbone=resnet10t"] for exp in ("nyuv2_deeplab", "cityscapes_deeplab")})
-# undilated (stride 32: ~5x fewer FLOPs at NYUv2's size) where the dilated ResNet would dominate; nyuv2_mtl and
-# cityscapes_deeplab keep the configs' output stride 8
+# undilated (stride 32: ~5x fewer FLOPs at NYUv2's size) where the dilated ResNet would dominate; cityscapes_deeplab
+# keeps its config's output stride 8
 LIGHTER["nyuv2_forkmerge"] += ["model.kwargs={output_stride: 32}"]
+LIGHTER["nyuv2_mtl"] += ["model.kwargs={output_stride: 32}"]  # cityscapes_deeplab's 128x256 keeps stride 8
 LIGHTER["nyuv2_deeplab"] += ["model.kwargs={output_stride: 32}"]
 LIGHTER.update({exp: ["model.widths=[4,8,8,8,8]"] for exp in ("nyuv2_mtan", "cityscapes_mtan")})  # MTAN, narrow
 LIGHTER["qm9_mtl"] = ["data.test_size=10", "data.val_size=10", "model.width=16"]  # the fixture's 59 molecules
@@ -329,3 +330,5 @@ LIGHTER.update({exp: ["model.depth=2", "model.width=64"] for exp in ("celeba_mtl
 LIGHTER["shapes_dense"] = ["data.train_size=64", "data.val_size=16", "data.test_size=16"]
 # ForkMerge's checkpoints hold every branch and its optimiser state: writing them was most of these runs' time
 LIGHTER["domainnet_forkmerge"] = ["weighting.val_batches=1", "model.backbone=resnet10t"]
+# Office's ResNet-18 at 32 px rather than 224 (the multi-input batches of every domain: 4x the images of a step)
+LIGHTER.update({exp: ["data.img_size=32"] for exp in ("office31_mtl", "officehome_mtl")})
