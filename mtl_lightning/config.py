@@ -43,6 +43,9 @@ class ModelConfig:
     patch_size: int | None = None  # "ViT-S/4" is patch_size=4
     mlp_ratio: float | None = None
     pretrained: bool = False
+    # the pretrained weights from a file on disk (a timm checkpoint, .pth/.bin, or .safetensors): offline, instead of
+    # the hub's download; timm adapts them as for `pretrained` (the classifier dropped, a ViT's positions resized)
+    checkpoint: str | None = None
     # a run folder (its last.ckpt) or a .ckpt whose weights start this model: every parameter of the same name and
     # shape, each head from the head of the same task (merging's task models start from its warm-up this way)
     init: str | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
+from pathlib import Path
 
 import timm
 import torch
@@ -107,13 +108,26 @@ def create_backbone(cfg, in_chans, img_size: int, spatial: bool = False) -> nn.M
         kwargs.update(features_only=True, out_indices=(-1,))
     else:
         kwargs["num_classes"] = 0
+    if cfg.checkpoint:  # pretrained weights from disk (offline), through timm's own loading and adaptation
+        path = Path(cfg.checkpoint).expanduser()
+        if not path.is_file():
+            raise MTLError(
+                f"model.checkpoint={cfg.checkpoint} is not a file. Give the weights of {name} as a timm checkpoint "
+                "(.pth, .bin) or .safetensors file, e.g. the model.safetensors of its Hugging Face repository "
+                f"(timm/{name}), downloaded where there is internet."
+            )
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
     try:
-        backbone = timm.create_model(name, pretrained=cfg.pretrained, in_chans=in_chans, **kwargs)
+        backbone = timm.create_model(
+            name, pretrained=cfg.pretrained or bool(cfg.checkpoint), in_chans=in_chans, **kwargs
+        )
         backbone.input_norm = cfg.input_norm  # how `features` scales stored uint8 images for it
         return backbone
     except (TypeError, ValueError, AssertionError) as e:
         raise MTLError(f"timm could not build model.backbone={name} with {kwargs}: {e}") from None
     except (OSError, RuntimeError) as e:
+        if cfg.checkpoint:
+            raise MTLError(f"model.checkpoint={cfg.checkpoint} does not load into {name}: {e}") from None
         if cfg.pretrained:
             raise MTLError(
                 f"Could not load pretrained weights for {name} ({e}). Without internet, put them in the Hugging "

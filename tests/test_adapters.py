@@ -102,3 +102,23 @@ def test_bad_lora_settings_are_one_paragraph(make_cfg):
         build(make_cfg("digits_mtl", *TINY, "model.adapter=lora", "model.lora.rank=0"))
     with pytest.raises(MTLError, match="weighting=pcgrad combines the tasks' gradients on the shared parameters"):
         build(make_cfg("digits_mtl", *TINY, "model.freeze_backbone=true", "weighting=pcgrad"))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_pretrained_weights_load_from_a_file_on_disk(make_cfg, tmp_path, suffix):
+    """model.checkpoint: the pretrained weights offline, through timm's loading (its classifier dropped)."""
+    source = build(make_cfg("digits_mtl", *TINY, "seed=1")).model.backbone.state_dict()
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in source.items()}, str(path))
+    else:
+        torch.save(source, path)
+    loaded = build(make_cfg("digits_mtl", *TINY, f"model.checkpoint={path}")).model.backbone.state_dict()
+    assert loaded.keys() == source.keys() and all(torch.equal(loaded[k], source[k]) for k in source)
+    lora = build(make_cfg("digits_mtl", *TINY, f"model.checkpoint={path}", "model.adapter=lora")).model.backbone
+    k = "blocks.0.attn.qkv"
+    assert torch.equal(lora.state_dict()[f"{k}.base_layer.weight"], source[f"{k}.weight"])  # adapters on top
+    with pytest.raises(MTLError, match="is not a file"):
+        build(make_cfg("digits_mtl", *TINY, f"model.checkpoint={tmp_path / 'none.pth'}"))
