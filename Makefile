@@ -39,6 +39,7 @@ bench:  ## benchmarks; results go to BENCHMARKS.md by hand, with the command
 	$(PY) benchmarks/semi_supervised.py
 	$(PY) benchmarks/graphs.py
 	$(PY) benchmarks/merging.py
+	$(PY) benchmarks/adapters.py
 
 gpu-check:  ## every GPU claim in one run, about 8 minutes on one GPU (benchmarks/gpu.py; docs/guide/gpu.md says how)
 	$(PY) benchmarks/gpu.py --out gpu-check.md
