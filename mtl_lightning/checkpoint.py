@@ -53,7 +53,10 @@ class LastCheckpoint(Checkpoint):
         trainer.save_checkpoint(self.path, weights_only=False)  # the full state, said so (Lightning logs otherwise)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        # not at an epoch's last batch or the step budget's end: the epoch-end (or train-end) save of the same step
+        # follows at once, after validation, and would write the whole state again (a 300 MB DeepLab run: ~1 s each)
+        ends = trainer.is_last_batch or 0 < trainer.max_steps <= trainer.global_step
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not ends:
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
