@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from methods import low_level_malloc, timed_run  # noqa: E402
+from methods import cell, low_level_malloc, timed_run  # noqa: E402
 
 VITS = {"ViT-S": ["model.width=384", "model.depth=12"], "ViT-B": ["model.width=768", "model.depth=12"]}
 MODES = {"full": [], "probe": ["model.freeze_backbone=true"], "lora": ["model.adapter=lora", "model.lora.rank=8"]}
@@ -54,11 +54,9 @@ def main() -> None:
                     t, mem = timed_run(
                         "synthetic_mtl", [*base, *shape, *m_over, *over, f"data.num_tasks={K}"], a.warmup, a.steps
                     )
-                    if mode == "full":
+                    if mode == "full":  # the reference of the ratios
                         ref[K] = (t, mem)
-                        cells.append(f"{t * 1000:.0f} ms, {mem:.0f} MiB")
-                    else:
-                        cells.append(f"{t / ref[K][0]:.2f}×, {mem / max(ref[K][1], 1):.2f}×")
+                    cells.append(cell(t, mem, None if mode == "full" else ref[K]))
                 print(f"| {vit} | {method} | {mode} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fixtures import write_nyuv2, write_taskonomy  # noqa: E402
-from methods import low_level_malloc, timed_run  # noqa: E402
+from methods import cell, low_level_malloc, timed_run  # noqa: E402
 
 from mtl_lightning.config import compose  # noqa: E402
 from mtl_lightning.data import create_datamodule  # noqa: E402
@@ -83,7 +83,7 @@ def methods(a, root: Path) -> None:
     print("| method | mode | K=3 time, mem | K=5 time, mem |\n|---|---|---|---|")
     timed_run("taskonomy_mtl", [*common, sets[3], "weighting=pcgrad"], a.warmup, a.steps)  # warm-up, discarded
     ref = {k: timed_run("taskonomy_mtl", [*common, s], a.warmup, a.steps) for k, s in sets.items()}
-    print("| uniform | loss | " + " | ".join(f"{t * 1000:.0f} ms, {m:.0f} MiB" for t, m in ref.values()) + " |")
+    print("| uniform | loss | " + " | ".join(cell(t, m) for t, m in ref.values()) + " |")
     for mode in ("rep", "param"):
         for name in METHODS[:1] if a.smoke else METHODS:
             cells = []
@@ -91,7 +91,7 @@ def methods(a, root: Path) -> None:
                 t, m = timed_run(
                     "taskonomy_mtl", [*common, s, f"weighting={name}", f"weighting.mode={mode}"], a.warmup, a.steps
                 )
-                cells.append(f"{t / ref[k][0]:.2f}×, {m / max(ref[k][1], 1):.2f}×")
+                cells.append(cell(t, m, ref[k]))
             print(f"| {name} | {mode} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -89,6 +89,13 @@ def timed_run(exp: str, overrides: list[str], warmup: int, steps: int) -> tuple[
     return (meter.t1 - meter.t0) / meter.steps, meter.peak / 2**20
 
 
+def cell(t: float, mem: float, ref: tuple[float, float] | None = None) -> str:
+    """A table cell: the reference's time and memory, or (with `ref`) their ratios to it."""
+    if ref is None:
+        return f"{t * 1000:.0f} ms, {mem:.0f} MiB"
+    return f"{t / ref[0]:.2f}×, {mem / max(ref[1], 1):.2f}×"
+
+
 def low_level_malloc() -> None:
     """Re-execute with glibc returning allocations over 64 KiB to the system on free (read at start-up only)."""
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
@@ -147,10 +154,7 @@ def main() -> None:
             except MTLError:  # e.g. Excess-MTL in rep mode
                 cells.append("n/a")
                 continue
-            if name == "uniform":
-                cells.append(f"{t * 1000:.0f} ms, {m:.0f} MiB")
-            else:
-                cells.append(f"{t / ref[K][0]:.2f}×, {m / max(ref[K][1], 1):.2f}×")
+            cells.append(cell(t, m, None if name == "uniform" else ref[K]))
         print(f"| {name} | {mode or 'loss'} | " + " | ".join(cells) + " |", flush=True)
 
 

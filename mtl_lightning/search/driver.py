@@ -55,10 +55,11 @@ def run_search(
         "quiet": quiet,
     }
     path = storage / name
+    # a search of the weights trains fixed weights (each trial its own): what the space and a trial compose with
+    fixed = ["weighting=fixed", f"weighting.weights=[{','.join(['1'] * K)}]"] if scfg.weights else []
     if check_only:  # a trial's data, weighting and network, as a trial builds them
         from ..train import build
 
-        fixed = ["weighting=fixed", f"weighting.weights=[{','.join(['1'] * K)}]"] if scfg.weights else []
         build(compose(exp, [*base["overrides"], *fixed]))
         if scfg.backend != "population":
             check_space(scfg.space, exp, [*overrides, *fixed])
@@ -75,7 +76,6 @@ def run_search(
         callbacks=[_initial_weights_callback(storage / name / "initial_weights.json")],
         verbose=0,
     )
-    fixed = ["weighting=fixed", f"weighting.weights=[{','.join(['1'] * K)}]"] if scfg.weights else []
     dists = check_space(scfg.space, exp, [*overrides, *fixed])
     if scfg.name == "grid":  # equal budgets: the baselines train as many steps as the mixtures
         base["steps"] = equal_steps(compose(exp, base["overrides"]))
