@@ -266,7 +266,10 @@ def test_shapes_labels_are_exact_geometry():
 def test_shapes_dense_learns_every_task_above_trivial(make_cfg):
     # the bars below are computed on the run's own 200 validation scenes
     sizes = ["data.train_size=1200", "data.val_size=200", "data.test_size=16"]  # no test scenes to render: test=false
-    m = run(make_cfg("shapes_dense", *sizes, "data.batch_size=16", "trainer.max_epochs=5", "test=false"))
+    # two blocks of the config's three, four epochs: every bar with a margin (edges mIoU 0.59 against 0.48) in 70% of
+    # the time of the config's network over five
+    over = ["model.depth=2", "trainer.max_epochs=4", "data.batch_size=16", "test=false"]
+    m = run(make_cfg("shapes_dense", *sizes, *over))
     dm = create_datamodule(compose("shapes_dense", sizes).data)
     dm.setup()
     _, (seg, depth, normal, edge) = dm.splits["val"][:]
