@@ -98,6 +98,7 @@ def load_model(path: str | Path):
         dm.check()
     weighting = create_weighting([t.name for t in dm.tasks], cfg.weighting)
     model = MultiTaskModule(dm.tasks, dm.in_chans, dm.img_size, cfg.model, cfg.optim, weighting, cfg.data.mixing)
+    model.on_load_checkpoint(ckpt)  # a checkpoint of adapters and heads gets its frozen trunk back
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
 

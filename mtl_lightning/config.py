@@ -32,6 +32,12 @@ class LoraOptions:
     dropout: float = 0.0  # on the adapter's input
     # layer names matched by their last parts: a timm ViT's attention projections and MLP (ResNets: conv1, conv2 ...)
     targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"])
+    # who trains which adapter: shared (one LoRA, every task's loss) | task (one LoRA per task in every targeted layer:
+    # each task's loss reaches only its own, a backbone pass per task) | both (a shared and a per-task LoRA in every
+    # targeted layer, summed) | mtlora (MTLoRA's split: a shared, task-agnostic LoRA in every block but the last
+    # `task_blocks`, whose layers hold one LoRA per task)
+    share: str = "shared"
+    task_blocks: int = 1  # mtlora: the last numbered blocks (a ViT's blocks.<i>, a ResNet's layer<s>.<i>) per task
 
 
 @dataclass

@@ -60,6 +60,7 @@ def load_for_evaluation(ckpt: Path, overrides: list[str], member: int | None = N
     b = build(cfg)
     # the overrides describe another model (model.depth=...): named, not a state-dict traceback
     check_resumable(ckpt, b.model, cfg, key="the checkpoint ", instead="drop the overrides that change the model")
+    b.model.on_load_checkpoint(saved)  # a checkpoint of adapters and heads gets its frozen trunk back
     b.model.load_state_dict(saved["state_dict"])
     return cfg, b, ckpt
 

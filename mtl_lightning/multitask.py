@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .adapters import drop_frozen, is_task_adapter, per_task, restore_frozen, trunk_source, use_task
 from .batches import split_batch
 from .conflict import GradConflict
 from .errors import MTLError
@@ -39,6 +40,7 @@ class MultiTaskModule(TaskModel):
         grad_cos_every: int = 0,
     ):
         super().__init__(tasks, model_cfg, optim_cfg, seed, hparams, delta_base, delta_convention)
+        self.model_cfg = model_cfg
         self.backbone, self.arch, self.heads = build_network(self.tasks, in_chans, img_size, model_cfg)
         self.weighting, self.mixing = weighting, mixing
         weighting.attach(self)
@@ -46,6 +48,19 @@ class MultiTaskModule(TaskModel):
         self.clip_val = None  # gradient clipping done by the module itself under manual optimisation
         self.metrics = nn.ModuleDict({stage: self.make_stage_metrics() for stage in ("val", "test")})
         self.conflict = GradConflict([t.name for t in self.tasks], grad_cos_every)
+        # per-task adapters (model.lora.share) give no shared representation: refused at construction, as --check does
+        if per_task(self.backbone) and hasattr(weighting, "step_loss"):
+            raise MTLError(
+                f"weighting={weighting.name} computes the whole step's gradient itself, from one shared "
+                "representation or for shared parameters only, and per-task adapters (model.lora.share=task, both or "
+                "mtlora) are neither: use model.lora.share=shared with it."
+            )
+        if per_task(self.backbone) and getattr(weighting, "gradient_based", False) and weighting.cfg.mode == "rep":
+            raise MTLError(
+                "weighting.mode=rep differentiates every task's loss against one shared representation, which a "
+                "backbone with per-task adapters (model.lora.share=task, both or mtlora) does not have: each task's "
+                "passes through its own adapters. Use weighting.mode=param (the shared adapters' gradients)."
+            )
         for head in self.heads:  # a view task's EMA teacher: a copy of the backbone and architecture
             if hasattr(head, "attach"):
                 head.attach(self.backbone, self.arch)
@@ -56,7 +71,7 @@ class MultiTaskModule(TaskModel):
     def predict_task(self, k: int, x, detach: bool = False) -> Tensor:
         """Task k's prediction on inputs of its own (a view task's transformed images)."""
         z = self.features(x)
-        return self.heads[k](self.arch.specific(z.detach() if detach else z)[k], label_size(x))
+        return self.heads[k](self.specific(z.detach() if detach else z)[k], label_size(x))
 
     def predictions(
         self, x, y, detach: bool = False, z: Tensor | None = None
@@ -78,17 +93,32 @@ class MultiTaskModule(TaskModel):
 
     def task_summary(self, z: Tensor) -> Tensor:
         """Every task's representation (the heads' inputs) pooled over space and the batch, concatenated: (K x D,)."""
-        reps = self.arch.specific(z)
+        reps = self.specific(z)
         return torch.cat([r.flatten(2).mean(-1) if r.ndim > 2 else r for r in reps], 1).mean(0)
 
     def heads_forward(self, z: Tensor, size) -> list[Tensor]:
-        return [head(rep, size) for head, rep in zip(self.heads, self.arch.specific(z))]
+        return [head(rep, size) for head, rep in zip(self.heads, self.specific(z))]
 
     def features(self, x) -> Tensor:
         """The shared representation z: the architecture's shared part on the backbone's output (pooled (B, D), or
         the feature map (B, C, h, w) with dense tasks). It is what gradient methods in `rep` mode differentiate
         against."""
-        return self.arch.shared(features(self.backbone, x, self.spatial, self.vit))
+        if not per_task(self.backbone):
+            return self.arch.shared(features(self.backbone, x, self.spatial, self.vit))
+        # per-task adapters (model.lora.share): a backbone pass per task through its own adapters, the tasks'
+        # representations side by side on dim 1 (as MMoE packs its experts' outputs); `specific` takes them apart
+        zs = []
+        for k in range(len(self.tasks)):
+            with use_task(self.backbone, k):
+                zs.append(self.arch.shared(features(self.backbone, x, self.spatial, self.vit)))
+        return torch.cat(zs, 1)
+
+    def specific(self, z: Tensor) -> list[Tensor]:
+        """Each task's representation, its head's input: the architecture's task-specific part of z (of task k's own
+        slice of z with per-task adapters)."""
+        if not per_task(self.backbone):
+            return self.arch.specific(z)
+        return [self.arch.specific(part)[k] for k, part in enumerate(z.chunk(len(self.tasks), 1))]
 
     def param_groups(self) -> list[dict]:
         """The model's groups; with `optim.weighting_lr`, the weighting's own parameters (uncertainty's log-variances,
@@ -103,8 +133,24 @@ class MultiTaskModule(TaskModel):
 
     def shared_parameters(self) -> list[Tensor]:
         """The parameters every task shares (backbone and the architecture's shared part): what gradient methods in
-        `param` mode combine per-task gradients over."""
-        return [p for p in (*self.backbone.parameters(), *self.arch.shared_parameters()) if p.requires_grad]
+        `param` mode combine per-task gradients over. Per-task adapters are each task's own, as its head is."""
+        own = {id(p) for p in self.task_adapters()}
+        shared = (*self.backbone.parameters(), *self.arch.shared_parameters())
+        return [p for p in shared if p.requires_grad and id(p) not in own]
+
+    def task_adapters(self) -> list[Tensor]:
+        """Every task's own adapters (`model.lora.share=task|both|mtlora`; none otherwise)."""
+        return [p for n, p in self.backbone.named_parameters() if p.requires_grad and is_task_adapter(n)]
+
+    def own_adapters_loss(self, losses: Tensor) -> Tensor | float:
+        """Under a gradient method, a scalar whose backward gives each task's adapters its own loss's gradient, as
+        the heads get theirs (their loss on the detached representation): task k's adapters reach loss k only, so
+        the gradient of the losses' sum is each one's own."""
+        own = self.task_adapters()
+        if not own:
+            return 0.0
+        grads = torch.autograd.grad(losses.sum(), own, retain_graph=True, allow_unused=True)
+        return sum((p * g.detach()).sum() for p, g in zip(own, grads) if g is not None)
 
     def setup(self, stage: str) -> None:
         # Refuse combinations a weighting cannot run correctly (DDP for some gradient methods) up front.
@@ -144,6 +190,7 @@ class MultiTaskModule(TaskModel):
         elif getattr(self.weighting, "gradient_based", False):
             # Heads train on their own task's loss; the backbone gets the method's combined gradient.
             heads_loss = self.batch_losses(x, y, detach=True, z=z)[0].sum()  # the batch's z again, not a new forward
+            heads_loss = heads_loss + self.own_adapters_loss(losses)
             loss, w = self.weighting.surrogate(losses, heads_loss, z, self.shared_parameters(), self.loss_scale())
             shown = (w * losses).sum().detach()
         elif getattr(self.weighting, "reads_features", False):
@@ -165,7 +212,10 @@ class MultiTaskModule(TaskModel):
         losses = torch.stack([p[0] for p in parts])  # (S, K)
         self._check_finite(losses)
         # the heads train on their own task's loss, averaged over the parts (as LibMTL's MoDo)
-        heads = [self.batch_losses(a, b, detach=True, z=p[2])[0].sum() for a, b, p in zip(xs, ys, parts)]
+        heads = [
+            self.batch_losses(a, b, detach=True, z=p[2])[0].sum() + self.own_adapters_loss(p[0])
+            for a, b, p in zip(xs, ys, parts)
+        ]
         loss, w = self.weighting.surrogate(
             losses, torch.stack(heads).mean(), None, self.shared_parameters(), self.loss_scale()
         )
@@ -193,8 +243,12 @@ class MultiTaskModule(TaskModel):
         checkpoint["tasks"] = [t.name for t in self.tasks]  # what a resume checks its config against
         if self.conflict.every:
             checkpoint["grad_cos"] = self.conflict.state_dict()
+        source = trunk_source(self.model_cfg)
+        if source:  # a frozen trunk the config rebuilds: the checkpoint holds what trains (adapters, heads)
+            drop_frozen(self, checkpoint, source)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        restore_frozen(self, checkpoint)
         if "grad_cos" in checkpoint:
             self.conflict.load_state_dict(checkpoint["grad_cos"])
 

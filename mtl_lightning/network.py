@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import famo_cnn, wrn  # noqa: F401  (register wrn28_2 and famo_cnn in timm)
-from .adapters import adapt_backbone
+from .adapters import adapt_backbone, per_task
 from .architectures import create_architecture
 from .errors import MTLError
 from .graph import MPNN, GraphFeatures
@@ -139,7 +139,13 @@ def create_backbone(cfg, in_chans, img_size: int, spatial: bool = False) -> nn.M
 def build_network(tasks: Sequence, in_chans, img_size: int, model_cfg):
     """The backbone, the architecture between it and the heads (`model.architecture`), one head per task."""
     spatial = any(t.dense for t in tasks)
-    backbone = adapt_backbone(create_backbone(model_cfg, in_chans, img_size, spatial), model_cfg)
+    backbone = adapt_backbone(create_backbone(model_cfg, in_chans, img_size, spatial), model_cfg, len(tasks))
+    views = [t.name for t in tasks if t.view]
+    if per_task(backbone) and views:
+        raise MTLError(
+            f"model.lora.share={model_cfg.lora.share} gives each task its own adapters, but task(s) {views} read their "
+            "own view of the input through an EMA copy of the backbone: use model.lora.share=shared with them."
+        )
     if isinstance(backbone, NoBackbone):
         channels, reduction = in_chans, 1
     elif spatial and not is_vit(model_cfg.backbone):  # a timm features_only model: its last stage

@@ -110,6 +110,9 @@ def check_resumable(ckpt: Path, model, cfg: DictConfig, key: str = "resume=", in
     diffs = [f"{k} {there[k]!r} there, {v!r} here" for k, v in here.items() if there[k] is not None and there[k] != v]
     mine = {k: tuple(getattr(v, "shape", ())) for k, v in model.state_dict().items()}  # (a method's state: a dict)
     theirs = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
+    trunk = saved.get("frozen_trunk")  # a checkpoint of adapters and heads: its frozen trunk is rebuilt, not held
+    if trunk:
+        theirs.update({k: mine[k] for k in trunk["keys"] if k in mine})
     if mine != theirs and not diffs:  # an older checkpoint without the names, or a weighting with other state
         odd = sorted(set(mine) ^ set(theirs)) + sorted(k for k in set(mine) & set(theirs) if mine[k] != theirs[k])
         name = (hp.get("weighting") or {}).get("name")

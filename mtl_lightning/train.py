@@ -82,8 +82,9 @@ def build(cfg: DictConfig) -> Built:
         if getattr(weighting, "gradient_based", False) and not model.shared_parameters():
             raise MTLError(
                 f"weighting={cfg.weighting.name} combines the tasks' gradients on the shared parameters, and this "
-                "model trains none (model.freeze_backbone=true with no shared architecture part: each head trains on "
-                "its own task alone). Use a loss weighting, model.adapter=lora, or a shared model.bottom."
+                "model trains none (model.freeze_backbone=true, or model.lora.share=task, with no shared architecture "
+                "part: each task trains its own head and adapters alone). Use a loss weighting, shared adapters "
+                "(model.adapter=lora with model.lora.share=shared, both or mtlora), or a shared model.bottom."
             )
     model.monitor, model.maximise = monitor, maximise
     if cfg.trainer.compile:

@@ -3,16 +3,18 @@ weights do not move, the adapters have the parameters their formula gives, a run
 its metrics, and a LoRA model starts from a plain run's weights (`model.init`)."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from test_train import CHANCE, LEARN, learn_and_resume
+from test_train import CHANCE, LEARN, Crash, learn_and_resume
 
 from experiments.evaluate import main as evaluate_main
 from experiments.run import run
 from mtl_lightning.adapters import lora_layers
+from mtl_lightning.checkpoint import init_checkpoint as init_ckpt
 from mtl_lightning.errors import MTLError
 from mtl_lightning.train import build
 
@@ -122,3 +124,174 @@ def test_pretrained_weights_load_from_a_file_on_disk(make_cfg, tmp_path, suffix)
     assert torch.equal(lora.state_dict()[f"{k}.base_layer.weight"], source[f"{k}.weight"])  # adapters on top
     with pytest.raises(MTLError, match="is not a file"):
         build(make_cfg("digits_mtl", *TINY, f"model.checkpoint={tmp_path / 'none.pth'}"))
+
+
+SHARES = {"task": 0, "both": 1, "mtlora": 1}  # per-task adapter layouts -> whether shared adapters exist
+TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]  # model.lora.targets' default
+
+
+@pytest.mark.parametrize("share", list(SHARES))
+def test_per_task_adapters_get_no_gradient_from_the_other_tasks_losses(make_cfg, share):
+    """Task k's loss reaches its own adapters (and the shared ones), never another task's: a pass per task, each
+    through its own adapters."""
+    b = build(make_cfg("digits_mtl", *TINY, "model.adapter=lora", f"model.lora.share={share}"))
+    x = torch.randint(0, 255, (8, 1, 16, 16), dtype=torch.uint8)
+    y = torch.randint(0, 10, (8, 2))
+    losses, _, _ = b.model.batch_losses(x, y)
+    torch.manual_seed(0)  # B starts at zero, so no gradient would reach A: give every B a value first
+    for n, p in b.model.backbone.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_()
+    losses, _, _ = b.model.batch_losses(x, y)
+    losses[1].backward()  # the right task's loss alone
+    grads = {n: p.grad for n, p in b.model.backbone.named_parameters() if p.requires_grad}
+    reached = {n for n, g in grads.items() if g is not None and g.abs().sum() > 0}
+    assert {n for n in grads if ".task1." in n} <= reached  # its own adapters, every one of them
+    assert not {n for n in reached if ".task0." in n}  # the other task's: none
+    assert bool({n for n in reached if ".default." in n}) == bool(SHARES[share])  # the shared ones, where they are
+    assert not {n for n in reached if "lora_" not in n}
+
+
+@pytest.mark.parametrize("share", ["shared", *SHARES])
+def test_per_task_adapters_have_the_parameters_their_formula_gives(make_cfg, share):
+    """r (in + out) per adapter: one per targeted layer (shared), K (task), K + 1 (both); mtlora: one in the first
+    blocks' layers and K in the last block's. The shared ones are what the gradient methods combine."""
+    rank, K = 2, 2
+    over = ["model.adapter=lora", f"model.lora.rank={rank}", f"model.lora.share={share}", "model.depth=3"]
+    b = build(make_cfg("digits_mtl", *TINY, *over))
+    plain = build(make_cfg("digits_mtl", *TINY, "model.depth=3")).model.backbone
+    layers = dict(plain.named_modules())
+    per = {n: rank * (layers[n].in_features + layers[n].out_features) for n in lora_layers(plain, TARGETS)}
+    below = sum(v for n, v in per.items() if not n.startswith("blocks.2."))  # mtlora's shared part
+    shared, own = {
+        "shared": (sum(per.values()), 0),
+        "task": (0, K * sum(per.values())),
+        "both": (sum(per.values()), K * sum(per.values())),
+        "mtlora": (below, K * (sum(per.values()) - below)),
+    }[share]
+    assert sum(p.numel() for p in b.model.backbone.parameters() if p.requires_grad) == shared + own
+    assert sum(p.numel() for p in b.model.shared_parameters()) == shared
+    assert sum(p.numel() for p in b.model.task_adapters()) == own
+
+
+def test_a_population_of_adapter_sets_equals_its_members_alone_and_holds_one_trunk(make_cfg, tmp_path):
+    """Members that differ in their adapters and heads only: the frozen trunk from one file is held once (not in the
+    checkpoint: model.checkpoint rebuilds it), and each member equals its standalone run."""
+    trunk = tmp_path / "trunk.pth"
+    torch.save(build(make_cfg("digits_mtl", *TINY, "seed=7")).model.backbone.state_dict(), trunk)
+    over = [*TINY, f"model.checkpoint={trunk}", "model.adapter=lora", "model.lora.share=mtlora", "test=false"]
+    W = [[0.5, 0.5], [0.9, 0.1]]
+    pop = run(make_cfg("digits_mtl", *over, "population.weights=[[0.5,0.5],[0.9,0.1]]", out_dir=tmp_path / "p"))
+    stacked = torch.load(f"{pop['run_dir']}/checkpoints/last.ckpt", weights_only=False)["state_dict"]
+    assert stacked and all("lora_" in k or "heads__" in k for k in stacked if k.startswith("stacked.backbone"))
+    assert not any("base_layer" in k for k in stacked)  # the trunk is not in it, stacked or not
+    for i, (a, b) in enumerate(W):
+        one = run(make_cfg("digits_mtl", *over, "weighting=fixed", f"weighting.weights=[{a},{b}]", out_dir=tmp_path))
+        mine = torch.load(f"{one['run_dir']}/checkpoints/last.ckpt", weights_only=False)["state_dict"]
+        for k, v in mine.items():
+            if "lora_" in k or k.startswith("heads."):
+                assert torch.allclose(stacked[f"stacked.{k.replace('.', '__')}"][i], v, atol=2e-4), (i, k)
+        assert pop[f"val/acc_mean/m{i}"] == pytest.approx(one["val/acc_mean"], abs=1e-4)
+
+
+def test_an_mtlora_run_under_a_gradient_method_learns_resumes_exactly_and_evaluates(make_cfg, tmp_path):
+    """PCGrad combines the shared adapters' gradients; each task's own adapters and head train on its own loss."""
+    over = ["model.adapter=lora", "model.lora.share=mtlora", "model.depth=2", "optim.lr=1e-2", "weighting=pcgrad"]
+    full, a, b = learn_and_resume(make_cfg, tmp_path, *over, "weighting.mode=param")
+    assert full["val/acc/left"] > CHANCE + 0.1 and full["val/acc/right"] > CHANCE + 0.1
+    assert any(".task1." in k for k in a) and any(".default." in k for k in a)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    out = tmp_path / "eval.json"
+    assert evaluate_main([full["run_dir"], "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["test/acc_mean"] == pytest.approx(full["test/acc_mean"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (["model.lora.share=tasks"], r"Unknown model.lora.share='tasks'. Valid choices: shared, task, both, mtlora"),
+        (["model.lora.share=mtlora", "model.lora.task_blocks=2"], r"needs 1 <= task_blocks < the 2 blocks"),
+        (["model.lora.share=task", "weighting=pcgrad"], "trains none .*model.lora.share=task"),
+        (["model.lora.share=both", "weighting=pcgrad", "weighting.mode=rep"], "mode=rep .* per-task adapters"),
+        (["model.lora.share=both", "weighting=bayesagg_mtl"], "bayesagg_mtl computes the whole step's gradient"),
+    ],
+    ids=["unknown", "blocks", "no-shared", "rep", "step-loss"],
+)
+def test_what_per_task_adapters_cannot_run_is_one_paragraph(make_cfg, over, message):
+    cfg = make_cfg("digits_mtl", *TINY, "model.adapter=lora", *over, "trainer.max_steps=1")
+    with pytest.raises(MTLError, match=message):
+        run(cfg)
+
+
+def test_a_checkpoint_holds_what_trains_and_the_trunk_file_rebuilds_the_rest(make_cfg, tmp_path, capsys):
+    """With the frozen trunk from a file (model.checkpoint), last.ckpt holds the adapters and heads, not the trunk; a
+    resume continues exactly and `evaluate` gives the run's metrics from it; a changed file is refused."""
+    trunk = tmp_path / "trunk.pth"
+    torch.save(build(make_cfg("digits_mtl", *TINY, "seed=7")).model.backbone.state_dict(), trunk)
+    over = [*TINY, f"model.checkpoint={trunk}", "model.adapter=lora", "checkpoint.every_n_steps=2"]
+    full = run(make_cfg("digits_mtl", *over, out_dir=tmp_path / "a"))
+    saved = torch.load(Path(full["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert not [k for k in saved["state_dict"] if ".base_layer." in k or k.endswith("patch_embed.proj.weight")]
+    assert [k for k in saved["state_dict"] if "lora_" in k] and saved["frozen_trunk"]["source"].endswith("trunk.pth")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(make_cfg("digits_mtl", *over, out_dir=tmp_path / "b"), callbacks=[Crash(3)])
+    resumed = run(make_cfg("digits_mtl", *over, "resume=last", out_dir=tmp_path / "b"))
+    assert resumed["val/acc_mean"] == pytest.approx(full["val/acc_mean"], abs=1e-6)
+    out = tmp_path / "eval.json"
+    assert evaluate_main([full["run_dir"], "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["test/acc_mean"] == pytest.approx(full["test/acc_mean"], abs=1e-6)
+    torch.save(build(make_cfg("digits_mtl", *TINY, "seed=8")).model.backbone.state_dict(), trunk)  # another trunk
+    assert evaluate_main([full["run_dir"], "--out", str(out)]) == 2
+    assert "its frozen backbone came from model.checkpoint=" in capsys.readouterr().err
+
+
+def test_folding_lora_keeps_the_function_and_merging_adds_the_adapters_task_vectors(make_cfg, tmp_path):
+    """Task vectors of adapters are differences of folded weights (B A is bilinear: A and B are not added entry by
+    entry): a LoRA model and the plain model of its folded state compute the same; a merging run of LoRA task
+    models from a plain trunk merges s (B_t A_t) into that trunk."""
+    from mtl_lightning.adapters import fold_lora
+
+    over = [*TINY, "model.adapter=lora", "model.lora.rank=4", "model.lora.alpha=8"]
+    lora = build(make_cfg("digits_mtl", *over)).model
+    for n, p in lora.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)  # B starts at zero: a fold of it would be the identity
+    plain = build(make_cfg("digits_mtl", *TINY)).model
+    plain.load_state_dict(fold_lora(lora.state_dict(), 8 / 4))
+    x = torch.randint(0, 255, (4, 1, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(lora.eval()(x)[0], plain.eval()(x)[0], atol=1e-5)
+
+    trunk = run(make_cfg("digits_mtl", *TINY, out_dir=tmp_path / "trunk"))["run_dir"]
+    merge = ["merging=task_arithmetic", "merging.warmup_epochs=0", "merging.lambdas=[0.5]", f"model.init={trunk}"]
+    m = run(make_cfg("digits_mtl", *over, *merge, "run_name=merged", out_dir=tmp_path / "m"))
+    record = json.loads((Path(m["run_dir"]) / "merging.json").read_text())
+    load = lambda p: torch.load(init_ckpt(p), weights_only=False)["state_dict"]  # noqa: E731
+    start, left, right = (fold_lora(load(p), 2.0) for p in (record["start"], *record["models"].values()))
+    merged = torch.load(Path(m["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert not [k for k in merged if "lora_" in k or "base_layer" in k]  # a plain model
+    k = "backbone.blocks.0.attn.qkv.weight"
+    assert not torch.equal(left[k], start[k])  # the adapters moved the folded weights
+    assert torch.allclose(merged[k], start[k] + 0.5 * (left[k] + right[k] - 2 * start[k]), atol=1e-5)
+    out = tmp_path / "eval.json"
+    assert evaluate_main([m["run_dir"], "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["test/acc_mean"] == pytest.approx(m["test/acc_mean"], abs=1e-6)
+
+
+def test_forkmerge_branches_of_adapters_hold_the_adapters_and_heads_only(make_cfg, tmp_path):
+    """ForkMerge's branches own what trains: with LoRA, each branch is a set of adapters and heads (the frozen trunk
+    is one, untouched), so forking costs adapters, not backbones."""
+    seen = Before()
+    over = [*TINY, "model.adapter=lora", "weighting.grid=[0.5]", "weighting.interval_steps=2", "trainer.max_steps=4"]
+    m = run(make_cfg("digits_forkmerge", *over), callbacks=[seen])
+    moved = {k for k in seen.start if not torch.equal(seen.start[k], seen.end[k])}
+    assert moved and all("lora_" in k for k in moved)
+    saved = torch.load(Path(m["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)
+    branches = next(v["branches"] for v in saved["callbacks"].values() if "branches" in v)
+    trainable = build(make_cfg("digits_forkmerge", *over)).model
+    assert len(branches) == 2 and all(
+        sum(t.numel() for t in br) == sum(p.numel() for p in trainable.parameters() if p.requires_grad)
+        for br in branches
+    )
+    assert math.isfinite(m["val/acc_mean"])

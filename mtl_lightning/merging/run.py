@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..adapters import fold_lora
 from ..checkpoint import init_checkpoint, init_weights
 from ..config import save_run_config, with_weighting, write_atomic
 from ..console import say
@@ -192,6 +193,10 @@ def merge_run(cfg: DictConfig, fit) -> dict:
     cfg = OmegaConf.merge(cfg, {"data": {"tasks": names}})
     start_ckpt, task_ckpts = _load(start), [_load(models[t]) for t in names]  # each read once
     theta0_state, task_states = start_ckpt["state_dict"], [c["state_dict"] for c in task_ckpts]
+    if cfg.model.adapter == "lora":  # task vectors of adapters: on the folded weights, merged into a plain model
+        scale = cfg.model.lora.alpha / cfg.model.lora.rank
+        theta0_state, task_states = fold_lora(theta0_state, scale), [fold_lora(s, scale) for s in task_states]
+        cfg = OmegaConf.merge(cfg, {"model": {"adapter": None, "freeze_backbone": False}})
     shared = {k: v for k, v in theta0_state.items() if not k.startswith(("heads.", "weighting."))}
     theta0, tau, keys = task_vectors(
         shared, [{k: s[k] for k in s if k in shared} for s in task_states], [str(models[t]) for t in names]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils._pytree import tree_map
 
+from ..adapters import per_task, use_task
 from ..console import warn
 from ..errors import MTLError
 from ..graph import MPNN
@@ -40,7 +41,13 @@ class Member(nn.Module):
         self._tasks, self._spatial, self._vit = list(tasks), spatial, vit
 
     def forward(self, x, targets: list[Tensor] | None = None):
-        reps = self.arch(features(self.backbone, x, self._spatial, self._vit))
+        if per_task(self.backbone):  # per-task adapters: a pass per task through its own (MultiTaskModule.features)
+            reps = []
+            for k in range(len(self._tasks)):
+                with use_task(self.backbone, k):
+                    reps.append(self.arch(features(self.backbone, x, self._spatial, self._vit))[k])
+        else:
+            reps = self.arch(features(self.backbone, x, self._spatial, self._vit))
         preds = [h(r, label_size(x)) for h, r in zip(self.heads, reps)]
         if targets is None:
             return tuple(preds)
@@ -82,8 +89,20 @@ class PopulationModule(TaskModel):
             if len(members) == 1:  # before building the others
                 check_vectorisable(members[0], model_cfg.backbone)
         params, buffers = stack_module_state(members)
+        # A frozen tensor every member holds alike (a pretrained trunk from one file: model.checkpoint) is kept once,
+        # each member reading it through a stride-0 view: N adapter sets beside one trunk, not N trunks. It is not
+        # in the checkpoint: the config's source rebuilds it, as it built it here.
+        self.trunk_names = [
+            n for n, p in params.items() if not p.requires_grad and all(torch.equal(p[0], q) for q in p[1:])
+        ]
+        self.trunk = nn.Module()
+        for n in self.trunk_names:
+            self.trunk.register_buffer(_key(n), params.pop(n)[0].clone(), persistent=False)
         self.names = list(params)
-        self.stacked = nn.ParameterDict({_key(n): nn.Parameter(p) for n, p in params.items()})
+        # frozen tensors that differ by member (a random trunk per seed) stay stacked, untrained as in a standalone run
+        self.stacked = nn.ParameterDict(
+            {_key(n): nn.Parameter(p, requires_grad=p.requires_grad) for n, p in params.items()}
+        )
         self.stacked_buffers = nn.Module()
         for n, b in buffers.items():
             self.stacked_buffers.register_buffer(_key(n), b)
@@ -115,6 +134,10 @@ class PopulationModule(TaskModel):
 
     def _slices(self, sl: slice) -> tuple[dict, dict]:
         p = {n: self.stacked[_key(n)][sl] for n in self.names}
+        n_sl = len(range(*sl.indices(self.N)))
+        for n in self.trunk_names:
+            t = getattr(self.trunk, _key(n))
+            p[n] = t.expand(n_sl, *t.shape)
         b = {n: getattr(self.stacked_buffers, _key(n))[sl] for n in self.buffer_names}
         return p, b
 
@@ -257,6 +280,12 @@ class PopulationModule(TaskModel):
     def stacked_state(self) -> dict[str, Tensor]:
         """The stacked (N, ...) parameters and buffers, under the names a `MultiTaskModule` gives them."""
         out = {n: self.stacked[_key(n)].detach() for n in self.names}
+        out.update(
+            {
+                n: getattr(self.trunk, _key(n)).expand(self.N, *getattr(self.trunk, _key(n)).shape)
+                for n in self.trunk_names
+            }
+        )
         out.update({n: getattr(self.stacked_buffers, _key(n)) for n in self.buffer_names})
         return out
 
