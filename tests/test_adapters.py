@@ -17,6 +17,7 @@ from mtl_lightning.adapters import lora_layers
 from mtl_lightning.checkpoint import init_checkpoint as init_ckpt
 from mtl_lightning.errors import MTLError
 from mtl_lightning.train import build
+from mtl_lightning.weighting import WEIGHTINGS
 
 pytest.importorskip("peft")
 TINY = ["data.train_size=256", "data.batch_size=64", "data.val_size=64", "data.test_size=64", "trainer.max_epochs=1"]
@@ -295,3 +296,32 @@ def test_forkmerge_branches_of_adapters_hold_the_adapters_and_heads_only(make_cf
         for br in branches
     )
     assert math.isfinite(m["val/acc_mean"])
+
+
+@pytest.mark.parametrize("name", WEIGHTINGS.names())
+def test_every_weighting_trains_mtlora_adapters_or_says_why_not(make_cfg, name):
+    """Every registered weighting on MTLoRA's layout (shared adapters below, per-task ones in the last block): it
+    trains the shared and every task's own adapters and leaves the trunk as it was, or refuses in one paragraph."""
+    from test_train import method_args
+
+    cls = WEIGHTINGS.get(name)
+    over = [*TINY, "model.adapter=lora", "model.lora.share=mtlora", "trainer.max_steps=2", "test=false"]
+    over += [a.replace("=left", "=[left]") if name == "forkmerge" else a for a in method_args(name)]
+    over += ["weighting.mode=param"] if getattr(cls, "gradient_based", False) else []
+    over += {"forkmerge": ["weighting.target=[left]", "weighting.interval_steps=1", "weighting.val_batches=1"]}.get(
+        name, []
+    )
+    if name == "fixed":
+        over.append("weighting.weights=[1,1]")
+    cfg = make_cfg("digits_mtl", *over)
+    if hasattr(cls, "step_loss"):  # FORUM, BayesAgg-MTL: their whole step is on shared parts
+        with pytest.raises(MTLError, match="per-task adapters"):
+            run(cfg)
+        return
+    seen = Before()
+    run(cfg, callbacks=[seen])
+    moved = {k for k in seen.start if not torch.equal(seen.start[k], seen.end[k])}
+    assert all("lora_" in k for k in moved)
+    assert any(".default." in k for k in moved)  # the shared adapters
+    for k in ("task0", "task1"):  # each task's own (an auxiliary method may silence its auxiliary: then one)
+        assert any(f".{k}." in k2 for k2 in moved) or (cls.auxiliary and k == "task1"), k
