@@ -42,6 +42,7 @@ class MultiTaskModule(TaskModel):
         super().__init__(tasks, model_cfg, optim_cfg, seed, hparams, delta_base, delta_convention)
         self.model_cfg = model_cfg
         self.backbone, self.arch, self.heads = build_network(self.tasks, in_chans, img_size, model_cfg)
+        self.train()  # a linear probe's backbone in eval mode from the start (`train`)
         self.weighting, self.mixing = weighting, mixing
         weighting.attach(self)
         self.fork = None  # ForkMerge's callback when weighting=forkmerge: then the steps are manual
@@ -266,6 +267,14 @@ class MultiTaskModule(TaskModel):
         for head in self.heads:
             if hasattr(head, "ema_update"):
                 head.ema_update(self, self.global_step)
+
+    def train(self, mode: bool = True):
+        """A linear probe's backbone stays in eval mode: its BatchNorm statistics (and dropout) are the frozen
+        trunk's, so the backbone does not change, buffers included, while the heads train."""
+        super().train(mode)
+        if mode and self.model_cfg.freeze_backbone and not self.model_cfg.adapter:
+            self.backbone.eval()  # Lightning keeps each submodule's mode across validation (its _ModuleMode)
+        return self
 
     def on_train_start(self) -> None:
         # Lightning skips on_train_epoch_start when it resumes mid-epoch: tell the weighting which epoch it is in

@@ -50,6 +50,15 @@ def test_frozen_weights_do_not_move_and_only_the_adapters_train(make_cfg, extra)
     assert {k for k in moved if "lora_A" in k} and {k for k in moved if "lora_B" in k}
 
 
+def test_a_linear_probe_of_a_batchnorm_backbone_keeps_its_statistics(make_cfg):
+    """Linear probing freezes the backbone's buffers too: a ResNet's BatchNorm statistics do not follow the new data."""
+    seen = Before()
+    over = ["model.backbone=test_resnet", *(f"model.{k}=null" for k in ("depth", "width", "num_heads", "patch_size"))]
+    run(make_cfg("digits_mtl", *TINY[:5], *over, "model.freeze_backbone=true", "weighting=dwa"), callbacks=[seen])
+    stats = [k for k in seen.start if "running_mean" in k]
+    assert stats and all(torch.equal(seen.start[k], seen.end[k]) for k in seen.start)
+
+
 @pytest.mark.parametrize("rank", [1, 4])
 def test_a_lora_backbone_has_the_parameters_its_formula_gives(make_cfg, rank):
     cfg = make_cfg("digits_mtl", *TINY, "model.adapter=lora", f"model.lora.rank={rank}")
