@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,8 @@ def train(
         run_dir, ckpt = resolve_run(cfg)
     cfg.run_name = run_dir.name  # the directory actually used, in config.yaml and the logged hyperparameters
     b = build(cfg)
+    if cfg.model.freeze_backbone and not cfg.model.adapter:  # a linear probe's backbone is in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     # an epoch with no step: checked for training only (evaluating a run on another root needs no training split)
     b.dm.check_epoch(cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1)
     if ckpt and not worker:

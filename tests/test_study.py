@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,8 +75,13 @@ def test_a_tiny_study_killed_resumed_and_reported(shared_ray, tmp_path, capfd):
         lines = (console.out + console.err).splitlines()
         # progress and the report's path, not the cells' Lightning and Ray output (that goes to their console.log)
         assert "[8/8] done" in console.out and "training" in console.out and "left" in console.out
-        assert len(lines) <= 2 * (8 - len(kept)) + 4, lines
-        assert not any("Checkpoint successfully created" in x or "exp=synthetic_mtl" in x for x in lines)
+        # no cell's Lightning or Ray output (its worker's lines, its epoch lines, Tune's checkpoint lines) ...
+        noise = r"\((ImplicitFunc|pid=)|epoch \d|exp=synthetic_mtl|Checkpoint successfully created"
+        assert not [x for x in lines if re.search(noise, x)], lines
+        # ... and each missing cell started and finished once (a count of all lines also counted the driver's own
+        # warnings, which a loaded machine can add: 25 lines once in a full suite, never alone)
+        progress = [x for x in lines if re.match(r"\[\d/8\] (training|done) ", x)]
+        assert len(progress) == 2 * (8 - len(kept)), lines
         runs = sorted((out / "tune").glob("cells-*"))
         assert len(runs) == 2 and len(list(runs[-1].glob("trial_*"))) == 8 - len(kept)  # only the missing cells
         assert all((out / "cells" / n).read_bytes() == b for n, b in kept.items())  # finished cells kept as they were
