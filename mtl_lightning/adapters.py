@@ -135,6 +135,15 @@ def per_task(backbone: nn.Module) -> bool:
     return bool(getattr(backbone, "task_layers", None))
 
 
+def each_task(backbone: nn.Module, num_tasks: int, forward) -> list:
+    """`forward()` once per task, with that task's adapters active: what a backbone with per-task adapters runs."""
+    out = []
+    for k in range(num_tasks):
+        with use_task(backbone, k):
+            out.append(forward())
+    return out
+
+
 @contextmanager
 def use_task(backbone: nn.Module, k: int):
     """Task k's adapters (and the shared ones) active in the per-task layers while the block runs. PEFT's own

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .adapters import drop_frozen, is_task_adapter, per_task, restore_frozen, trunk_source, use_task
+from .adapters import drop_frozen, each_task, is_task_adapter, per_task, restore_frozen, trunk_source
 from .batches import split_batch
 from .conflict import GradConflict
 from .errors import MTLError
@@ -42,6 +42,8 @@ class MultiTaskModule(TaskModel):
         super().__init__(tasks, model_cfg, optim_cfg, seed, hparams, delta_base, delta_convention)
         self.model_cfg = model_cfg
         self.backbone, self.arch, self.heads = build_network(self.tasks, in_chans, img_size, model_cfg)
+        # each task's own adapters, found once (the gradient methods' steps read them): none without per-task adapters
+        self._task_adapters = [p for n, p in self.backbone.named_parameters() if p.requires_grad and is_task_adapter(n)]
         self.train()  # a linear probe's backbone in eval mode from the start (`train`)
         self.weighting, self.mixing = weighting, mixing
         weighting.attach(self)
@@ -108,11 +110,8 @@ class MultiTaskModule(TaskModel):
             return self.arch.shared(features(self.backbone, x, self.spatial, self.vit))
         # per-task adapters (model.lora.share): a backbone pass per task through its own adapters, the tasks'
         # representations side by side on dim 1 (as MMoE packs its experts' outputs); `specific` takes them apart
-        zs = []
-        for k in range(len(self.tasks)):
-            with use_task(self.backbone, k):
-                zs.append(self.arch.shared(features(self.backbone, x, self.spatial, self.vit)))
-        return torch.cat(zs, 1)
+        forward = lambda: self.arch.shared(features(self.backbone, x, self.spatial, self.vit))  # noqa: E731
+        return torch.cat(each_task(self.backbone, len(self.tasks), forward), 1)
 
     def specific(self, z: Tensor) -> list[Tensor]:
         """Each task's representation, its head's input: the architecture's task-specific part of z (of task k's own
@@ -141,7 +140,7 @@ class MultiTaskModule(TaskModel):
 
     def task_adapters(self) -> list[Tensor]:
         """Every task's own adapters (`model.lora.share=task|both|mtlora`; none otherwise)."""
-        return [p for n, p in self.backbone.named_parameters() if p.requires_grad and is_task_adapter(n)]
+        return self._task_adapters
 
     def own_adapters_loss(self, losses: Tensor) -> Tensor | float:
         """Under a gradient method, a scalar whose backward gives each task's adapters its own loss's gradient, as

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils._pytree import tree_map
 
-from ..adapters import per_task, use_task
+from ..adapters import each_task, per_task
 from ..console import warn
 from ..errors import MTLError
 from ..graph import MPNN
@@ -42,10 +42,8 @@ class Member(nn.Module):
 
     def forward(self, x, targets: list[Tensor] | None = None):
         if per_task(self.backbone):  # per-task adapters: a pass per task through its own (MultiTaskModule.features)
-            reps = []
-            for k in range(len(self._tasks)):
-                with use_task(self.backbone, k):
-                    reps.append(self.arch(features(self.backbone, x, self._spatial, self._vit))[k])
+            forward = lambda: self.arch(features(self.backbone, x, self._spatial, self._vit))  # noqa: E731
+            reps = [r[k] for k, r in enumerate(each_task(self.backbone, len(self._tasks), forward))]
         else:
             reps = self.arch(features(self.backbone, x, self._spatial, self._vit))
         preds = [h(r, label_size(x)) for h, r in zip(self.heads, reps)]
@@ -132,12 +130,15 @@ class PopulationModule(TaskModel):
         if fused:  # a device without the batching rule warns on every call: once is enough
             warnings.filterwarnings("once", message=".*There is a performance drop because we have not yet implemented")
 
+    def _trunk_views(self, n: int) -> dict[str, Tensor]:
+        """The shared frozen trunk as n members' (n, ...) tensors: stride-0 views of its one copy."""
+        return {
+            k: getattr(self.trunk, _key(k)).expand(n, *getattr(self.trunk, _key(k)).shape) for k in self.trunk_names
+        }
+
     def _slices(self, sl: slice) -> tuple[dict, dict]:
         p = {n: self.stacked[_key(n)][sl] for n in self.names}
-        n_sl = len(range(*sl.indices(self.N)))
-        for n in self.trunk_names:
-            t = getattr(self.trunk, _key(n))
-            p[n] = t.expand(n_sl, *t.shape)
+        p.update(self._trunk_views(len(range(*sl.indices(self.N)))))
         b = {n: getattr(self.stacked_buffers, _key(n))[sl] for n in self.buffer_names}
         return p, b
 
@@ -280,12 +281,7 @@ class PopulationModule(TaskModel):
     def stacked_state(self) -> dict[str, Tensor]:
         """The stacked (N, ...) parameters and buffers, under the names a `MultiTaskModule` gives them."""
         out = {n: self.stacked[_key(n)].detach() for n in self.names}
-        out.update(
-            {
-                n: getattr(self.trunk, _key(n)).expand(self.N, *getattr(self.trunk, _key(n)).shape)
-                for n in self.trunk_names
-            }
-        )
+        out.update(self._trunk_views(self.N))
         out.update({n: getattr(self.stacked_buffers, _key(n)) for n in self.buffer_names})
         return out
 
