@@ -8,6 +8,7 @@ at K=40 would need 14 GB). Ratios are against full fine-tuning of the same ViT a
 this run. Then a population of N members (`population.weights`) of full models against N LoRA sets on one trunk
 from a file (held once): step time and the bytes of the model's tensors.
     python benchmarks/adapters.py [--tasks 2 8 40] [--members 4 8] [--steps 5] [--warmup 2] [key=value ...]
+    python benchmarks/adapters.py --tasks 2 8 --modes lora-task mtlora --members   # some layouts (full: always)
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ def main() -> None:
     p.add_argument("--tasks", type=int, nargs="+", default=[2, 8, 40])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--members", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--members", type=int, nargs="*", default=[4, 8], help="population sizes (none: no populations)")
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="layouts (full: always)")
+    p.add_argument("--vits", nargs="+", choices=list(VITS), default=list(VITS))
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.img_size=64")
     p.add_argument("--smoke", action="store_true", help="a tiny run that only checks the script works (tests)")
     a = p.parse_args()
-    vits = VITS
+    vits = {v: VITS[v] for v in a.vits}
     base = ["data.img_size=32", "model.patch_size=8", "data.batch_size=16", "data.train_size=512", *a.overrides]
     if a.smoke:  # one tiny ViT, one K, one timed step
         a.tasks, a.steps, a.warmup = [2], 1, 1
@@ -52,6 +55,8 @@ def main() -> None:
         for method, m_over in METHODS.items():
             ref = {}
             for mode, over in MODES.items():
+                if mode != "full" and mode not in a.modes:
+                    continue
                 if method == "pcgrad" and mode == "probe":
                     continue  # no trainable shared parameter: refused
                 cells = []
@@ -68,7 +73,8 @@ def main() -> None:
                         ref[K] = (t, mem)
                     cells.append(cell(t, mem, None if mode == "full" else ref[K]))
                 print(f"| {vit} | {method} | {mode} | " + " | ".join(cells) + " |", flush=True)
-    populations(a, base, *next(iter(vits.items())))
+    if a.members:
+        populations(a, base, *next(iter(vits.items())))
 
 
 def tensor_bytes(module) -> int:

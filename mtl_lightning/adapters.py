@@ -91,6 +91,8 @@ def inject_lora(backbone: nn.Module, cfg, num_tasks: int = 1) -> None:
     modules = dict(backbone.named_modules())
     # (layer, whether it holds the shared adapter too), for `use_task`: a plain attribute, copied with the backbone
     backbone.task_layers = [(modules[n], n in shared) for n in per_task]
+    # MTLoRA: the blocks below the first per-task one compute the same for every task, once per batch (`each_task`)
+    backbone.shared_prefix = shared_prefix(modules, per_task) if shared else None
     # each injection makes its adapter the active one in every LoRA layer, also where it is not: say it per layer
     for n in shared:
         modules[n]._active_adapter = [SHARED]
@@ -135,12 +137,53 @@ def per_task(backbone: nn.Module) -> bool:
     return bool(getattr(backbone, "task_layers", None))
 
 
+def shared_prefix(modules: dict, per_task: list[str]) -> tuple[nn.Sequential, int] | None:
+    """(blocks, i): the first block holding per-task adapters is `blocks[i]` of an `nn.Sequential` (a ViT's `blocks`,
+    a ResNet stage) and the blocks before it hold only shared ones. None where there is no such prefix."""
+    first = block_of(per_task[0]) if per_task else None
+    parent, _, index = (first or "").rpartition(".")
+    if not index.isdigit() or int(index) == 0 or not isinstance(modules.get(parent), nn.Sequential):
+        return None
+    return modules[parent], int(index)
+
+
+class _Skip(nn.Module):
+    """A block whose output is known already: gives `out` (the cached output) or its input back (`out` None)."""
+
+    def __init__(self, out=None):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x, *args, **kwargs):
+        return x if self.out is None else self.out
+
+
 def each_task(backbone: nn.Module, num_tasks: int, forward) -> list:
-    """`forward()` once per task, with that task's adapters active: what a backbone with per-task adapters runs."""
-    out = []
+    """`forward()` once per task, with that task's adapters active: what a backbone with per-task adapters runs.
+    With MTLoRA's layout (`shared_prefix`), the blocks below the per-task ones run in the first task's pass only: the
+    later passes take their output from it (the same tensor, so the shared adapters' gradient sums every task's)."""
+    prefix = getattr(backbone, "shared_prefix", None)
+    out, held = [], {}
     for k in range(num_tasks):
         with use_task(backbone, k):
-            out.append(forward())
+            if prefix is None:
+                out.append(forward())
+            elif k == 0:  # run in full, keeping the last shared block's output
+                hook = prefix[0][prefix[1] - 1].register_forward_hook(lambda m, i, o: held.update(z=o))
+                try:
+                    out.append(forward())
+                finally:
+                    hook.remove()
+            else:  # the shared blocks stand aside: the first passes through, the last gives the kept output
+                blocks, i = prefix
+                kept = [blocks[j] for j in range(i)]
+                for j in range(i):
+                    blocks[j] = _Skip(held["z"] if j == i - 1 else None)
+                try:
+                    out.append(forward())
+                finally:
+                    for j, b in enumerate(kept):
+                        blocks[j] = b
     return out
 
 

@@ -1,14 +1,16 @@
 """Settings checked before anything is built or written: the trainer's, optimiser's and scheduler's numbers, the
-population's PBT budget, and runs that must stay on one device."""
+files a model starts from, the population's PBT budget, and runs that must stay on one device."""
 
 from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .checkpoint import init_checkpoint
 from .console import warn
 from .errors import MTLError
 from .model import OPTIMIZERS, SCHEDULERS
+from .network import weights_file
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -28,6 +30,11 @@ def check_settings(cfg: DictConfig) -> None:
             f"grad_cos_every={cfg.grad_cos_every} and trainer.early_stopping_patience="
             f"{cfg.trainer.early_stopping_patience} must be >= 0 (0: off)."
         )
+    m = cfg.model  # the files a model starts from: named now (a study's --check too), not at a cell's start
+    if m.get("checkpoint"):
+        weights_file(m)
+    if m.get("init"):
+        init_checkpoint(m.init)
     o = cfg.optim
     choices = {"name": OPTIMIZERS, "scheduler": SCHEDULERS}
     for key, valid in choices.items():

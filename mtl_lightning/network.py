@@ -109,14 +109,7 @@ def create_backbone(cfg, in_chans, img_size: int, spatial: bool = False) -> nn.M
     else:
         kwargs["num_classes"] = 0
     if cfg.checkpoint:  # pretrained weights from disk (offline), through timm's own loading and adaptation
-        path = Path(cfg.checkpoint).expanduser()
-        if not path.is_file():
-            raise MTLError(
-                f"model.checkpoint={cfg.checkpoint} is not a file. Give the weights of {name} as a timm checkpoint "
-                "(.pth, .bin) or .safetensors file, e.g. the model.safetensors of its Hugging Face repository "
-                f"(timm/{name}), downloaded where there is internet."
-            )
-        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file(cfg))}
     try:
         backbone = timm.create_model(
             name, pretrained=cfg.pretrained or bool(cfg.checkpoint), in_chans=in_chans, **kwargs
@@ -187,6 +180,18 @@ def scale_images(x: Tensor, norm: str) -> Tensor:
         mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in IMAGENET)
         x = (x - mean) / std
     return x
+
+
+def weights_file(cfg) -> Path:
+    """The file `model.checkpoint` names (a timm or safetensors file of the backbone's weights), checked to be there."""
+    path = Path(cfg.checkpoint).expanduser()
+    if not path.is_file():
+        raise MTLError(
+            f"model.checkpoint={cfg.checkpoint} is not a file. Give the weights of {cfg.backbone} as a timm checkpoint "
+            "(.pth, .bin) or .safetensors file, e.g. the model.safetensors of its Hugging Face repository "
+            f"(timm/{cfg.backbone}), downloaded where there is internet."
+        )
+    return path
 
 
 def features(backbone: nn.Module, x, spatial: bool, vit: bool) -> Tensor:

@@ -162,6 +162,39 @@ def test_per_task_adapters_get_no_gradient_from_the_other_tasks_losses(make_cfg,
     assert not {n for n in reached if "lora_" not in n}
 
 
+def test_mtlora_runs_the_shared_blocks_once_per_batch_with_the_same_outputs_and_gradients(make_cfg):
+    """MTLoRA's blocks below the per-task ones compute the same for every task: they run in the first task's pass only,
+    and the tasks' losses and every adapter's gradient equal those of a full pass per task."""
+    b = build(make_cfg("digits_mtl", *TINY, "model.depth=3", "model.adapter=lora", "model.lora.share=mtlora"))
+    backbone = b.model.backbone
+    torch.manual_seed(0)
+    for n, p in backbone.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_()
+    x = torch.randint(0, 255, (8, 1, 16, 16), dtype=torch.uint8)
+    y = torch.randint(0, 10, (8, 2))
+    calls = {i: 0 for i in range(3)}
+    for i in calls:
+        backbone.blocks[i].register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+
+    def losses_and_grads():
+        b.model.zero_grad()
+        losses = b.model.batch_losses(x, y)[0]
+        losses.sum().backward()
+        return losses.detach(), {n: p.grad.clone() for n, p in backbone.named_parameters() if p.grad is not None}
+
+    once, grads = losses_and_grads()
+    assert calls == {0: 1, 1: 1, 2: 2}  # blocks 0 and 1 shared (once), block 2 per task (twice)
+    assert backbone.shared_prefix[1] == 2 and all(type(backbone.blocks[i]).__name__ == "Block" for i in calls)
+    backbone.shared_prefix = None  # a full pass per task
+    full, full_grads = losses_and_grads()
+    assert calls == {0: 3, 1: 3, 2: 4}  # then twice more each
+    assert torch.allclose(once, full, atol=1e-6) and grads.keys() == full_grads.keys()
+    # the same sums in another order (the shared blocks' gradient: one sum of both tasks' against two added)
+    bad = [n for n in grads if not torch.allclose(grads[n], full_grads[n], rtol=1e-4, atol=1e-5)]
+    assert not bad, bad
+
+
 @pytest.mark.parametrize("share", ["shared", *SHARES])
 def test_per_task_adapters_have_the_parameters_their_formula_gives(make_cfg, share):
     """r (in + out) per adapter: one per targeted layer (shared), K (task), K + 1 (both); mtlora: one in the first

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from experiments.run import run
@@ -224,8 +225,13 @@ def test_study_names_and_list(capsys):
 
 
 @pytest.mark.parametrize("name", sorted(study_files()))
-def test_every_shipped_study_composes_every_cell(name):
+def test_every_shipped_study_composes_every_cell(name, tmp_path):
     cfg, rest = load_study(name, [])
+    if any(o.startswith("model.init=") for o in cfg.overrides):  # a study that starts from a trained run's weights
+        with pytest.raises(MTLError, match=r"cell '[^']+' gives a config the experiment rejects: model.init=.*none"):
+            plan_study(cfg, [*rest, f"model.init={tmp_path / 'none'}"])  # a missing start: named before Ray starts
+        (tmp_path / "start.ckpt").touch()
+        rest = [*rest, f"model.init={tmp_path / 'start.ckpt'}"]
     plan = plan_study(cfg, rest)  # composes every distinct cell config, checks metrics, references and searches
     methods = [c for c in plan.cells if c["kind"] == "method"]
     assert len(methods) == math.prod(len(v) for v in cfg.axes.values())
@@ -280,12 +286,19 @@ def test_every_weighting_trains_as_a_study_row_in_ray_workers(shared_ray, tmp_pa
     body += "data.batch_size=32, trainer.max_epochs=1]\n"
     # and a merging row, on the same budget: a warm-up of 1 step, then the task models 1 each (issue 37)
     merging = {"name": "uniform", "label": "merging-ties", "overrides": ["merging=ties", "merging.lambdas=[1.0]"]}
-    axes = {"weighting": [*(_row(n) for n in names), merging], "seed": [0]}
+    # and a gradient method on MTLoRA's adapters (issue 39): shared LoRA below, one per task in the last block
+    lora = {"name": "pcgrad", "label": "pcgrad-mtlora", "overrides": ["model.adapter=lora", "model.lora.share=mtlora"]}
+    axes = {"weighting": [*(_row(n) for n in names), merging, lora], "seed": [0]}
     body += yaml.safe_dump({"axes": axes})
     out = run_study(*load_study(write(tmp_path, body), [f"study.out_dir={tmp_path / 'st'}", "logger=csv"]))
     cells = {p.stem.removesuffix("__seed0"): json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
-    assert sorted(cells) == sorted([*names, "merging-ties"])
+    assert sorted(cells) == sorted([*names, "merging-ties", "pcgrad-mtlora"])
     assert {c["steps"] for c in cells.values()} == {3}
+    adapted = cells.pop("pcgrad-mtlora")
+    state = torch.load(out / adapted["run_dir"] / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert any(".lora_A.task1." in k for k in state) and all(
+        0 <= adapted["metrics"][f"test/acc/task{k}"] <= 1 for k in (0, 1)
+    )
     merged = cells.pop("merging-ties")
     record = json.loads((out / merged["run_dir"] / "merging.json").read_text())
     assert record["steps"] == {"warmup": 1, "task0": 1, "task1": 1}

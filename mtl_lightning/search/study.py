@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
+from ..checks import check_settings
 from ..config import compose, flatten, write_atomic
 from ..data import create_datamodule
 from ..errors import MTLError
@@ -219,7 +220,7 @@ def check_cells(cfg: StudyConfig, cells: list[dict], overrides: list[str]) -> No
             continue
         seen.add(over)
         try:
-            compose(cfg.exp, [*cfg.overrides, *overrides, *over])
+            check_settings(compose(cfg.exp, [*cfg.overrides, *overrides, *over]))
         except MTLError as e:
             axis = next(
                 (k for k, ov in c.get("axes", {}).items() if any(f"'{o.split('=', 1)[0]}'" in str(e) for o in ov)),
