@@ -51,7 +51,22 @@ class MultiTaskModule(TaskModel):
         self.clip_val = None  # gradient clipping done by the module itself under manual optimisation
         self.metrics = nn.ModuleDict({stage: self.make_stage_metrics() for stage in ("val", "test")})
         self.conflict = GradConflict([t.name for t in self.tasks], grad_cos_every)
-        # per-task adapters (model.lora.share) give no shared representation: refused at construction, as --check does
+        # what the network cannot give the weighting is refused at construction, so that --check says it too
+        check_architecture(self.arch, weighting)
+        rep = getattr(weighting, "gradient_based", False) and weighting.cfg.mode == "rep"
+        if rep and not self.arch.rep_ok:
+            raise MTLError(
+                f"weighting.mode=rep differentiates every task's loss against one shared representation, which "
+                f"model.architecture={self.arch.name} does not have (each task's attention reads every stage of the "
+                "shared network): use weighting.mode=param, which combines the gradients of every shared parameter."
+            )
+        views = [t.name for t in self.tasks if t.view]
+        if views and rep:
+            raise MTLError(
+                f"weighting.mode=rep differentiates every task's loss against one shared representation of the batch, "
+                f"but task(s) {views} read their own view of the input (transformed copies): use weighting.mode=param."
+            )
+        # per-task adapters (model.lora.share) give no shared representation either
         if per_task(self.backbone) and hasattr(weighting, "step_loss"):
             raise MTLError(
                 f"weighting={weighting.name} computes the whole step's gradient itself, from one shared "
@@ -155,20 +170,6 @@ class MultiTaskModule(TaskModel):
     def setup(self, stage: str) -> None:
         # Refuse combinations a weighting cannot run correctly (DDP for some gradient methods) up front.
         self.weighting.check(str(self.trainer.precision), self.trainer.world_size > 1)
-        check_architecture(self.arch, self.weighting)
-        rep = getattr(self.weighting, "gradient_based", False) and self.weighting.cfg.mode == "rep"
-        if rep and not self.arch.rep_ok:
-            raise MTLError(
-                f"weighting.mode=rep differentiates every task's loss against one shared representation, which "
-                f"model.architecture={self.arch.name} does not have (each task's attention reads every stage of the "
-                "shared network): use weighting.mode=param, which combines the gradients of every shared parameter."
-            )
-        views = [t.name for t in self.tasks if t.view]
-        if views and rep:
-            raise MTLError(
-                f"weighting.mode=rep differentiates every task's loss against one shared representation of the batch, "
-                f"but task(s) {views} read their own view of the input (transformed copies): use weighting.mode=param."
-            )
 
     # -- training -----------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> Tensor:

@@ -339,9 +339,11 @@ def test_every_weighting_trains_a_dense_step(make_cfg, name, extra):
     assert all(math.isfinite(v) for k, v in m.items() if k.startswith("val/"))
 
 
-def test_mtan_has_no_shared_representation_for_rep_mode(make_cfg):
+def test_mtan_has_no_shared_representation_for_rep_mode(make_cfg, capsys):
     with pytest.raises(MTLError, match="model.architecture=mtan does not have .* use weighting.mode=param"):
         run(make_cfg("shapes_dense", *TINY, *MTAN, "weighting=pcgrad", "weighting.mode=rep"))
+    assert main(["exp=shapes_dense", *TINY, *MTAN, "weighting=pcgrad", "weighting.mode=rep", "--check"]) == 2
+    assert "model.architecture=mtan does not have" in capsys.readouterr().err  # --check says it, before a run
     with pytest.raises(MTLError, match="model.architecture=mtan is a whole network from pixels .* model.backbone=none"):
         run(make_cfg("shapes_dense", *TINY, "model.architecture=mtan"))
     with pytest.raises(MTLError, match=r"pools the image 5 times: its sides must be multiples of 32.*\(16, 16\)"):

@@ -22,7 +22,7 @@ from mtl_lightning.architectures import ARCHITECTURES
 from mtl_lightning.config import compose, list_experiments
 from mtl_lightning.data import DATASETS
 from mtl_lightning.search.config import SearchConfig
-from mtl_lightning.search.study import study_files
+from mtl_lightning.search.study import load_study, study_files
 from mtl_lightning.weighting import WEIGHTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +144,10 @@ def test_every_documented_command_passes_its_check(
         assert evaluate_main([path, *keep, "--check"]) == 0, capsys.readouterr().err
         return
     if module == "study":
+        cfg, _ = load_study(argv[0], [])
+        if any(o.startswith("model.init=") for o in cfg.overrides):  # a run the study starts from: on the user's disk
+            (tmp_path / "start.ckpt").touch()
+            argv = [*argv, f"model.init={tmp_path / 'start.ckpt'}"]
         assert study_main([*argv, "--check"]) == 0, capsys.readouterr().err
         return
     exp = next(a.split("=", 1)[1] for a in argv if a.startswith("exp="))
