@@ -50,11 +50,17 @@ def summary(cfg, tasks, model, run_dir) -> str:
     names = [t.name for t in tasks]
     shown = ", ".join(names) if len(names) <= 6 else f"{', '.join(names[:5])} ... ({len(names)} tasks)"
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     m = cfg.model
     net = m.backbone + ("" if m.architecture == "hps" else f" + {m.architecture}")
+    if m.adapter:  # what trains is then a small part: say which, and what stays frozen
+        net += f" + LoRA r={m.lora.rank} ({m.lora.share})"
+    elif m.freeze_backbone:
+        net += " (frozen: a linear probe)"
+    trained = f"{count(params)} parameters" + (f" trained, {count(frozen)} frozen" if frozen else "")
     members = f", {len(cfg.population.weights)} members" if cfg.population.weights else ""
     return (
-        f"exp={cfg.exp}: tasks {shown}; {net} ({count(params)} parameters{members}); weighting={cfg.weighting.name}; "
+        f"exp={cfg.exp}: tasks {shown}; {net} ({trained}{members}); weighting={cfg.weighting.name}; "
         f"outputs in {run_dir}"
     )
 

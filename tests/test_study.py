@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-import torch
 import yaml
 
 from experiments.run import run
@@ -295,10 +294,9 @@ def test_every_weighting_trains_as_a_study_row_in_ray_workers(shared_ray, tmp_pa
     assert sorted(cells) == sorted([*names, "merging-ties", "pcgrad-mtlora"])
     assert {c["steps"] for c in cells.values()} == {3}
     adapted = cells.pop("pcgrad-mtlora")
-    state = torch.load(out / adapted["run_dir"] / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    assert any(".lora_A.task1." in k for k in state) and all(
-        0 <= adapted["metrics"][f"test/acc/task{k}"] <= 1 for k in (0, 1)
-    )
+    said = (out / adapted["run_dir"] / "console.log").read_text()
+    assert re.search(r"LoRA r=8 \(mtlora\) \([\d.]+( [kM])? parameters trained, [\d.]+( [kM])? frozen\)", said), said[:500]
+    assert all(0 <= adapted["metrics"][f"test/acc/task{k}"] <= 1 for k in (0, 1))
     merged = cells.pop("merging-ties")
     record = json.loads((out / merged["run_dir"] / "merging.json").read_text())
     assert record["steps"] == {"warmup": 1, "task0": 1, "task1": 1}
