@@ -295,7 +295,8 @@ def test_every_weighting_trains_as_a_study_row_in_ray_workers(shared_ray, tmp_pa
     assert {c["steps"] for c in cells.values()} == {3}
     adapted = cells.pop("pcgrad-mtlora")
     said = (out / adapted["run_dir"] / "console.log").read_text()
-    assert re.search(r"LoRA r=8 \(mtlora\) \([\d.]+( [kM])? parameters trained, [\d.]+( [kM])? frozen\)", said), said[:500]
+    trained = r"LoRA r=8 \(mtlora\) \([\d.]+( [kM])? parameters trained, [\d.]+( [kM])? frozen\)"
+    assert re.search(trained, said), said[:500]
     assert all(0 <= adapted["metrics"][f"test/acc/task{k}"] <= 1 for k in (0, 1))
     merged = cells.pop("merging-ties")
     record = json.loads((out / merged["run_dir"] / "merging.json").read_text())
