@@ -33,7 +33,7 @@ def check_settings(cfg: DictConfig) -> None:
     m = cfg.model  # the files a model starts from: named now (a study's --check too), not at a cell's start
     if m.get("checkpoint"):
         weights_file(m)
-    if m.get("init"):
+    if m.get("init") and not cfg.get("resume"):  # a resumed run has its own weights: its start may be gone
         init_checkpoint(m.init)
     o = cfg.optim
     choices = {"name": OPTIMIZERS, "scheduler": SCHEDULERS}

@@ -231,6 +231,20 @@ def test_model_init_starts_a_run_from_another_runs_weights_heads_by_task(make_cf
         init_weights(alone, tmp_path / "nowhere")
 
 
+def test_a_missing_start_is_named_before_a_run_but_does_not_stop_a_resume(tmp_path):
+    """model.init's checkpoint is checked with the settings (a study's --check too); a resumed run has its own weights,
+    so a start deleted since does not keep it from continuing."""
+    from mtl_lightning.checks import check_settings
+    from mtl_lightning.config import compose
+
+    with pytest.raises(MTLError, match=r"model.init=.*nowhere: no checkpoint there"):
+        check_settings(compose("digits_mtl", [f"model.init={tmp_path / 'nowhere'}"]))
+    (tmp_path / "last.ckpt").touch()  # the run's own checkpoint, which resumes it
+    check_settings(compose("digits_mtl", [f"model.init={tmp_path / 'nowhere'}", f"resume={tmp_path / 'last.ckpt'}"]))
+    with pytest.raises(MTLError, match=r"model.checkpoint=.*trunk.pth is not a file"):
+        check_settings(compose("digits_mtl", [f"model.checkpoint={tmp_path / 'trunk.pth'}"]))
+
+
 # --- task models resumed one by one, and trained in parallel on Ray (issue 37) ------------------------------------
 
 SMALL = ["model.width=32", "model.depth=2", "optim.lr=5e-3", "data.train_size=600", "data.batch_size=64"]
