@@ -147,15 +147,15 @@ def shared_prefix(modules: dict, per_task: list[str]) -> tuple[nn.Sequential, in
     return modules[parent], int(index)
 
 
-class _Skip(nn.Module):
-    """A block whose output is known already: gives `out` (the cached output) or its input back (`out` None)."""
+class _Kept(nn.Module):
+    """A shared block standing aside for a later task's pass: gives the kept output of the last shared block."""
 
-    def __init__(self, out=None):
+    def __init__(self, out: torch.Tensor):
         super().__init__()
         self.out = out
 
-    def forward(self, x, *args, **kwargs):
-        return x if self.out is None else self.out
+    def forward(self, *args, **kwargs):
+        return self.out
 
 
 def each_task(backbone: nn.Module, num_tasks: int, forward) -> list:
@@ -174,11 +174,11 @@ def each_task(backbone: nn.Module, num_tasks: int, forward) -> list:
                     out.append(forward())
                 finally:
                     hook.remove()
-            else:  # the shared blocks stand aside: the first passes through, the last gives the kept output
+            else:  # the shared blocks stand aside, each giving the kept output
                 blocks, i = prefix
                 kept = [blocks[j] for j in range(i)]
                 for j in range(i):
-                    blocks[j] = _Skip(held["z"] if j == i - 1 else None)
+                    blocks[j] = _Kept(held["z"])
                 try:
                     out.append(forward())
                 finally:

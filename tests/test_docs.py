@@ -9,7 +9,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from fixtures import DENSE_WRITERS, GRAPH_WRITERS, LIGHTER, TABULAR_WRITERS, WRITERS
+from fixtures import DENSE_WRITERS, GRAPH_WRITERS, LIGHTER, TABULAR_WRITERS, WRITERS, stand_in_start
 from mkdocs.commands.build import build
 from mkdocs.config import load_config
 
@@ -144,11 +144,8 @@ def test_every_documented_command_passes_its_check(
         assert evaluate_main([path, *keep, "--check"]) == 0, capsys.readouterr().err
         return
     if module == "study":
-        cfg, _ = load_study(argv[0], [])
-        if any(o.startswith("model.init=") for o in cfg.overrides):  # a run the study starts from: on the user's disk
-            (tmp_path / "start.ckpt").touch()
-            argv = [*argv, f"model.init={tmp_path / 'start.ckpt'}"]
-        assert study_main([*argv, "--check"]) == 0, capsys.readouterr().err
+        start = stand_in_start(load_study(argv[0], [])[0], tmp_path)  # a run the study starts from: on the user's disk
+        assert study_main([*argv, *start, "--check"]) == 0, capsys.readouterr().err
         return
     exp = next(a.split("=", 1)[1] for a in argv if a.startswith("exp="))
     if module == "run" and any(a.startswith("data=image_folder") for a in argv):

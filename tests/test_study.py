@@ -13,6 +13,7 @@ import time
 
 import pytest
 import yaml
+from fixtures import stand_in_start
 
 from experiments.run import run
 from experiments.study import main
@@ -226,12 +227,13 @@ def test_study_names_and_list(capsys):
 @pytest.mark.parametrize("name", sorted(study_files()))
 def test_every_shipped_study_composes_every_cell(name, tmp_path):
     cfg, rest = load_study(name, [])
-    if any(o.startswith("model.init=") for o in cfg.overrides):  # a study that starts from a trained run's weights
+    start = stand_in_start(cfg, tmp_path)
+    if start:  # a study that starts from a trained run's weights
         with pytest.raises(MTLError, match=r"cell '[^']+' gives a config the experiment rejects: model.init=.*none"):
             plan_study(cfg, [*rest, f"model.init={tmp_path / 'none'}"])  # a missing start: named before Ray starts
-        (tmp_path / "start.ckpt").touch()
-        rest = [*rest, f"model.init={tmp_path / 'start.ckpt'}"]
-    plan = plan_study(cfg, rest)  # composes every distinct cell config, checks metrics, references and searches
+    plan = plan_study(
+        cfg, [*rest, *start]
+    )  # composes every distinct cell config, checks metrics, references and searches
     methods = [c for c in plan.cells if c["kind"] == "method"]
     assert len(methods) == math.prod(len(v) for v in cfg.axes.values())
 
