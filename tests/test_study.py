@@ -67,56 +67,53 @@ def test_a_tiny_study_killed_resumed_and_reported(shared_ray, tmp_path, capfd):
     proc.wait()
     kept = {p.name: p.read_bytes() for p in (out / "cells").glob("*.json")}
     assert 1 <= len(kept) < 8, f"{len(kept)} cells had finished when the study was killed"
-    try:
-        with pytest.raises(MTLError, match="holds a study already"):
-            run_study(*load_study(study, [f"study.out_dir={out}"]))
-        capfd.readouterr()
-        assert main([*args, "resume=true"]) == 0
-        console = capfd.readouterr()
-        lines = (console.out + console.err).splitlines()
-        # progress and the report's path, not the cells' Lightning and Ray output (that goes to their console.log)
-        assert "[8/8] done" in console.out and "training" in console.out and "left" in console.out
-        # no cell's Lightning or Ray output (its worker's lines, its epoch lines, Tune's checkpoint lines) ...
-        noise = r"\((ImplicitFunc|pid=)|epoch \d|exp=synthetic_mtl|Checkpoint successfully created"
-        assert not [x for x in lines if re.search(noise, x)], lines
-        # ... and each missing cell started and finished once (a bound on all lines, 2 per cell + 4, failed once in a
-        # full suite with 25 lines for 7 cells, lines pytest did not show: these checks name what they reject)
-        progress = [x for x in lines if re.match(r"\[\d/8\] (training|done) ", x)]
-        assert len(progress) == 2 * (8 - len(kept)), lines
-        runs = sorted((out / "tune").glob("cells-*"))
-        assert len(runs) == 2 and len(list(runs[-1].glob("trial_*"))) == 8 - len(kept)  # only the missing cells
-        assert all((out / "cells" / n).read_bytes() == b for n, b in kept.items())  # finished cells kept as they were
-        cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
-        # 2 weightings x 2 seeds, and the single-task baseline of each task per seed
-        assert sorted(cells) == sorted(
-            f"{r}__seed{s}" for r in ("uniform", "pcgrad", "single-task_task0", "single-task_task1") for s in (0, 1)
-        )
-        assert len({c["steps"] for c in cells.values()}) == 1  # equal budgets, baselines included
-        # every cell's own run directory (config, logs), also for the cells that followed another in a reused worker
-        # (named relative to the study's folder) with the cell's console output
-        assert all(json.loads((out / c["run_dir"] / "metrics.json").read_text()) for c in cells.values())
-        assert all("epoch 1, step" in (out / c["run_dir"] / "console.log").read_text() for c in cells.values())
-        rows = list(csv.DictReader(open(out / "results.csv")))
-        assert len(rows) == 8
-        for r in rows:
-            mine = ["test/acc/task0", "test/acc/task1"] if r["kind"] == "method" else [f"test/acc/{r['row'][-5:]}"]
-            assert all(0 <= float(r[m]) <= 1 for m in mine)
-            if r["kind"] == "method":
-                assert -1 <= float(r["grad_cos/mean"]) <= 1  # gradient conflict, logged every 2 steps
-        report = (out / "report.md").read_text()
-        # the command that reproduces it: every override given, less resume
-        assert f"Command: `python -m experiments.study {study} study.out_dir={out} logger=csv`" in report
-        assert f"trained {cells['uniform__seed0']['steps']} optimiser steps" in report
-        table = [line for line in report.splitlines() if line.startswith("| pcgrad")][0].split(" | ")
-        assert len(table) == 8 and all(x.strip() for x in table)  # every column of a method's row filled
-        assert "(paper 0.5)" in report and "Gradient conflict vs performance" in report
-        assert all((out / png).stat().st_size > 0 for png in ("bars.png", "pareto.png"))
+    with pytest.raises(MTLError, match="holds a study already"):
+        run_study(*load_study(study, [f"study.out_dir={out}"]))
+    capfd.readouterr()
+    assert main([*args, "resume=true"]) == 0
+    console = capfd.readouterr()
+    lines = (console.out + console.err).splitlines()
+    # progress and the report's path, not the cells' Lightning and Ray output (that goes to their console.log)
+    assert "[8/8] done" in console.out and "training" in console.out and "left" in console.out
+    # no cell's Lightning or Ray output (its worker's lines, its epoch lines, Tune's checkpoint lines) ...
+    noise = r"\((ImplicitFunc|pid=)|epoch \d|exp=synthetic_mtl|Checkpoint successfully created"
+    assert not [x for x in lines if re.search(noise, x)], lines
+    # ... and each missing cell started and finished once (a bound on all lines, 2 per cell + 4, failed once in a
+    # full suite with 25 lines for 7 cells, lines pytest did not show: these checks name what they reject)
+    progress = [x for x in lines if re.match(r"\[\d/8\] (training|done) ", x)]
+    assert len(progress) == 2 * (8 - len(kept)), lines
+    runs = sorted((out / "tune").glob("cells-*"))
+    assert len(runs) == 2 and len(list(runs[-1].glob("trial_*"))) == 8 - len(kept)  # only the missing cells
+    assert all((out / "cells" / n).read_bytes() == b for n, b in kept.items())  # finished cells kept as they were
+    cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    # 2 weightings x 2 seeds, and the single-task baseline of each task per seed
+    assert sorted(cells) == sorted(
+        f"{r}__seed{s}" for r in ("uniform", "pcgrad", "single-task_task0", "single-task_task1") for s in (0, 1)
+    )
+    assert len({c["steps"] for c in cells.values()}) == 1  # equal budgets, baselines included
+    # every cell's own run directory (config, logs), also for the cells that followed another in a reused worker
+    # (named relative to the study's folder) with the cell's console output
+    assert all(json.loads((out / c["run_dir"] / "metrics.json").read_text()) for c in cells.values())
+    assert all("epoch 1, step" in (out / c["run_dir"] / "console.log").read_text() for c in cells.values())
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 8
+    for r in rows:
+        mine = ["test/acc/task0", "test/acc/task1"] if r["kind"] == "method" else [f"test/acc/{r['row'][-5:]}"]
+        assert all(0 <= float(r[m]) <= 1 for m in mine)
+        if r["kind"] == "method":
+            assert -1 <= float(r["grad_cos/mean"]) <= 1  # gradient conflict, logged every 2 steps
+    report = (out / "report.md").read_text()
+    # the command that reproduces it: every override given, less resume
+    assert f"Command: `python -m experiments.study {study} study.out_dir={out} logger=csv`" in report
+    assert f"trained {cells['uniform__seed0']['steps']} optimiser steps" in report
+    table = [line for line in report.splitlines() if line.startswith("| pcgrad")][0].split(" | ")
+    assert len(table) == 8 and all(x.strip() for x in table)  # every column of a method's row filled
+    assert "(paper 0.5)" in report and "Gradient conflict vs performance" in report
+    assert all((out / png).stat().st_size > 0 for png in ("bars.png", "pareto.png"))
 
-        before = (out / "report.md").read_bytes()  # --report rebuilds the same report from the results alone
-        (out / "report.md").unlink()
-        assert main(["--report", str(out)]) == 0 and (out / "report.md").read_bytes() == before
-    finally:
-        ray.shutdown()
+    before = (out / "report.md").read_bytes()  # --report rebuilds the same report from the results alone
+    (out / "report.md").unlink()
+    assert main(["--report", str(out)]) == 0 and (out / "report.md").read_bytes() == before
 
 
 def test_paired_test_has_the_known_p_value():
