@@ -12,8 +12,8 @@ install:  ## install the package and dev tools (editable)
 run:  ## the main job: a short real training run on the embedded digits
 	$(PY) -m experiments.run exp=digits_mtl
 
-test: .installed  ## run the test suite (installs first on a fresh clone) on TEST_WORKERS processes
-	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
+test: .installed  ## run the test suite (installs first on a fresh clone) on TEST_WORKERS processes; lists its 20 slowest tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=20
 
 docs:  ## build the documentation site into site/ (offline; reference pages generated from the code)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
