@@ -7,6 +7,7 @@ wrong type anywhere fails with a message naming the key and the valid ones.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Sequence
@@ -363,9 +364,15 @@ def _check_nested_lists(src: DictConfig, where: str) -> None:
 
 def _schema(data: str, weighting: str) -> DictConfig:
     """The typed base with the `data` and `weighting` sections of the named mixture and method (struct mode)."""
-    schema = OmegaConf.structured(
-        Config(data=DATASETS.get(data).Config(), weighting=WEIGHTINGS.get(weighting).Config())
-    )
+    return _typed_base(DATASETS.get(data).Config, WEIGHTINGS.get(weighting).Config)
+
+
+@functools.lru_cache(maxsize=256)
+def _typed_base(data_config: type, weighting_config: type) -> DictConfig:
+    # keyed by the classes, so a plugin that registers a name again gets its own. Building a structured config is
+    # two thirds of a compose (a study checks every cell's); callers never change it: OmegaConf.merge copies its first
+    # argument, and every use goes through _merge or reads it
+    schema = OmegaConf.structured(Config(data=data_config(), weighting=weighting_config()))
     OmegaConf.set_struct(schema, True)
     for free in (schema.model.kwargs, schema.delta_m.base):  # open-ended maps: any key is valid there
         OmegaConf.set_struct(free, False)

@@ -106,6 +106,10 @@ def test_zca_whitens_its_fitting_set():
     lam = torch.linalg.eigvalsh(cov)
     got = torch.linalg.eigvalsh(torch.cov(zca_apply(x, mean, W).flatten(1).double().T))
     assert torch.allclose(got, (lam / (lam + 0.1)).sort().values, atol=1e-4)
+    few = torch.randn(20, 3, 4, 4, generator=g) @ torch.randn(4, 4, generator=g)  # fewer images than pixels
+    xc = few.flatten(1).double() - few.flatten(1).double().mean(0)
+    S, U = torch.linalg.eigh(torch.cov(xc.T) + 0.1 * torch.eye(48, dtype=torch.float64))  # the full d x d route
+    assert torch.allclose(zca_fit(few, scale=0.1)[1], (U * (1 / torch.sqrt(S.clamp(min=0) + 1e-10))) @ U.T, atol=1e-8)
     img = gcn(torch.rand(5, 3, 4, 4))
     assert torch.allclose(img.flatten(1).mean(1), torch.zeros(5, dtype=torch.float64), atol=1e-9)
     assert torch.allclose(img.flatten(1).norm(dim=1), torch.full((5,), 55.0, dtype=torch.float64))
