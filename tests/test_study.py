@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -352,6 +353,68 @@ def test_a_study_folder_is_reused_only_by_the_study_that_made_it(tmp_path, monke
     printed = capsys.readouterr().out
     assert "searching" not in printed and "cells as 1 population(s)" in printed
     assert sorted(p.stem for p in out.glob("cells/*.json")) == ["p=0.3__seed0", "p=0.7__seed0", "pbt__seed0"]
+    # a folder shipped without searches/ (reproduction/ keeps meta.json and cells/) resumes with its search's record
+    # from meta.json: a new value of an axis trains, the search does not run again, and its row keeps its weights
+    found, pbt_cell = json.loads((out / "meta.json").read_text())["searches"], (out / "cells" / "pbt__seed0.json")
+    shutil.rmtree(out / "searches")
+    pbt_before = pbt_cell.read_text()
+    run_study(*load_study(study, [*args, "study.axes.p=[0.3,0.7,0.5]", "resume=true"]))
+    printed = capsys.readouterr().out
+    assert "searching" not in printed and "study.axes.p gained 0.5" in printed and "1 cells as 1 population" in printed
+    assert json.loads((out / "meta.json").read_text())["searches"] == found and pbt_cell.read_text() == pbt_before
+
+
+GROWN = """
+exp: synthetic_mtl
+overrides: [data.num_tasks=2, data.train_size=200, data.val_size=64, data.test_size=64, trainer.max_epochs=2]
+axes: {p: [0.3], seed: [0]}
+baselines: false
+backend: population
+"""
+
+
+def test_a_study_gains_rows_and_takes_cells_another_study_trained(tmp_path, capsys):
+    study, a, b = write(tmp_path, GROWN), tmp_path / "a", tmp_path / "b"
+    run_study(*load_study(study, [f"study.out_dir={a}"]))
+    first = (a / "cells" / "p=0.3__seed0.json").read_text()
+    capsys.readouterr()
+    # an axis that gains a value: resume trains only the cells it adds, and the report has every row
+    run_study(*load_study(study, [f"study.out_dir={a}", "study.axes.p=[0.3,0.7]", "resume=true"]))
+    printed = capsys.readouterr().out
+    assert "study.axes.p gained 0.7: only the cells they add are trained" in printed
+    assert "1 cells as 1 population(s) of 1" in printed
+    assert (a / "cells" / "p=0.3__seed0.json").read_text() == first
+    assert {r["row"] for r in csv.DictReader(open(a / "results.csv"))} == {"p=0.3", "p=0.7"}
+    # a value gone is another study (its cells would stay in the report)
+    with pytest.raises(MTLError, match=r"study.axes .* there, .* here\. Resume it with"):
+        run_study(*load_study(study, [f"study.out_dir={a}", "study.axes.p=[0.7]", "resume=true"]))
+    # study.cells_from: the cells another folder trained with this training config are copied, the rest train
+    run_study(*load_study(study, [f"study.out_dir={b}", "study.axes.p=[0.3,0.5,0.7]", f"study.cells_from=[{a}]"]))
+    printed = capsys.readouterr().out
+    assert f"2 cell(s) copied from {a}" in printed and "1 cells as 1 population(s) of 1" in printed
+    for cell in ("p=0.3__seed0", "p=0.7__seed0"):
+        mine, theirs = (json.loads((f / "cells" / f"{cell}.json").read_text()) for f in (b, a))
+        assert mine["copied_from"] == str(a) and mine["metrics"] == theirs["metrics"]
+        assert (b / mine["run_dir"]).resolve() == (a / theirs["run_dir"]).resolve()
+    assert "copied_from" not in json.loads((b / "cells" / "p=0.5__seed0.json").read_text())
+    assert "Of these, 2 cells were trained by another study" in (b / "report.md").read_text()
+    # a folder trained otherwise, one too old to tell, or no study folder at all, is refused before anything is written
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "meta.json").write_text(
+        json.dumps({k: v for k, v in json.loads((a / "meta.json").read_text()).items() if k != "plan"})
+    )
+    for given, message in (
+        (
+            [f"study.cells_from=[{a}]", "optim.lr=0.5"],
+            r"trained otherwise than this study.s: optim.lr .* there, 0.5",
+        ),
+        ([f"study.cells_from=[{tmp_path}]"], "is not a study folder"),
+        ([f"study.cells_from=[{old}]"], "was made before studies recorded the training config"),
+    ):
+        with pytest.raises(MTLError, match=message):
+            run_study(*load_study(study, [f"study.out_dir={tmp_path / 'c'}", *given]))
+        assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize(

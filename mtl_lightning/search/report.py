@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +262,15 @@ def write_report(folder: Path) -> Path:
     lines += [
         f"Compute: {c['cells']} cells, {c['trial_epochs']} trial-epochs (searches included), {c['hours']:.2f} "
         f"hours of training, {c['gpu_hours']:.2f} GPU-hours.",
+    ]
+    copied = Counter(cell["copied_from"] for cell in cells if cell.get("copied_from"))
+    if copied:  # cells another study trained with this training config (study.cells_from), counted above
+        whence = ", ".join(f"{n} from `{folder}`" for folder, n in sorted(copied.items()))
+        lines.append(
+            f"Of these, {sum(copied.values())} cells were trained by another study with this training config and the "
+            f"same overrides, and copied here (`study.cells_from`): {whence}."
+        )
+    lines += [
         "",
         "## Results (mean ± sd over seeds)",
         "",

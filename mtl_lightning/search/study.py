@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shlex
 import time
@@ -35,7 +36,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from ..checks import check_settings
-from ..config import compose, flatten, write_atomic
+from ..config import _schema, compose, flatten, write_atomic
 from ..data import create_datamodule
 from ..errors import MTLError
 from ..loggers import wandb_mode
@@ -72,7 +73,10 @@ class StudyConfig:
     max_failures: int = 0
     reuse_actors: bool = True  # a live Ray worker trains cell after cell (no new process, no re-import of torch)
     backend: str = "ray"  # ray: a Ray Tune trial per cell; population: cells that differ in weights and seed as one
-    resume: bool = False  # continue: cells with results are not trained again
+    resume: bool = False  # continue: cells with results are not trained again; an axis may gain values
+    # study folders whose cells, trained with this study's training config and the same overrides, are copied here
+    # rather than trained again (a row run as a study of its own, then wanted in this one's table)
+    cells_from: list[str] = field(default_factory=list)
     out_dir: str | None = None  # default: <the exp's out_dir>/studies/<name>
 
 
@@ -468,7 +472,14 @@ def plan_record(cfg: StudyConfig, plan: Plan) -> dict:
     }
 
 
-def check_reuse(out: Path, made_by: dict, resume: bool) -> None:
+def typed_defaults(train_cfg) -> dict:
+    """Each key's default in a plan record's sections: the study's, and the typed base's (for the mixture and method
+    of `train_cfg`, flattened)."""
+    config = flatten(OmegaConf.to_container(_schema(train_cfg.data.name, train_cfg.weighting.name)))
+    return {"study": asdict(StudyConfig()), "config": config}
+
+
+def check_reuse(out: Path, made_by: dict, resume: bool, defaults: dict | None = None) -> None:
     """A study folder is reused only with resume=true, and only by the study that made it: otherwise its searches
     and cells would be credited to another command. Refuses in one paragraph naming what differs."""
     held = [p for p in (out / "meta.json", *out.glob("cells/*.json"), *out.glob("searches/*.json")) if p.exists()]
@@ -481,25 +492,120 @@ def check_reuse(out: Path, made_by: dict, resume: bool) -> None:
             f"{out} holds a study already (made by `{command}`): continue it with resume=true and the same study and "
             "overrides, or write this one elsewhere with study.out_dir=PATH. Nothing was written."
         )
-    old = meta.get("plan") or {"study": {k: meta.get("study", {}).get(k) for k in RESULT_KEYS}}
+    old = meta.get("plan") or {"study": {k: v for k, v in meta.get("study", {}).items() if k in RESULT_KEYS}}
+    gained = axes_gained(old.get("study", {}).get("axes"), made_by["study"]["axes"])
+    diffs = plan_diffs(old, made_by, skip=("axes",) if gained is not None else (), defaults=defaults)
+    if diffs:
+        raise MTLError(
+            f"resume=true continues the study in {out}, but this command describes another study: "
+            f"{'; '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''}. Resume it with the command that made it "
+            f"(`{command}`), or write this one elsewhere with study.out_dir=PATH (an axis may gain values: the "
+            "cells it had are kept). Nothing was written."
+        )
+    for axis, values in (gained or {}).items():
+        print(f"study.axes.{axis} gained {', '.join(map(_fmt, values))}: only the cells they add are trained")
+
+
+def restore_search_records(out: Path) -> None:
+    """A resumed study reuses its searches' and tuned rows' results: a folder that ships without searches/ (as
+    reproduction/ does) has them in meta.json only, so they are written back to searches/ before meta.json is
+    rewritten; otherwise the search would run again and its rows' cells be credited to weights it did not find."""
+    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+    records = {f"{label}.json": rec for label, rec in (meta.get("searches") or {}).items()}
+    records.update({f"tune-{slug(label)}.json": rec for label, rec in (meta.get("tuned") or {}).items()})
+    for name, rec in records.items():
+        if not (out / "searches" / name).exists():
+            (out / "searches").mkdir(parents=True, exist_ok=True)
+            write_atomic(out / "searches" / name, json.dumps(rec, indent=1))
+
+
+def plan_diffs(there_plan: dict, here_plan: dict, skip=(), defaults: dict | None = None) -> list[str]:
+    """What differs between two plan records (`plan_record`), as `key <there> there, <here> here`; study keys in
+    `skip` are not compared. A key added since a folder was made, at its default (falsy, or `defaults[section][key]`)
+    is no difference: a key is added with the default that trains as before."""
     diffs = []
-    for section, here in made_by.items():
-        there = old.get(section)
+    for section, here in here_plan.items():
+        there = there_plan.get(section)
         if there is None:  # a study folder from before the config was recorded: its study keys only
             continue
         for k in [*here, *(k for k in there if k not in here)]:
-            if k not in there and not here.get(k):  # a key added since that study was made, at its default
+            if section == "study" and k in skip:
+                continue
+            if k not in there and (not here.get(k) or (defaults or {}).get(section, {}).get(k, ...) == here.get(k)):
                 continue
             if here.get(k) != there.get(k):
                 diffs.append(
                     f"{'study.' if section == 'study' else ''}{k} {there.get(k)!r} there, {here.get(k)!r} here"
                 )
-    if diffs:
-        raise MTLError(
-            f"resume=true continues the study in {out}, but this command describes another study: "
-            f"{'; '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''}. Resume it with the command that made it "
-            f"(`{command}`), or write this one elsewhere with study.out_dir=PATH. Nothing was written."
-        )
+    return diffs
+
+
+def axes_gained(there: dict | None, here: dict) -> dict[str, list] | None:
+    """The values each axis gained from `there` to `here` (a study given new rows or seeds), or None where the axes
+    differ otherwise (an axis added, dropped, or a value gone: its cells would stay in the report)."""
+    if there is None or set(there) != set(here):
+        return None
+    key = lambda v: json.dumps(v, sort_keys=True)  # noqa: E731  (a weighting value may be a mapping)
+    gained = {}
+    for axis, values in here.items():
+        had = {key(v) for v in there[axis]}
+        if not had <= {key(v) for v in values}:
+            return None
+        if new := [v for v in values if key(v) not in had]:
+            gained[axis] = new
+    return gained
+
+
+# what trains a cell: a folder whose cells may be copied (`cells_from`) matches these and the composed config
+CELL_KEYS = ("exp", "overrides", "grad_cos_every", "backend")
+
+
+def cell_sources(cfg: StudyConfig, made_by: dict, steps: int, defaults: dict | None = None) -> list[Path]:
+    """`study.cells_from`, checked before anything is written: each folder a study wrote with this study's training
+    config (`CELL_KEYS`, the composed config and the steps); a folder made otherwise is refused in one paragraph
+    naming what differs."""
+    for folder in map(Path, cfg.cells_from):
+        if not (folder / "meta.json").exists():
+            raise MTLError(
+                f"study.cells_from: {folder} is not a study folder (it has no meta.json): give a folder a study "
+                "wrote, such as runs/studies/<name> or reproduction/<name>. Nothing was written."
+            )
+        meta = json.loads((folder / "meta.json").read_text())
+        if "plan" not in meta:
+            raise MTLError(
+                f"study.cells_from: {folder} was made before studies recorded the training config their cells ran "
+                "with (meta.json has no `plan`), so its cells cannot be checked against this study's: train them "
+                "here (leave the folder out). Nothing was written."
+            )
+        there = {"study": {k: meta["plan"]["study"].get(k) for k in CELL_KEYS}, "config": meta["plan"]["config"]}
+        here = {"study": {k: made_by["study"][k] for k in CELL_KEYS}, "config": made_by["config"]}
+        diffs = plan_diffs(there, here, defaults=defaults)
+        diffs += [f"steps {meta['steps']} there, {steps} here"] if meta["steps"] != steps else []
+        if diffs:
+            raise MTLError(
+                f"study.cells_from: the cells in {folder} were trained otherwise than this study's: "
+                f"{'; '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''}. Only cells trained with the same "
+                "training config can share a table: train them here (leave the folder out). Nothing was written."
+            )
+    return [Path(f) for f in cfg.cells_from]
+
+
+def copy_cells(sources: list[Path], pending: list[dict], out: Path) -> list[dict]:
+    """Each pending cell that a source folder (`cell_sources`) holds with the same overrides is copied to
+    cells/<id>.json, naming the folder it came from. Returns the cells left to train."""
+    left = list(pending)
+    for folder in sources:
+        for c in list(left):
+            src = folder / "cells" / f"{c['id']}.json"
+            record = json.loads(src.read_text()) if src.exists() else None
+            if record is None or record["overrides"] != c["overrides"]:
+                continue
+            record.update(copied_from=str(folder), run_dir=os.path.relpath(folder / record["run_dir"], out))
+            write_atomic(out / "cells" / f"{c['id']}.json", json.dumps(record, indent=1))
+            left.remove(c)
+    if copied := len(pending) - len(left):
+        print(f"{copied} cell(s) copied from {', '.join(map(str, sources))}: trained there with this training config")
+    return left
 
 
 def run_study(cfg: StudyConfig, overrides: list[str], command: str | None = None) -> Path:
@@ -517,8 +623,11 @@ def run_study(cfg: StudyConfig, overrides: list[str], command: str | None = None
     train_cfg, tasks, cells, metrics, extra = plan.train_cfg, plan.tasks, plan.cells, plan.metrics, plan.extra
     steps = equal_steps(train_cfg)
     out = study_dir(cfg, train_cfg)
-    made_by = plan_record(cfg, plan)
-    check_reuse(out, made_by, cfg.resume)
+    made_by, defaults = plan_record(cfg, plan), typed_defaults(train_cfg)
+    check_reuse(out, made_by, cfg.resume, defaults)
+    sources = cell_sources(cfg, made_by, steps, defaults)
+    if cfg.resume:
+        restore_search_records(out)
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -559,6 +668,7 @@ def run_study(cfg: StudyConfig, overrides: list[str], command: str | None = None
                 c["overrides"] = [*c["overrides"], *overrides_of(record["found"])]
     write_atomic(out / "meta.json", json.dumps(meta, indent=1))
     pending = [c for c in cells if not (cells_dir / f"{c['id']}.json").exists()]
+    pending = copy_cells(sources, pending, out)
     if pending and cfg.backend == "population":
         _population_cells(cfg, plan, pending, common, out, len(cells), steps)
     elif pending:
