@@ -293,7 +293,7 @@ def _run_tuned_row(cfg: StudyConfig, label: str, row: dict, shared: list[str], o
     """ASHA over a row's space on the held-out split; the best configuration is kept in searches/tune-<label>.json."""
     from .driver import run_search
 
-    path = out / "searches" / f"tune-{slug(label)}.json"
+    path = record_path(out, label, tuned=True)
     if path.exists():
         return json.loads(path.read_text())
     over = [*shared, *row["overrides"], *tune_keys(row), f"search.storage_path={out / 'searches'}"]
@@ -511,12 +511,17 @@ def restore_search_records(out: Path) -> None:
     reproduction/ does) has them in meta.json only, so they are written back to searches/ before meta.json is
     rewritten; otherwise the search would run again and its rows' cells be credited to weights it did not find."""
     meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
-    records = {f"{label}.json": rec for label, rec in (meta.get("searches") or {}).items()}
-    records.update({f"tune-{slug(label)}.json": rec for label, rec in (meta.get("tuned") or {}).items()})
-    for name, rec in records.items():
-        if not (out / "searches" / name).exists():
-            (out / "searches").mkdir(parents=True, exist_ok=True)
-            write_atomic(out / "searches" / name, json.dumps(rec, indent=1))
+    records = {record_path(out, label): rec for label, rec in (meta.get("searches") or {}).items()}
+    records.update({record_path(out, label, tuned=True): rec for label, rec in (meta.get("tuned") or {}).items()})
+    for path, rec in records.items():
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps(rec, indent=1))
+
+
+def record_path(out: Path, label: str, tuned: bool = False) -> Path:
+    """Where a search row's result is kept (searches/<label>.json), or a tuned row's (searches/tune-<label>.json)."""
+    return out / "searches" / (f"tune-{slug(label)}.json" if tuned else f"{label}.json")
 
 
 def plan_diffs(there_plan: dict, here_plan: dict, skip=(), defaults: dict | None = None) -> list[str]:
@@ -823,7 +828,7 @@ def _run_search_row(cfg: StudyConfig, spec: dict, shared: list[str], out: Path) 
     from .driver import run_search
 
     label = _search_label(spec)
-    path = out / "searches" / f"{label}.json"
+    path = record_path(out, label)
     if path.exists():
         record = json.loads(path.read_text())
         return label, record["best_weights"], record
