@@ -106,6 +106,7 @@ class TrainerConfig:
     check_val_every_n_epoch: int = 1
     limit_train_batches: Any = None
     limit_val_batches: Any = None
+    limit_test_batches: Any = None  # a quick look (an int: batches, a float: a fraction); evaluate keeps it
     gradient_clip_val: float | None = None
     num_sanity_val_steps: int = 0
     enable_progress_bar: bool = True  # a bar in a terminal; else (or with false) a line per epoch

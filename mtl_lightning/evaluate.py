@@ -75,6 +75,7 @@ def run_evaluation(cfg: DictConfig, b: Built, stages=STAGES) -> dict[str, float]
         devices=1,
         precision=cfg.trainer.precision,
         limit_val_batches=cfg.trainer.limit_val_batches,
+        limit_test_batches=cfg.trainer.limit_test_batches,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -11,6 +11,7 @@ and metrics; the weighting sees the K losses.
 from __future__ import annotations
 
 import math
+from argparse import Namespace
 from collections.abc import Sequence
 
 import lightning as L
@@ -60,7 +61,10 @@ class TaskModel(L.LightningModule):
         delta_convention: str = "libmtl",
     ):
         super().__init__()
-        self.save_hyperparameters(hparams or {})
+        # the config (a plain dict) goes into every checkpoint; build_loggers logs it once, so not again at each fit,
+        # validate and test (logger=False: a YAML dump of the whole config each). As a Namespace: Lightning compares
+        # what it is given with every init argument, and a DictConfig's == converts a dict to compare (~0.1 s a run)
+        self.save_hyperparameters(Namespace(**(hparams or {})), logger=False)
         self.tasks = list(tasks)
         self.optim_cfg, self.seed = optim_cfg, seed
         self.spatial = any(t.dense for t in self.tasks)  # dense heads need the backbone's feature map

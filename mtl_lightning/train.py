@@ -220,6 +220,7 @@ def make_trainer(
         check_val_every_n_epoch=t.check_val_every_n_epoch,
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches,
+        limit_test_batches=t.limit_test_batches,
         gradient_clip_val=None if manual else t.gradient_clip_val,
         num_sanity_val_steps=t.num_sanity_val_steps,
         deterministic=t.deterministic,

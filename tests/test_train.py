@@ -1,5 +1,6 @@
 """End-to-end behaviour of `experiments.run`: learning, weighting, sampling, resume, determinism, bad input."""
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from experiments.evaluate import main as evaluate_main
 from experiments.run import main, run
 from mtl_lightning.errors import MTLError, NonFiniteLossError
 from mtl_lightning.model import SCHEDULERS
@@ -59,6 +61,25 @@ def test_mdl_sample_mixing_honours_probabilities(make_cfg):
     )
     share = spy.labelled[0].item() / spy.labelled.sum().item()
     assert abs(share - 0.75) < 0.04
+
+
+class TestBatches(Callback):
+    def __init__(self):
+        self.seen = 0
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.seen += len(batch[0])
+
+
+def test_limit_test_batches_bounds_the_run_and_its_evaluation(make_cfg, tmp_path):
+    over = ["data.train_size=64", "data.test_size=64", "data.eval_batch_size=16", "trainer.max_steps=1"]
+    spy = TestBatches()
+    m = run(make_cfg("digits_mtl", *over, "trainer.limit_test_batches=2"), callbacks=[spy])
+    assert spy.seen == 32  # two test batches of the split's four
+    full = run(make_cfg("digits_mtl", *over, out_dir=tmp_path / "full"))
+    assert m["val/acc_mean"] == full["val/acc_mean"] and m["test/loss/left"] != full["test/loss/left"]
+    assert evaluate_main([m["run_dir"], "--out", str(tmp_path / "e.json")]) == 0  # evaluate keeps the bound
+    assert json.loads((tmp_path / "e.json").read_text())["test/loss/left"] == pytest.approx(m["test/loss/left"])
 
 
 class Crash(Callback):
