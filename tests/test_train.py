@@ -63,7 +63,7 @@ def test_mdl_sample_mixing_honours_probabilities(make_cfg):
     assert abs(share - 0.75) < 0.04
 
 
-class TestBatches(Callback):
+class CountTestSamples(Callback):
     def __init__(self):
         self.seen = 0
 
@@ -73,7 +73,7 @@ class TestBatches(Callback):
 
 def test_limit_test_batches_bounds_the_run_and_its_evaluation(make_cfg, tmp_path):
     over = ["data.train_size=64", "data.test_size=64", "data.eval_batch_size=16", "trainer.max_steps=1"]
-    spy = TestBatches()
+    spy = CountTestSamples()
     m = run(make_cfg("digits_mtl", *over, "trainer.limit_test_batches=2"), callbacks=[spy])
     assert spy.seen == 32  # two test batches of the split's four
     full = run(make_cfg("digits_mtl", *over, out_dir=tmp_path / "full"))
