@@ -336,9 +336,9 @@ for exp in ("cifar10_ssl", "svhn_ssl", "digits_ssl"):
 LIGHTER.update({exp: ["model.depth=2", "model.width=64"] for exp in ("celeba_mtl", "taskonomy_mtl")})
 LIGHTER["shapes_dense"] = ["data.train_size=64", "data.val_size=16", "data.test_size=16"]
 # ForkMerge's checkpoints hold every branch and its optimiser state: writing them was most of these runs' time
-LIGHTER["domainnet_forkmerge"] = ["weighting.val_batches=1", "model.backbone=test_resnet"]
+LIGHTER["domainnet_forkmerge"] = ["model.backbone=test_resnet"]
 # ForkMerge scores every candidate merge on the validation split: one batch each, as the split's other evaluations
-for exp in ("digits_forkmerge", "nyuv2_forkmerge", "aliexpress_forkmerge"):
+for exp in ("digits_forkmerge", "nyuv2_forkmerge", "aliexpress_forkmerge", "domainnet_forkmerge"):
     LIGHTER[exp] = [*LIGHTER.get(exp, []), "weighting.val_batches=1"]
 # Office's ResNet-18 at 32 px rather than 224 (the multi-input batches of every domain: 4x the images of a step), and
 # timm's test_resnet (writing ResNet-18's checkpoints was most of the rest)
