@@ -92,7 +92,7 @@ def write_predictions(b: Built, stage: str, path: Path) -> Path:
     if Path(path).suffix not in (".npz", ".csv"):  # numpy would write PATH.npz, not the file named
         raise MTLError(f"--predict {path}: give a file ending in .npz (every task) or .csv (one number per sample).")
     b.dm.setup("test")
-    loader = b.dm.val_dataloader() if stage == "val" else b.dm.test_dataloader()
+    loader = b.dm.val_dataloader(in_split_order=True) if stage == "val" else b.dm.test_dataloader(True)
     tasks = [(k, t) for k, t in enumerate(b.model.tasks) if not t.view]  # a view task predicts its own views
     preds, targets = {t.name: [] for _, t in tasks}, {t.name: [] for _, t in tasks}
     b.model.eval()

@@ -1,9 +1,15 @@
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from mtl_lightning.config import compose
 from mtl_lightning.data import MixtureSampler, create_datamodule
+from mtl_lightning.data.base import StratifiedOrder
 from mtl_lightning.errors import MTLError
+from mtl_lightning.evaluate import find_checkpoint, load_for_evaluation, write_predictions
+from mtl_lightning.train import train
 
 
 def dm_for(exp, *overrides):
@@ -98,6 +104,33 @@ def test_multi_input_batches_hold_every_domain_and_resume():
     assert second != batches
     s.resume(epoch=1, skip=5)
     assert list(s) == second[5:]
+
+
+def test_evaluation_batches_hold_every_domain_in_proportion(make_cfg):
+    """A mixture's splits are stored domain after domain: its evaluation loaders interleave them, so a first batch
+    (trainer.limit_val_batches, ForkMerge's weighting.val_batches, a method's meta-batch) holds each domain's share,
+    not one domain with the others scored on nothing; a predictions file keeps the split's order."""
+    order, seen = StratifiedOrder(DOMAINS).order.tolist(), torch.zeros(3)
+    assert sorted(order) == list(range(1000))  # every sample once
+    for k, i in enumerate(order, start=1):  # every prefix holds each domain's share (0.6, 0.3, 0.1), to one sample
+        seen[DOMAINS[i]] += 1
+        assert ((seen - k * torch.tensor([0.6, 0.3, 0.1])).abs() <= 1).all(), (k, seen.tolist())
+    dm = dm_for("digits_mdl", "data.val_size=30", "data.test_size=20", "data.eval_batch_size=8")
+    for split, loader in [("val", dm.val_dataloader()), ("test", dm.test_dataloader()), ("val", dm.val_dataloader(4))]:
+        domains = dm.splits[split].domains
+        assert domains.tolist() == sorted(domains.tolist())  # stored by domain: what made a first batch one domain
+        assert list(loader.sampler) == StratifiedOrder(domains).order.tolist()
+    mtl = dm_for("digits_mtl", "data.val_size=50", "data.test_size=40")  # one domain: the split's own order
+    assert list(mtl.val_dataloader().sampler) == list(range(50))
+    assert list(mtl.test_dataloader().sampler) == list(range(40))
+
+    over = ["data.train_size=32", "data.val_size=30", "data.test_size=20", "data.eval_batch_size=8"]
+    run = train(make_cfg("digits_mdl", *over, "trainer.max_steps=1", "data.batch_size=16"))
+    b = load_for_evaluation(find_checkpoint(run["run_dir"]), [])[1]
+    out = np.load(write_predictions(b, "test", Path(run["run_dir"]) / "p.npz"))
+    labels = b.dm.splits["test"].labels
+    for k, t in enumerate(b.dm.tasks):  # row i is the split's sample i
+        assert out[f"{t.name}_target"].tolist() == labels[:, k].tolist()
 
 
 @pytest.mark.parametrize("drop_last, steps", [(True, 2000 // 64), (False, -(-2000 // 64))])

@@ -45,7 +45,8 @@ def smoke_cfg(exp, make_cfg, tmp_path, *extra, out_dir):
 
 
 @pytest.mark.parametrize("exp", list_experiments())
-def test_experiment_trains_resumes_exactly_and_evaluates(exp, make_cfg, tmp_path):
+@pytest.mark.filterwarnings("error:The ``compute`` method:UserWarning")  # a task's metric from no sample: its
+def test_experiment_trains_resumes_exactly_and_evaluates(exp, make_cfg, tmp_path):  # domain missing from a batch
     """Every experiment config (issue 35: runs without images could be neither resumed nor evaluated) trains two
     steps; a run resumed from its step-1 checkpoint ends with the uninterrupted run's numbers; `evaluate` of the
     resumed run gives its metrics.json."""

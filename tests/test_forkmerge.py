@@ -172,6 +172,18 @@ def test_mdl_branches_sample_their_own_domains(make_cfg):
     assert all(len(b1) == 1 for _, b1 in rec.seen) and {b1[0] for _, b1 in rec.seen} == {0, 1}  # the joint: both
 
 
+@pytest.mark.filterwarnings("error:The ``compute`` method:UserWarning")  # a metric computed from no sample
+def test_a_merge_scored_on_one_batch_sees_its_target_domain(make_cfg):
+    """digits_mdl's validation split is stored clean, then shifted: with one validation batch per candidate merge
+    (weighting.val_batches=1, as the experiment configs' smoke tests run), a `shifted` target was scored on no sample
+    (torchmetrics' 0 for every candidate: the first won). Each batch now holds each domain's share."""
+    over = [o.replace("[clean]", "[shifted]") for o in MDL]
+    m = run(make_cfg("digits_mdl", *over, *FM, "data.eval_batch_size=16", "trainer.max_epochs=1"))
+    hist = final(m)["callbacks"]["ForkMerge"]["history"]
+    scores = [h[f"forkmerge/val/{k}"] for h in hist for k in ("0", "1", "merged")]
+    assert len(hist) == 4 and all(x * 8 == round(x * 8) for x in scores)  # accuracy on the batch's 8 shifted digits
+
+
 def _target_acc(make_cfg, tmp_path, tag, *overrides):
     return run(make_cfg("synthetic_mtl", *overrides, out_dir=tmp_path / tag))["val/acc/task0"]
 

@@ -211,6 +211,27 @@ class MixtureSampler(Sampler[int]):
             yield from part.tolist()
 
 
+class StratifiedOrder(Sampler[int]):
+    """Every sample of an evaluation split once, its domains interleaved in proportion to their sizes. A split is
+    stored domain after domain, so in that order a first batch (`trainer.limit_val_batches`, ForkMerge's
+    `val_batches`, a method's meta-batch) would hold one domain and score the others on nothing; in this order any
+    first k samples hold each domain's share of them, to within one sample."""
+
+    def __init__(self, domains: Tensor):
+        d = domains.long()
+        n = torch.bincount(d)
+        grouped = torch.sort(d, stable=True)
+        pos = torch.empty_like(d)  # each sample's place within its domain
+        pos[grouped.indices] = torch.arange(len(d)) - (n.cumsum(0) - n)[grouped.values]
+        self.order = torch.sort((pos + 0.5).double() / n[d], stable=True).indices  # ties: the lower index first
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        return iter(self.order.tolist())
+
+
 class _BatchesSampler(Sampler[list[int]]):
     """Whole batches per step, one row per branch or member (`probs`), deterministic in (seed, epoch) through
     `batches(epoch)` -> (steps, rows, batch_size), resumable at a batch."""
@@ -545,13 +566,19 @@ class MixtureDataModule(L.LightningDataModule):
         self._sampler.resume(epoch, batches * self.cfg.batch_size)
         return self._loader("train", self.cfg.batch_size, self._sampler)
 
-    def val_dataloader(self, batch_size: int | None = None) -> DataLoader:
+    def val_dataloader(self, batch_size: int | None = None, in_split_order: bool = False) -> DataLoader:
         """Validation batches of `data.eval_batch_size`; `batch_size` for a method's own draws (Auto-Lambda's
-        meta-batches are training-sized, as its reference)."""
-        return self._loader("val", batch_size or self.cfg.eval_batch_size)
+        meta-batches are training-sized, as its reference). A mixture's domains come interleaved (`StratifiedOrder`)
+        unless `in_split_order` (a predictions file's rows follow the split)."""
+        return self._eval_loader("val", batch_size or self.cfg.eval_batch_size, in_split_order)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.cfg.eval_batch_size)
+    def test_dataloader(self, in_split_order: bool = False) -> DataLoader:
+        return self._eval_loader("test", self.cfg.eval_batch_size, in_split_order)
+
+    def _eval_loader(self, split: str, batch_size: int, in_split_order: bool) -> DataLoader:
+        domains = self.splits[split].domains
+        mixed = not in_split_order and len(domains) and bool((domains != domains[0]).any())
+        return self._loader(split, batch_size, StratifiedOrder(domains) if mixed else None)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         # Count the training batches actually handed to the model (Lightning prefetches one ahead, so the
