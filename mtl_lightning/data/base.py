@@ -215,7 +215,8 @@ class StratifiedOrder(Sampler[int]):
     """Every sample of an evaluation split once, its domains interleaved in proportion to their sizes. A split is
     stored domain after domain, so in that order a first batch (`trainer.limit_val_batches`, ForkMerge's
     `val_batches`, a method's meta-batch) would hold one domain and score the others on nothing; in this order any
-    first k samples hold each domain's share of them, to within one sample."""
+    first k samples hold each domain's share of them, to within (D + 1) / 2 samples for D domains (sample j of a
+    domain of n comes at (j + 1/2) / n of the way through)."""
 
     def __init__(self, domains: Tensor):
         d = domains.long()
