@@ -44,9 +44,10 @@ def smoke_cfg(exp, make_cfg, tmp_path, *extra, out_dir):
     return make_cfg(exp, *over, *data, *extra, out_dir=out_dir)
 
 
+# a task's metric computed from no sample (its domain missing from every evaluated batch) is an error
 @pytest.mark.parametrize("exp", list_experiments())
-@pytest.mark.filterwarnings("error:The ``compute`` method:UserWarning")  # a task's metric from no sample: its
-def test_experiment_trains_resumes_exactly_and_evaluates(exp, make_cfg, tmp_path):  # domain missing from a batch
+@pytest.mark.filterwarnings("error:The ``compute`` method:UserWarning")
+def test_experiment_trains_resumes_exactly_and_evaluates(exp, make_cfg, tmp_path):
     """Every experiment config (issue 35: runs without images could be neither resumed nor evaluated) trains two
     steps; a run resumed from its step-1 checkpoint ends with the uninterrupted run's numbers; `evaluate` of the
     resumed run gives its metrics.json."""
